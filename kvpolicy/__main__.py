@@ -1,0 +1,3 @@
+from kvpolicy.cli import main
+import sys
+sys.exit(main())

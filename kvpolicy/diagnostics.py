@@ -1,0 +1,144 @@
+"""Located diagnostics: where a problem is, what it is, and how it is printed.
+
+Every error kvpolicy reports about a policy points at the text that caused it::
+
+    policies/x.kvp:12:9: error: unsupported key bit-width 'int5'; use int2, int3, int4, int8 or fp16
+        keys int5 group 32
+             ^~~~
+
+Checks collect diagnostics instead of raising at the first problem; `PolicyError` carries all of
+them at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Literal
+
+Severity = Literal["error", "warning", "note"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """The text of one policy file and the path it is shown under."""
+
+    path: str
+    text: str = field(repr=False)
+
+    def line_text(self, line: int) -> str:
+        lines = self.text.split("\n")
+        if 1 <= line <= len(lines):
+            return lines[line - 1].rstrip("\r")
+        return ""
+
+
+@dataclass(frozen=True)
+class Span:
+    """A 1-based, end-exclusive range of text in a `Source` (Lark's convention)."""
+
+    source: Source = field(compare=False, repr=False, hash=False)
+    line: int
+    column: int
+    end_line: int
+    end_column: int
+
+    @property
+    def path(self) -> str:
+        return self.source.path
+
+    def __str__(self) -> str:
+        return f"{self.source.path}:{self.line}:{self.column}"
+
+    @classmethod
+    def point(cls, source: Source, line: int, column: int) -> "Span":
+        return cls(source, line, column, line, column + 1)
+
+    @classmethod
+    def of_file(cls, source: Source) -> "Span":
+        return cls.point(source, 1, 1)
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    severity: Severity
+    message: str
+    span: Span | None = None
+    notes: tuple["Diagnostic", ...] = ()
+    path: str | None = None  # for problems with a file but no position (cannot read it)
+
+    def render(self) -> str:
+        lines = [f"{self._where()}{self.severity}: {self.message}"]
+        if self.span is not None:
+            lines.extend(_excerpt(self.span))
+        for note in self.notes:
+            lines.append(note.render())
+        return "\n".join(lines)
+
+    def _where(self) -> str:
+        if self.span is not None:
+            return f"{self.span}: "
+        if self.path is not None:
+            return f"{self.path}: "
+        return ""
+
+
+def _excerpt(span: Span) -> list[str]:
+    text = span.source.line_text(span.line)
+    if not text.strip():
+        return []
+    # Tabs are shown as single spaces so that the caret lines up with the column.
+    shown = text.replace("\t", " ")
+    start = max(span.column - 1, 0)
+    if span.end_line == span.line:
+        width = max(span.end_column - span.column, 1)
+    else:
+        width = max(len(shown) - start, 1)
+    width = min(width, max(len(shown) - start, 1))
+    return ["    " + shown, "    " + " " * start + "^" + "~" * (width - 1)]
+
+
+class PolicyError(Exception):
+    """A policy (or its use with a model) has errors; `diagnostics` lists every one of them."""
+
+    def __init__(self, diagnostics: Iterable[Diagnostic]):
+        self.diagnostics = tuple(diagnostics)
+        super().__init__(self.render())
+
+    @property
+    def errors(self) -> tuple[Diagnostic, ...]:
+        return tuple(d for d in self.diagnostics if d.severity == "error")
+
+    def render(self) -> str:
+        return "\n".join(d.render() for d in self.diagnostics)
+
+
+class Diagnostics:
+    """Collects diagnostics during a check, in the order they are found."""
+
+    def __init__(self) -> None:
+        self.items: list[Diagnostic] = []
+
+    def error(self, message: str, span: Span | None, *notes: Diagnostic) -> None:
+        self.items.append(Diagnostic("error", message, span, tuple(notes)))
+
+    def warning(self, message: str, span: Span | None, *notes: Diagnostic) -> None:
+        self.items.append(Diagnostic("warning", message, span, tuple(notes)))
+
+    def extend(self, diagnostics: Iterable[Diagnostic]) -> None:
+        self.items.extend(diagnostics)
+
+    @property
+    def has_errors(self) -> bool:
+        return any(d.severity == "error" for d in self.items)
+
+    @property
+    def warnings(self) -> tuple[Diagnostic, ...]:
+        return tuple(d for d in self.items if d.severity == "warning")
+
+    def raise_if_errors(self) -> None:
+        if self.has_errors:
+            raise PolicyError(self.items)
+
+
+def note(message: str, span: Span | None = None) -> Diagnostic:
+    return Diagnostic("note", message, span)

@@ -1,0 +1,1 @@
+"""The policy language: source → AST → checked IR, and the canonical formatter."""

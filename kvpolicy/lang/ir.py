@@ -1,0 +1,158 @@
+"""The checked policy: typed, defaults filled in, independent of any model.
+
+`kvpolicy.lang.lower` builds a `Policy` from the AST after every check has passed; the planner
+(`kvpolicy.plan`) is its only reader. Spans are kept (excluded from equality) so that checks that
+need a model — a layer index beyond the model's last layer — can still point at the text.
+Layer references are resolved against a model only at plan time: `LAST` is -1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from kvpolicy.diagnostics import Span
+
+Axis = Literal["channel", "token"]
+ScaleDtype = Literal["fp16", "bf16", "fp32"]
+Interpolation = Literal["linear", "step", "pyramid", "uniform"]
+ScoreMethod = Literal["snapkv", "keynorm", "recent"]
+Pooling = Literal["max", "avg", "none"]
+GqaReduce = Literal["mean", "max", "sum"]
+
+FULL_PRECISION_BITS = 16
+SUPPORTED_BITS = (2, 3, 4, 8, 16)
+LAST = -1  # a layer reference to the model's last layer
+
+
+
+def _span():
+    """A source position kept for messages; not part of the policy's value."""
+    return field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """How one tensor kind (keys or values) of retained tokens is stored.
+
+    `bits == 16` means unquantized, in the model's 16-bit dtype; the other fields then do not
+    apply. `axis` names what one scale/zero pair covers: "channel" groups `group` consecutive
+    tokens of one channel (KIVI's keys), "token" groups `group` consecutive channels of one token.
+    """
+
+    bits: int = FULL_PRECISION_BITS
+    group: int = 32
+    axis: Axis = "channel"
+    symmetric: bool = False
+    scale_dtype: ScaleDtype = "fp16"
+    span: Span | None = _span()
+    group_span: Span | None = _span()
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < FULL_PRECISION_BITS
+
+    @property
+    def token_group(self) -> int:
+        """Tokens that must be stored together: a per-channel group spans `group` tokens."""
+        return self.group if self.quantized and self.axis == "channel" else 1
+
+    def with_bits(self, bits: int) -> "QuantFormat":
+        return replace(self, bits=bits)
+
+    def describe(self) -> str:
+        if not self.quantized:
+            return "fp16"
+        symmetry = "sym" if self.symmetric else "asym"
+        return f"int{self.bits}/g{self.group}/{self.axis}/{symmetry}"
+
+
+@dataclass(frozen=True)
+class Guard:
+    """`fraction` of the selected tokens, chosen by score, stored at `bits` for keys and values."""
+
+    fraction: float
+    bits: int
+    span: Span | None = _span()
+
+
+# `guard none` inside a `layers` block: no guard tokens in those layers (a fraction of 0).
+NO_GUARD = Guard(0.0, FULL_PRECISION_BITS)
+
+
+@dataclass(frozen=True)
+class Score:
+    method: ScoreMethod = "snapkv"
+    observe: int = 32
+    pool: Pooling = "max"
+    pool_kernel: int = 7
+    gqa: GqaReduce = "mean"
+
+
+@dataclass(frozen=True)
+class Adapt:
+    temperature: float
+    across_layers: bool = True
+    across_heads: bool = True
+
+
+@dataclass(frozen=True)
+class Cluster:
+    k: int
+
+
+@dataclass(frozen=True)
+class Anchor:
+    layer: int  # LAST (-1) for the last layer
+    ratio: float
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """Inclusive layer range; `stop` None for a single layer. Either end may be LAST."""
+
+    start: int
+    stop: int | None = None
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Storage for some layers; fields left None keep the policy's."""
+
+    layers: tuple[LayerSelection, ...]
+    keys: QuantFormat | None = None
+    values: QuantFormat | None = None
+    guard: Guard | None = None
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    path: str = field(default="", compare=False)
+    model: str | None = None
+    sinks: int = 0
+    window: int = 0
+    retain: float | None = None  # None: no global ratio (anchors alone, or keep everything)
+    anchors: tuple[Anchor, ...] = ()
+    interpolate: Interpolation = "linear"
+    adapt: Adapt | None = None
+    score: Score = Score()
+    cluster: Cluster | None = None
+    keys: QuantFormat = QuantFormat(axis="channel")
+    values: QuantFormat = QuantFormat(axis="token")
+    guard: Guard | None = None
+    layers: tuple[LayerOverride, ...] = ()
+    extends: tuple[str, ...] = field(default=(), compare=False)  # parent files, nearest first
+    retain_span: Span | None = _span()
+    window_span: Span | None = _span()
+    model_span: Span | None = _span()
+
+    @property
+    def evicts(self) -> bool:
+        """True if the policy may drop tokens (a global ratio or per-layer anchors below 100%)."""
+        if self.retain is not None and self.retain < 1.0:
+            return True
+        return any(a.ratio < 1.0 for a in self.anchors)

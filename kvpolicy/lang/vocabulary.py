@@ -1,0 +1,39 @@
+"""The words the language knows, and "did you mean" for the ones it does not."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+# Bit-width words: the number of bits per stored value; 16 is the model's own 16-bit dtype.
+WIDTHS = {"int2": 2, "int3": 3, "int4": 4, "int8": 8, "fp16": 16}
+WIDTH_ALIASES = {"int16": "fp16", "bf16": "fp16", "float16": "fp16", "half": "fp16",
+                 "fp8": "int8", "int1": "int2", "int5": "int4", "int6": "int8", "int7": "int8"}
+AXES = ("channel", "token")
+SCALE_DTYPES = {"fp16": 2, "bf16": 2, "fp32": 4}
+INTERPOLATIONS = ("linear", "step", "pyramid", "uniform")
+# score method → the arguments it takes
+SCORE_METHODS: dict[str, tuple[str, ...]] = {
+    "snapkv": ("observe", "pool", "gqa"),
+    "keynorm": (),
+    "recent": (),
+}
+POOLINGS = ("max", "avg", "none")
+GQA_REDUCTIONS = ("mean", "max", "sum")
+ADAPT_SCOPES = ("layers", "heads")
+
+
+def suggest(word: str, choices: Iterable[str], aliases: dict[str, str] | None = None) -> str:
+    """'; did you mean 'x'?' for the closest choice, or ''."""
+    if aliases and word.lower() in aliases:
+        return f"; did you mean '{aliases[word.lower()]}'?"
+    close = difflib.get_close_matches(word.lower(), list(choices), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def one_of(choices: Iterable[str]) -> str:
+    """'a, b or c'."""
+    items = [str(c) for c in choices]
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " or " + items[-1]

@@ -1,0 +1,37 @@
+"""Shared helpers. Tests need no GPU and no network."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import settings
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = ROOT / "policies"
+SHIPPED = sorted(POLICIES.glob("*.kvp"))
+
+# CI runs the property tests with more examples; locally the default profile keeps them quick.
+settings.register_profile("ci", max_examples=1000, deadline=None, derandomize=True)
+settings.register_profile("dev", max_examples=200, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture
+def write_policy(tmp_path):
+    """Writes text to a .kvp file in a temporary directory and returns its path."""
+    def write(text: str, name: str = "policy.kvp") -> Path:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+    return write
+
+
+def run_cli(*args: str, cwd: Path | None = None):
+    """Runs `python -m kvpolicy ARGS` and returns the CompletedProcess (text mode)."""
+    import subprocess
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "kvpolicy", *args], cwd=cwd or ROOT,
+                          capture_output=True, text=True, env=env, timeout=60)
