@@ -1,0 +1,129 @@
+"""Model shapes: the numbers a KV-cache plan depends on, from a preset or a `config.json`.
+
+Preset figures are the models' published Hugging Face `config.json` values
+(num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim or
+hidden_size / num_attention_heads, max_position_embeddings).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+KV_DTYPE_BYTES = 2  # the cache's full-precision regions are 16-bit (fp16 or bf16)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_context: int
+    kv_dtype: str = "bfloat16"  # the 16-bit dtype of the cache's full-precision regions
+    hf_id: str = ""  # where the preset's numbers come from
+    source: str = "preset"  # "preset" or the config.json it was read from
+
+    @property
+    def gqa_group(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def baseline_bytes_per_token(self) -> int:
+        """Keys and values of one token, every layer and KV head, at 16 bits."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * KV_DTYPE_BYTES
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "num_layers": self.num_layers,
+            "num_q_heads": self.num_q_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "max_context": self.max_context,
+            "kv_dtype": self.kv_dtype,
+            "source": self.source,
+        }
+
+
+PRESETS: dict[str, ModelShape] = {m.name: m for m in (
+    ModelShape("qwen2.5-7b", 28, 28, 4, 128, 32768, hf_id="Qwen/Qwen2.5-7B-Instruct"),
+    ModelShape("qwen2.5-1.5b", 28, 12, 2, 128, 32768, hf_id="Qwen/Qwen2.5-1.5B-Instruct"),
+    ModelShape("qwen2.5-0.5b", 24, 14, 2, 64, 32768, hf_id="Qwen/Qwen2.5-0.5B-Instruct"),
+    ModelShape("llama-3.1-8b", 32, 32, 8, 128, 131072, hf_id="meta-llama/Llama-3.1-8B-Instruct"),
+    ModelShape("smollm2-135m", 30, 9, 3, 64, 8192, hf_id="HuggingFaceTB/SmolLM2-135M-Instruct"),
+)}
+
+# The model `kvpolicy` uses when neither the command line nor the policy names one: the seed's
+# Qwen2.5-7B for planning and compiling. (The runtime's embedded default is SmolLM2-135M.)
+DEFAULT_PLAN_MODEL = "qwen2.5-7b"
+
+
+class ModelError(ValueError):
+    """A model name or config that cannot be used; the message says why."""
+
+
+def _normalise(name: str) -> str:
+    key = name.strip().lower()
+    key = key.rsplit("/", 1)[-1]
+    for suffix in ("-instruct", "-chat", "-it"):
+        if key.endswith(suffix):
+            key = key[: -len(suffix)]
+    return key
+
+
+def resolve_model(spec: str, relative_to: str | os.PathLike[str] | None = None) -> ModelShape:
+    """A preset name (`qwen2.5-7b`, also `Qwen/Qwen2.5-7B-Instruct`), or a path to a config.json
+    or to a model directory holding one (relative paths are tried against `relative_to` too)."""
+    key = _normalise(spec)
+    if key in PRESETS:
+        return PRESETS[key]
+    candidates = [Path(spec)]
+    if relative_to is not None and not Path(spec).is_absolute():
+        candidates.append(Path(relative_to) / spec)
+    for candidate in candidates:
+        if candidate.is_dir() and (candidate / "config.json").is_file():
+            return load_config(candidate / "config.json")
+        if candidate.is_file():
+            return load_config(candidate)
+    import difflib
+    close = difflib.get_close_matches(key, PRESETS, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ModelError(f"unknown model '{spec}'{hint} (presets: {', '.join(PRESETS)}; or give a "
+                     "path to a config.json or a model directory)")
+
+
+def load_config(path: str | os.PathLike[str]) -> ModelShape:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read model config {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"model config {path} is not a JSON object")
+    config = config.get("text_config", config)  # multimodal configs nest the language model
+
+    def number(key: str, default: int | None = None) -> int:
+        value = config.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ModelError(f"model config {path}: '{key}' must be a positive integer, "
+                             f"got {value!r}")
+        return value
+
+    layers = number("num_hidden_layers")
+    q_heads = number("num_attention_heads")
+    kv_heads = number("num_key_value_heads", q_heads)
+    head_dim = config.get("head_dim") or number("hidden_size") // q_heads
+    head_dim = number("head_dim", head_dim) if "head_dim" in config else head_dim
+    if q_heads % kv_heads:
+        raise ModelError(f"model config {path}: {q_heads} query heads are not a multiple of "
+                         f"{kv_heads} KV heads")
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    kv_dtype = dtype if dtype in ("float16", "bfloat16") else "bfloat16"
+    name = str(config.get("_name_or_path") or Path(path).resolve().parent.name)
+    return ModelShape(name=name, num_layers=layers, num_q_heads=q_heads, num_kv_heads=kv_heads,
+                      head_dim=int(head_dim), max_context=number("max_position_embeddings", 32768),
+                      kv_dtype=kv_dtype, source=os.fspath(path))

@@ -1,0 +1,291 @@
+"""Policy + model + context → Plan: what every layer keeps, how it stores it, and exact bytes.
+
+The plan describes the cache right after an N-token prompt has been compressed (N = context).
+For each layer and KV head, the N tokens split into regions:
+
+    sinks  = min(sinks, N)                       first tokens, 16-bit
+    window = min(window, N - sinks)              last tokens, 16-bit
+    middle = N - sinks - window                  candidates for selection
+    budget = round(ratio_l * N)                  ratio_l from plan/schedule.py
+    selected: budget - sinks - window, rounded to a whole number of token units and capped at the
+              whole units in the middle; if the budget covers the whole middle, every whole unit is
+              selected and the remainder (< one unit) stays in the window, so nothing is evicted
+    guard  = round(guard_fraction * selected), in whole units; body = selected - guard
+    evicted = middle - selected, folded into `cluster evicted k` centroids if the policy says so
+              (k centroid slots in every layer that evicts at least one token)
+
+A token unit is the least common multiple of the token groups of the layer's key and value formats
+(a per-channel group of 32 spans 32 tokens; per-token groups span 1). Rounding is half-up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from kvpolicy.diagnostics import Diagnostic, Diagnostics, PolicyError, note
+from kvpolicy.lang.ir import LAST, Guard, LayerSelection, Policy, QuantFormat
+from kvpolicy.lang.lower import MAX_TOKENS
+from kvpolicy.models import ModelShape
+from kvpolicy.plan import layout
+from kvpolicy.plan.schedule import layer_shape, retain_schedule
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    layer: int
+    retain: float  # the planned ratio for this layer (mean over layers = the global ratio)
+    sinks: int
+    window: int
+    guard_tokens: int
+    body_tokens: int
+    evicted: int
+    centroids: int
+    token_unit: int
+    keys: QuantFormat
+    values: QuantFormat
+    guard: Guard | None
+    tensors: tuple[layout.TensorSpec, ...]  # every KV head of this layer
+
+    @property
+    def selected(self) -> int:
+        return self.guard_tokens + self.body_tokens
+
+    @property
+    def kept_tokens(self) -> int:
+        """Tokens kept individually per KV head: sinks + window + selected (not centroids)."""
+        return self.sinks + self.window + self.selected
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def bytes_by_kind(self) -> dict[str, int]:
+        totals = dict.fromkeys(layout.BYTE_KINDS, 0)
+        for tensor in self.tensors:
+            totals[tensor.kind] += tensor.nbytes
+        return totals
+
+
+@dataclass(frozen=True)
+class Plan:
+    policy: Policy
+    model: ModelShape
+    context: int
+    layers: tuple[LayerPlan, ...]
+    warnings: tuple[Diagnostic, ...]
+
+    @property
+    def baseline_bytes(self) -> int:
+        """Keys and values of every token at 16 bits (the uncompressed cache)."""
+        return self.model.baseline_bytes_per_token * self.context
+
+    @property
+    def compressed_bytes(self) -> int:
+        return sum(layer.bytes for layer in self.layers)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.baseline_bytes / self.compressed_bytes
+
+    @property
+    def savings(self) -> float:
+        return 1.0 - self.compressed_bytes / self.baseline_bytes
+
+    @property
+    def mean_retain(self) -> float:
+        """Mean of the planned per-layer ratios (equals the policy's `retain` when feasible)."""
+        return sum(layer.retain for layer in self.layers) / len(self.layers)
+
+    @property
+    def effective_retain(self) -> float:
+        """Tokens kept individually (all layers and heads) / tokens in the uncompressed cache."""
+        return sum(layer.kept_tokens for layer in self.layers) / (len(self.layers) * self.context)
+
+    def bytes_by_kind(self) -> dict[str, int]:
+        totals = dict.fromkeys(layout.BYTE_KINDS, 0)
+        for layer in self.layers:
+            for kind, count in layer.bytes_by_kind().items():
+                totals[kind] += count
+        return totals
+
+
+def make_plan(policy: Policy, model: ModelShape, context: int) -> Plan:
+    """Raises `PolicyError` when the policy does not fit the model (e.g. an anchor at layer 30 of
+    a 28-layer model); warnings are kept on the plan."""
+    d = Diagnostics()
+    if not 1 <= context <= MAX_TOKENS:
+        d.error(f"context must be between 1 and {MAX_TOKENS} tokens, not {context}", None)
+        d.raise_if_errors()
+    if context > model.max_context:
+        d.warning(f"context {context} is beyond {model.name}'s maximum of {model.max_context} "
+                  "tokens", None)
+    num_layers = model.num_layers
+    anchors = _resolve_anchors(d, policy, model)
+    formats = _layer_formats(d, policy, model)
+    d.raise_if_errors()
+
+    sinks = min(policy.sinks, context)
+    window = min(policy.window, context - sinks)
+    floor = (sinks + window) / context
+    shape = layer_shape(anchors, num_layers, policy.interpolate)
+    schedule = retain_schedule(shape, policy.retain, [floor] * num_layers)
+    _budget_warnings(d, policy, model, context, sinks + window, schedule)
+
+    layers = []
+    for index, ratio in enumerate(schedule.ratios):
+        keys, values, guard = formats[index]
+        layers.append(_layer_plan(policy, model, context, index, ratio, keys, values, guard))
+    return Plan(policy, model, context, tuple(layers), _attributed(d.warnings, policy))
+
+
+def _attributed(warnings, policy: Policy) -> tuple[Diagnostic, ...]:
+    """A warning located in a parent file says which policy was being planned."""
+    out = []
+    for warning in warnings:
+        if warning.span is not None and warning.span.path != policy.path:
+            warning = Diagnostic(warning.severity, warning.message, warning.span, warning.notes + (
+                note(f"while planning '{policy.name}' ({policy.path}), which extends it"),))
+        out.append(warning)
+    return tuple(out)
+
+
+def _layer_plan(policy: Policy, model: ModelShape, context: int, index: int, ratio: float,
+                keys: QuantFormat, values: QuantFormat, guard: Guard | None) -> LayerPlan:
+    unit = math.lcm(keys.token_group, values.token_group)
+    sinks = min(policy.sinks, context)
+    window = min(policy.window, context - sinks)
+    middle = context - sinks - window
+    whole = unit * (middle // unit)
+    budget = _round_half_up(ratio * context)
+    wanted = min(max(budget - sinks - window, 0), middle)
+    if wanted == middle:  # keep everything: the part of a unit left over stays in the window
+        selected = whole
+        window += middle - whole
+    else:
+        selected = min(whole, unit * _round_half_up(wanted / unit))
+    guard_tokens = unit * _round_half_up(guard.fraction * selected / unit) if guard else 0
+    guard_tokens = min(guard_tokens, selected)
+    evicted = context - sinks - window - selected
+    centroids = policy.cluster.k if policy.cluster is not None and evicted > 0 else 0
+    counts = layout.LayerCounts(
+        sinks=sinks, window=window, guard=guard_tokens, body=selected - guard_tokens,
+        centroids=centroids, positions=needs_positions(policy),
+        head_counts=policy.adapt is not None and policy.adapt.across_heads and evicted > 0)
+    guard_keys = keys.with_bits(guard.bits) if guard else keys
+    guard_values = values.with_bits(guard.bits) if guard else values
+    tensors = layout.layer_tensors(counts, keys, values, guard_keys, guard_values,
+                                   model.num_kv_heads, model.head_dim, model.kv_dtype)
+    return LayerPlan(layer=index, retain=ratio, sinks=sinks, window=window,
+                     guard_tokens=guard_tokens, body_tokens=selected - guard_tokens,
+                     evicted=evicted, centroids=centroids, token_unit=unit, keys=keys,
+                     values=values, guard=guard, tensors=tuple(tensors))
+
+
+def needs_positions(policy: Policy) -> bool:
+    """Selected tokens carry their positions when their order is not implicit: when tokens can
+    be evicted, or guards pull tokens out of order. (Keys are cached after RoPE, so attention does
+    not need positions; later compression steps, importance tracking and inspection do.)"""
+    return policy.evicts or policy.guard is not None
+
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+# ---- resolving layer references against the model ------------------------------------------
+
+def _layer_index(d: Diagnostics, layer: int, model: ModelShape, span, what: str) -> int | None:
+    if layer == LAST:
+        return model.num_layers - 1
+    if layer >= model.num_layers:
+        d.error(f"{what} {layer} is beyond {model.name}'s last layer ({model.num_layers - 1}; "
+                f"layers count from 0, and `last` names the last one)", span)
+        return None
+    return layer
+
+
+def _resolve_anchors(d: Diagnostics, policy: Policy, model: ModelShape) -> list[tuple[int, float]]:
+    resolved: dict[int, object] = {}
+    anchors = []
+    for anchor in policy.anchors:
+        layer = _layer_index(d, anchor.layer, model, anchor.span, "layer")
+        if layer is None:
+            continue
+        if layer in resolved:
+            d.error(f"two anchors name layer {layer} of {model.name}", anchor.span,
+                    note("the other anchor", resolved[layer]))
+            continue
+        resolved[layer] = anchor.span
+        anchors.append((layer, anchor.ratio))
+    return anchors
+
+
+def _selected_layers(d: Diagnostics, selection: LayerSelection, model: ModelShape) -> range:
+    start = _layer_index(d, selection.start, model, selection.span, "layer")
+    stop = start if selection.stop is None else _layer_index(d, selection.stop, model,
+                                                             selection.span, "layer")
+    if start is None or stop is None:
+        return range(0)
+    if stop < start:
+        d.error(f"layer range runs backwards on {model.name} ({start}..{stop})", selection.span)
+        return range(0)
+    return range(start, stop + 1)
+
+
+def _layer_formats(d: Diagnostics, policy: Policy,
+                   model: ModelShape) -> list[tuple[QuantFormat, QuantFormat, Guard | None]]:
+    formats = [(policy.keys, policy.values, policy.guard)] * model.num_layers
+    for override in policy.layers:
+        for selection in override.layers:
+            for layer in _selected_layers(d, selection, model):
+                keys, values, guard = formats[layer]
+                formats[layer] = (override.keys or keys, override.values or values,
+                                  override.guard or guard)
+    reported = set()
+    for keys, values, _ in formats:
+        for role, fmt in (("keys", keys), ("values", values)):
+            if (fmt.quantized and fmt.axis == "token" and model.head_dim % fmt.group
+                    and fmt not in reported):
+                reported.add(fmt)
+                d.error(f"{role} group {fmt.group} per token does not divide {model.name}'s "
+                        f"head_dim of {model.head_dim}", fmt.group_span or fmt.span)
+    return formats
+
+
+def _budget_warnings(d: Diagnostics, policy: Policy, model: ModelShape, context: int,
+                     floor_tokens: int, schedule) -> None:
+    if not schedule.at_floor or policy.retain == 0:
+        return
+    span = policy.retain_span or policy.window_span
+    floor = floor_tokens / context
+    if not schedule.feasible:
+        budget = _round_half_up((policy.retain or 0) * context)
+        d.warning(f"sinks + window ({floor_tokens} tokens) exceed the {_pct(policy.retain)} "
+                  f"budget ({budget} tokens) at context {context}: every layer keeps "
+                  f"{floor_tokens} tokens, an effective retain of {_pct(floor)}", span)
+    elif len(schedule.at_floor) < model.num_layers:
+        many = len(schedule.at_floor) > 1
+        message = (f"at context {context}, layer{'s' if many else ''} "
+                   f"{_ranges(schedule.at_floor)} would keep fewer tokens than sinks + window "
+                   f"({floor_tokens}); {'they are' if many else 'it is'} held at {_pct(floor)}")
+        if policy.retain is not None:
+            message += f" and the other layers are scaled to keep the mean at {_pct(policy.retain)}"
+        d.warning(message, span)
+
+
+def _pct(ratio: float | None) -> str:
+    return f"{100 * (ratio or 0):.4g}%"
+
+
+def _ranges(indices) -> str:
+    parts, start, prev = [], None, None
+    for i in list(indices) + [None]:
+        if start is None:
+            start = prev = i
+        elif i is not None and i == prev + 1:
+            prev = i
+        else:
+            parts.append(f"{start}" if start == prev else f"{start}–{prev}")
+            start = prev = i
+    return ", ".join(parts)

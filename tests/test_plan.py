@@ -1,0 +1,166 @@
+"""The plan: token counts per region and exact bytes, checked against independent arithmetic."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import assume, given, strategies as st
+
+from conftest import POLICIES, SHIPPED
+from strategies import policies
+from kvpolicy.diagnostics import PolicyError, Source
+from kvpolicy.lang.lower import check_source, load_policy
+from kvpolicy.models import PRESETS, ModelShape
+from kvpolicy.plan.planner import make_plan, needs_positions
+from kvpolicy.plan.report import render_table, to_json
+
+QWEN = PRESETS["qwen2.5-7b"]
+SMOL = PRESETS["smollm2-135m"]
+
+
+def policy_of(text: str):
+    result = check_source(Source("t.kvp", text))
+    assert not result.errors, [e.render() for e in result.errors]
+    return result.policy
+
+
+def test_kivi_on_smollm2_by_hand():
+    # 1000 tokens: window 128, middle 872 = 27 whole groups of 32 (864) + 8 left over, which stay
+    # in the window (136). Per layer and head (head_dim 64, 2-bit: 4 int32 words per token):
+    #   window: 136 tokens * 64 * 2 bytes * (K and V)                    = 34,816
+    #   key codes 864*16, key scale+zero (27 groups * 64 ch * 2 B * 2)     = 13,824 + 6,912
+    #   value codes 864*16, value scale+zero (864 tok * 2 groups * 2 B * 2) = 13,824 + 6,912
+    # = 76,288 per head, * 3 heads * 30 layers = 6,865,920; baseline 1000 * 23,040 = 23,040,000.
+    plan = make_plan(load_policy(POLICIES / "kivi.kvp"), SMOL, 1000)
+    layer = plan.layers[0]
+    assert (layer.sinks, layer.window, layer.body_tokens, layer.guard_tokens, layer.evicted) == \
+        (0, 136, 864, 0, 0)
+    assert layer.bytes == 76_288 * 3
+    assert plan.compressed_bytes == 6_865_920
+    assert plan.baseline_bytes == 23_040_000
+    assert plan.compression_ratio == pytest.approx(23_040_000 / 6_865_920)
+    assert not any(t.name == "selected.positions" for t in layer.tensors)
+
+
+def test_aggressive_acceptance_mean_retain_is_the_global_ratio():
+    policy = load_policy(POLICIES / "aggressive.kvp")
+    document = json.loads(json.dumps(to_json(make_plan(policy, QWEN, 32768))))
+    for key in ("policy", "model", "context", "baseline_bytes", "compressed_bytes",
+                "compression_ratio", "layers"):
+        assert key in document
+    retains = [layer["retain"] for layer in document["layers"]]
+    assert sum(retains) / len(retains) == pytest.approx(0.18, abs=1e-12)
+    for layer in document["layers"]:
+        assert {"layer", "retain", "kept_tokens", "key_bits", "value_bits", "guard_tokens",
+                "bytes"} <= layer.keys()
+        assert layer["bytes"] == sum(t["bytes"] for t in layer["tensors"])
+    assert document["compressed_bytes"] == sum(layer["bytes"] for layer in document["layers"])
+
+
+def test_floor_and_budget_warnings():
+    policy = load_policy(POLICIES / "aggressive.kvp")
+    short = make_plan(policy, QWEN, 4096)
+    assert any("effective retain of 50.1%" in w.message for w in short.warnings)
+    assert all(layer.kept_tokens == 2052 for layer in short.layers)
+    long = make_plan(policy, QWEN, 32768)
+    assert any("26–27" in w.message for w in long.warnings)
+
+
+def test_layer_overrides_apply_per_layer():
+    policy = policy_of("""policy p {
+        keep window 64; retain 50%; keys int2; values int2
+        guard 25% of retained at int8
+        layers 0..1, last { keys int4 }
+        layers last { guard none }
+    }""")
+    plan = make_plan(policy, SMOL, 4096)
+    assert [layer.keys.bits for layer in plan.layers] == [4, 4] + [2] * 27 + [4]
+    assert plan.layers[-1].guard_tokens == 0 and plan.layers[0].guard_tokens > 0
+
+
+def test_model_dependent_errors_are_located():
+    policy = policy_of("policy p { retain 20%; retain layer 0 40%, layer 29 5% }")
+    make_plan(policy, SMOL, 4096)  # 30 layers: fine
+    with pytest.raises(PolicyError) as caught:
+        make_plan(policy, QWEN, 4096)  # 28 layers
+    (error,) = caught.value.errors
+    assert error.span.line == 1 and "beyond qwen2.5-7b's last layer" in error.message
+    with pytest.raises(PolicyError, match="does not divide"):
+        make_plan(policy_of("policy p { values int2 group 128 per token }"), SMOL, 100)
+    with pytest.raises(PolicyError, match="context must be"):
+        make_plan(policy, SMOL, 0)
+
+
+def test_anchor_at_last_and_its_index_collide():
+    policy = policy_of("policy p { retain 20%; retain layer 27 5%, layer last 10% }")
+    with pytest.raises(PolicyError, match="two anchors name layer 27"):
+        make_plan(policy, QWEN, 1000)
+    make_plan(policy, SMOL, 1000)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("context", [2048, 32768])
+def test_shipped_policies_plan_and_render(path, context):
+    plan = make_plan(load_policy(path), QWEN, context)
+    table = render_table(plan)
+    assert f"{context:,} tokens" in table and f"{plan.compression_ratio:.2f}x" in table
+    assert 1.0 <= plan.compression_ratio
+
+
+# ---- property: bytes equal an independent recomputation --------------------------------------
+
+WIDTH_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+def _region_bytes(fmt, tokens: int, head_dim: int) -> int:
+    """Bytes for `tokens` keys or values of one head in `fmt`, from the format's definition."""
+    if fmt.bits == 16:
+        return tokens * head_dim * 2
+    codes = tokens * math.ceil(head_dim / 32) * 32 * fmt.bits // 8
+    groups = tokens // fmt.group * head_dim if fmt.axis == "channel" else \
+        tokens * head_dim // fmt.group
+    per_group = WIDTH_BYTES[fmt.scale_dtype] * (1 if fmt.symmetric else 2)
+    return codes + groups * per_group
+
+
+models = st.builds(
+    lambda layers, kv, group, head_dim: ModelShape("m", layers, kv * group, kv, head_dim, 1 << 20),
+    st.integers(1, 40), st.integers(1, 8), st.integers(1, 8), st.sampled_from([32, 64, 96, 128,
+                                                                               80, 256]))
+
+
+@given(policies(), models, st.integers(1, 200_000))
+def test_plan_bytes_equal_independent_recomputation(text, model, context):
+    result = check_source(Source("t.kvp", text))
+    assume(not result.errors)
+    policy = result.policy
+    try:
+        plan = make_plan(policy, model, context)
+    except PolicyError:
+        assume(False)
+        return
+    heads, head_dim = model.num_kv_heads, model.head_dim
+    for layer in plan.layers:
+        unit = math.lcm(layer.keys.token_group, layer.values.token_group)
+        assert layer.sinks + layer.window + layer.selected + layer.evicted == context
+        assert layer.selected % unit == 0 and layer.guard_tokens % unit == 0
+        assert layer.kept_tokens >= min(context, policy.sinks + policy.window)
+        assert layer.window - min(policy.window, context - layer.sinks) < unit
+        expected = 2 * (layer.sinks + layer.window) * head_dim * 2
+        guard_bits = layer.guard.bits if layer.guard else 16
+        expected += _region_bytes(layer.keys.with_bits(guard_bits), layer.guard_tokens, head_dim)
+        expected += _region_bytes(layer.values.with_bits(guard_bits), layer.guard_tokens,
+                                  head_dim)
+        expected += _region_bytes(layer.keys, layer.body_tokens, head_dim)
+        expected += _region_bytes(layer.values, layer.body_tokens, head_dim)
+        if needs_positions(policy):
+            expected += 4 * layer.selected
+        expected += layer.centroids * (2 * head_dim * 2 + 4)
+        expected *= heads
+        if policy.adapt is not None and policy.adapt.across_heads and layer.evicted:
+            expected += 2 * heads * 4
+        assert layer.bytes == expected
+    assert plan.compressed_bytes == sum(layer.bytes for layer in plan.layers)
+    assert plan.baseline_bytes == 2 * model.num_layers * heads * head_dim * 2 * context
