@@ -1,0 +1,248 @@
+"""The `kvpolicy` command line.
+
+    kvpolicy check FILE...            check policies (and plan them if they name a model)
+    kvpolicy fmt FILE... [--check]    rewrite in canonical form, or only report what would change
+    kvpolicy plan FILE [--json]       per-layer budgets, storage and exact bytes for a model
+    kvpolicy models                   the built-in model shapes
+
+Diagnostics go to stderr as `file:line:col: error: …`; exit status 1 if there is an error.
+This module imports neither torch nor triton, so these commands start in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from kvpolicy import __version__
+from kvpolicy.diagnostics import Diagnostic, PolicyError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 70
+
+
+class _Reporter:
+    def __init__(self) -> None:
+        self.errors = 0
+        self.warnings = 0
+
+    def show(self, diagnostics: Sequence[Diagnostic]) -> None:
+        for diagnostic in diagnostics:
+            if diagnostic.severity == "error":
+                self.errors += 1
+            elif diagnostic.severity == "warning":
+                self.warnings += 1
+            print(diagnostic.render(), file=sys.stderr)
+
+    def fail(self, message: str) -> None:
+        self.errors += 1
+        print(f"kvpolicy: error: {message}", file=sys.stderr)
+
+    def summary(self, what: str) -> str:
+        def count(n: int, word: str) -> str:
+            return f"{n} {word}{'' if n == 1 else 's'}"
+        return f"{what}: {count(self.errors, 'error')}, {count(self.warnings, 'warning')}"
+
+
+# ---- model selection ------------------------------------------------------------------------
+
+def _model_for(policy, option: str | None, reporter: _Reporter, quiet_default: bool = False):
+    """--model, else the policy's `model`, else the default. None (reported) if unusable."""
+    from kvpolicy.models import DEFAULT_PLAN_MODEL, ModelError, resolve_model
+    if option is not None:
+        try:
+            return resolve_model(option)
+        except ModelError as exc:
+            reporter.fail(str(exc))
+            return None
+    if policy.model is not None:
+        try:
+            return resolve_model(policy.model, relative_to=Path(policy.path).parent)
+        except ModelError as exc:
+            reporter.show([Diagnostic("error", str(exc), policy.model_span)])
+            return None
+    if not quiet_default:
+        print(f"kvpolicy: no model given; using the default, {DEFAULT_PLAN_MODEL} "
+              "(choose with --model or a `model` statement)", file=sys.stderr)
+    return resolve_model(DEFAULT_PLAN_MODEL)
+
+
+def _plan(policy, model, context: int | None, reporter: _Reporter):
+    from kvpolicy.plan.planner import make_plan
+    try:
+        plan = make_plan(policy, model, context or model.max_context)
+    except PolicyError as exc:
+        reporter.show(exc.diagnostics)
+        return None
+    reporter.show(plan.warnings)
+    return plan
+
+
+# ---- commands -------------------------------------------------------------------------------
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from kvpolicy.lang.lower import check_file
+    reporter = _Reporter()
+    for path in args.files:
+        result = check_file(path)
+        reporter.show(result.diagnostics)
+        policy = result.policy
+        if policy is None:
+            continue
+        if args.model is not None or policy.model is not None or args.context is not None:
+            model = _model_for(policy, args.model, reporter)
+            if model is not None:
+                _plan(policy, model, args.context, reporter)
+    print(reporter.summary(f"checked {len(args.files)} file{'s' * (len(args.files) != 1)}"),
+          file=sys.stderr)
+    return EXIT_ERROR if reporter.errors else EXIT_OK
+
+
+def cmd_fmt(args: argparse.Namespace) -> int:
+    from kvpolicy.lang.fmt import format_policy
+    from kvpolicy.lang.lower import check_file
+    from kvpolicy.lang.parser import parse_source
+    from kvpolicy.lang.source import read_source
+    reporter = _Reporter()
+    changed = []
+    for path in args.files:
+        result = check_file(path)
+        if result.errors:
+            reporter.show(result.diagnostics)
+            continue
+        source = read_source(path)
+        formatted = format_policy(parse_source(source).tree)
+        if args.stdout:
+            sys.stdout.write(formatted)
+            continue
+        if formatted == source.text:
+            continue
+        changed.append(path)
+        if args.check:
+            print(f"{path}: not in canonical form (run `kvpolicy fmt {path}`)", file=sys.stderr)
+        else:
+            _write_atomically(Path(path), formatted)
+            print(f"formatted {path}", file=sys.stderr)
+    if reporter.errors:
+        return EXIT_ERROR
+    return EXIT_ERROR if args.check and changed else EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from kvpolicy.lang.lower import check_file
+    from kvpolicy.plan.report import render_table, to_json
+    reporter = _Reporter()
+    result = check_file(args.file)
+    reporter.show(result.diagnostics)
+    if result.policy is None:
+        return EXIT_ERROR
+    model = _model_for(result.policy, args.model, reporter)
+    if model is None:
+        return EXIT_ERROR
+    if args.context is None:
+        print(f"kvpolicy: no --context given; planning at {model.name}'s maximum, "
+              f"{model.max_context} tokens", file=sys.stderr)
+    plan = _plan(result.policy, model, args.context, reporter)
+    if plan is None:
+        return EXIT_ERROR
+    if args.json:
+        json.dump(to_json(plan), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(render_table(plan))
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from kvpolicy.models import DEFAULT_PLAN_MODEL, PRESETS
+    print(f"{'name':<14} {'layers':>6} {'q heads':>7} {'kv heads':>8} {'head_dim':>8} "
+          f"{'max context':>11} {'16-bit KV bytes/token':>21}  from")
+    for model in PRESETS.values():
+        default = "  (default)" if model.name == DEFAULT_PLAN_MODEL else ""
+        print(f"{model.name:<14} {model.num_layers:>6} {model.num_q_heads:>7} "
+              f"{model.num_kv_heads:>8} {model.head_dim:>8} {model.max_context:>11,} "
+              f"{model.baseline_bytes_per_token:>21,}  {model.hf_id}{default}")
+    print("\nAny model: --model path/to/config.json or a model directory that holds one.")
+    return EXIT_OK
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+# ---- argument parsing -----------------------------------------------------------------------
+
+def _context(text: str) -> int:
+    try:
+        value = int(text.replace("_", "").replace(",", ""))
+    except ValueError:
+        if text.lower().endswith("k") and text[:-1].isdigit():
+            value = int(text[:-1]) * 1024
+        else:
+            raise argparse.ArgumentTypeError(f"not a number of tokens: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("context must be at least 1 token")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvpolicy", description="Check, format and plan KV-cache compression policies.")
+    parser.add_argument("--version", action="version", version=f"kvpolicy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    check = commands.add_parser("check", help="check policies for errors")
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument("--model", help="also plan for this model (preset or config.json)")
+    check.add_argument("--context", type=_context, help="context length for the plan checks")
+    check.set_defaults(run=cmd_check)
+
+    fmt = commands.add_parser("fmt", help="rewrite policies in canonical form")
+    fmt.add_argument("files", nargs="+", metavar="FILE")
+    mode = fmt.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true",
+                      help="change nothing; exit 1 if a file is not in canonical form")
+    mode.add_argument("--stdout", action="store_true", help="print instead of rewriting")
+    fmt.set_defaults(run=cmd_fmt)
+
+    plan = commands.add_parser("plan", help="per-layer budgets, storage and exact bytes")
+    plan.add_argument("file", metavar="FILE")
+    plan.add_argument("--model", help="preset name (see `kvpolicy models`) or config.json path")
+    plan.add_argument("--context", type=_context,
+                      help="tokens in the prompt (default: the model's maximum)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON "
+                      "(schema: docs/plan-schema.md)")
+    plan.set_defaults(run=cmd_plan)
+
+    models = commands.add_parser("models", help="list the built-in model shapes")
+    models.set_defaults(run=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except PolicyError as exc:  # a stage raised instead of reporting; still located
+        print(exc.render(), file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
