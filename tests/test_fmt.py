@@ -77,7 +77,8 @@ def test_one_line_blocks_stay_one_line_unless_commented():
 
 
 def test_multi_line_layers_block_keeps_its_comments():
-    text = "policy a {\n    layers 0 {\n        # first layer\n        keys int4  # more bits\n    }\n}\n"
+    text = ("policy a {\n    layers 0 {\n        # first layer\n        keys int4  # more bits\n"
+            "    }\n}\n")
     assert fmt(text) == text
 
 

@@ -43,7 +43,8 @@ def test_installed_wheel_checks_and_plans_outside_the_checkout(wheel, tmp_path):
     shutil.copytree(POLICIES, work / "policies")
     env = {"PYTHONPATH": str(lend), "PATH": str(bin_dir)}
 
-    where = subprocess.run([str(bin_dir / "python"), "-c", "import kvpolicy; print(kvpolicy.__file__)"],
+    where = subprocess.run([str(bin_dir / "python"), "-c",
+                            "import kvpolicy; print(kvpolicy.__file__)"],
                            cwd=work, env=env, capture_output=True, text=True, check=True)
     assert str(venv) in where.stdout and str(ROOT) not in where.stdout
 

@@ -13,9 +13,10 @@ Order of work for one file:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ def check_file(path: str | os.PathLike[str], shown_as: str | None = None) -> Che
 
 
 def check_source(source: Source, directory: str | os.PathLike[str] = ".") -> CheckResult:
-    """Checks policy text that is not (necessarily) in a file; `extends` is relative to directory."""
+    """Checks policy text that need not be in a file; `extends` is relative to `directory`."""
     diagnostics = Diagnostics()
     draft = _Lowering(diagnostics).lower_source(source, Path(directory) / "<text>", chain=())
     return _result(draft, diagnostics)
@@ -99,16 +100,17 @@ class _Draft:
 
     fields: dict[str, Any]
     spans: dict[str, Span]
-    overrides: list[tuple[ast.LayersStmt, bool]]  # (block, its file parsed cleanly)
+    overrides: list[ast.LayersStmt]
     cross_checks: bool = True  # False once any file in the chain had syntax errors
     header: Span | None = None
     extends: tuple[str, ...] = ()
 
 
 def _defaults(name: str) -> dict[str, Any]:
-    return {f: getattr(ir.Policy(name=name), f) for f in (
-        "name", "path", "model", "sinks", "window", "retain", "anchors", "interpolate", "adapt",
-        "score", "cluster", "keys", "values", "guard")}
+    """The policy-level fields a statement can set, at their defaults."""
+    default = ir.Policy(name=name)
+    return {f.name: getattr(default, f.name) for f in dataclasses.fields(ir.Policy)
+            if f.name not in ("layers", "extends") and not f.name.endswith("_span")}
 
 
 class _Lowering:
@@ -142,7 +144,6 @@ class _Lowering:
                 draft.extends = parent.extends
         draft.fields["name"] = tree.name.text
         draft.fields["path"] = source.path
-        draft.header = tree.name.span
         if parsed.has_errors:
             draft.cross_checks = False
         _Statements(self.d, draft, clean=not parsed.has_errors).apply(tree.statements)
@@ -198,7 +199,7 @@ class _Statements:
             kind = type(stmt)
             if kind is ast.LayersStmt:
                 if self._check_block(stmt):
-                    self.draft.overrides.append((stmt, self.clean))
+                    self.draft.overrides.append(stmt)
                 continue
             if kind in first:
                 self._duplicate(stmt, first[kind])
@@ -567,7 +568,7 @@ def _finish(draft: _Draft, d: Diagnostics) -> ir.Policy | None:
     fields["window_span"] = draft.spans.get("window")
     fields["model_span"] = draft.spans.get("model")
     overrides = []
-    for block, clean in draft.overrides:
+    for block in draft.overrides:
         override = _resolve_override(d, block, fields)
         if override is not None:
             overrides.append(override)

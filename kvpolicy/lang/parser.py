@@ -12,9 +12,6 @@ from __future__ import annotations
 import difflib
 import functools
 from dataclasses import dataclass
-from typing import Callable
-
-import lark
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
@@ -54,7 +51,6 @@ class _ParseState:
     source: Source
     comments: list
     diagnostics: list
-    partial: bool = False
 
 
 _current: _ParseState | None = None
@@ -257,7 +253,8 @@ def _unexpected_token_message(exc: UnexpectedToken) -> str:
     expected -= {"WS", "COMMENT"}
     keywords = _keyword_texts()
     found = _show_token(token)
-    expected_words = sorted(keywords[n] for n in expected if n in keywords and keywords[n].isalpha())
+    expected_words = sorted(keywords[n] for n in expected
+                            if n in keywords and keywords[n].isalpha())
     is_word = token.type == "NAME" or token.value in keywords.values()
     suggestion = None
     if is_word and expected_words:
@@ -462,9 +459,3 @@ class _Builder:
 def _unquote(token: Token) -> str:
     return str(token.value)[1:-1]
 
-
-def lark_version() -> str:
-    return lark.__version__
-
-
-ParseFunction = Callable[[Source], ParseResult]

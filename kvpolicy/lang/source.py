@@ -23,19 +23,22 @@ def read_source(path: str | os.PathLike[str], shown_as: str | None = None) -> So
             data = handle.read(MAX_POLICY_BYTES + 1)
             size = os.fstat(handle.fileno()).st_size
     except IsADirectoryError:
-        raise PolicyError([Diagnostic("error", "is a directory, not a policy file", path=shown)])
+        raise PolicyError([Diagnostic("error", "is a directory, not a policy file",
+                                      path=shown)]) from None
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        raise PolicyError([Diagnostic("error", f"cannot read policy file: {reason}", path=shown)])
+        raise PolicyError([Diagnostic("error", f"cannot read policy file: {reason}",
+                                      path=shown)]) from None
     if len(data) > MAX_POLICY_BYTES:
         size = max(size, len(data))
-        return _refuse(shown, data, f"file is {_human_size(size)}; a policy file may be at most "
-                                    f"{MAX_POLICY_BYTES // 1024} KiB")
+        message = (f"file is {_human_size(size)}; a policy file may be at most "
+                   f"{MAX_POLICY_BYTES // 1024} KiB")
+        raise PolicyError([Diagnostic("error", message, Span.of_file(Source(shown, "")))])
     return decode_source(shown, data)
 
 
 def decode_source(shown: str, data: bytes) -> Source:
-    """Checks raw bytes and returns them as a `Source`; raises `PolicyError` if they are not text."""
+    """Checks raw bytes and returns them as a `Source`; `PolicyError` if they are not text."""
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     nul = data.find(b"\x00")
@@ -44,13 +47,9 @@ def decode_source(shown: str, data: bytes) -> Source:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        _refuse_at(shown, data, exc.start, f"file is not UTF-8 text (byte 0x{data[exc.start]:02x})")
+        _refuse_at(shown, data, exc.start,
+                   f"file is not UTF-8 text (byte 0x{data[exc.start]:02x})")
     return Source(shown, text)
-
-
-def _refuse(shown: str, data: bytes, message: str):
-    source = Source(shown, "")
-    raise PolicyError([Diagnostic("error", message, Span.of_file(source))])
 
 
 def _refuse_at(shown: str, data: bytes, offset: int, message: str):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from kvpolicy.diagnostics import Diagnostic, Diagnostics, PolicyError, note
+from kvpolicy.diagnostics import Diagnostic, Diagnostics, note
 from kvpolicy.lang.ir import LAST, Guard, LayerSelection, Policy, QuantFormat
 from kvpolicy.lang.lower import MAX_TOKENS
 from kvpolicy.models import ModelShape

@@ -119,7 +119,8 @@ def _solve_scale(shape: Sequence[float], floors: Sequence[float], total: float) 
         if current >= total:
             if current == previous_total:
                 return s
-            return previous_s + (s - previous_s) * (total - previous_total) / (current - previous_total)
+            fraction = (total - previous_total) / (current - previous_total)
+            return previous_s + (s - previous_s) * fraction
         previous_s, previous_total = s, current
     return None
 
