@@ -114,15 +114,27 @@ def test_shipped_policies_plan_and_render(path, context):
 WIDTH_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 
 
-def _region_bytes(fmt, tokens: int, head_dim: int) -> int:
-    """Bytes for `tokens` keys or values of one head in `fmt`, from the format's definition."""
-    if fmt.bits == 16:
-        return tokens * head_dim * 2
-    codes = tokens * math.ceil(head_dim / 32) * 32 * fmt.bits // 8
-    groups = tokens // fmt.group * head_dim if fmt.axis == "channel" else \
-        tokens * head_dim // fmt.group
-    per_group = WIDTH_BYTES[fmt.scale_dtype] * (1 if fmt.symmetric else 2)
-    return codes + groups * per_group
+def _block(keys, values, head_dim: int, positions: bool, tokens: int = 0) -> tuple[int, int]:
+    """(tokens, bytes) of one block, from docs/format.md: sections in order key codes, value
+    codes, positions, key scale, key zero, value scale, value zero, each 16-byte aligned.
+    Guards use the body's block size (`tokens`)."""
+    quantized = [f for f in (keys, values) if f.bits < 16]
+    if not tokens:
+        tokens = math.lcm(*[f.group if f.axis == "channel" else 1 for f in quantized], 1)
+        if quantized:
+            tokens = math.lcm(tokens, 16)
+    sections = [tokens * (math.ceil(head_dim / 32) * 4 * f.bits if f.bits < 16 else head_dim * 2)
+                for f in (keys, values)]
+    if positions:
+        sections.append(tokens * 4)
+    for f in quantized:
+        groups = tokens // f.group * head_dim if f.axis == "channel" else \
+            tokens * head_dim // f.group
+        sections += [groups * WIDTH_BYTES[f.scale_dtype]] * (1 if f.symmetric else 2)
+    offset = 0
+    for size in sections:
+        offset = -(-offset // 16) * 16 + size
+    return tokens, -(-offset // 16) * 16
 
 
 models = st.builds(
@@ -142,21 +154,21 @@ def test_plan_bytes_equal_independent_recomputation(text, model, context):
         assume(False)
         return
     heads, head_dim = model.num_kv_heads, model.head_dim
+    positions = needs_positions(policy)
     for layer in plan.layers:
-        unit = math.lcm(layer.keys.token_group, layer.values.token_group)
+        unit, body_block = _block(layer.keys, layer.values, head_dim, positions)
+        assert layer.token_unit == unit
         assert layer.sinks + layer.window + layer.selected + layer.evicted == context
         assert layer.selected % unit == 0 and layer.guard_tokens % unit == 0
         assert layer.kept_tokens >= min(context, policy.sinks + policy.window)
         assert layer.window - min(policy.window, context - layer.sinks) < unit
         expected = 2 * (layer.sinks + layer.window) * head_dim * 2
-        guard_bits = layer.guard.bits if layer.guard else 16
-        expected += _region_bytes(layer.keys.with_bits(guard_bits), layer.guard_tokens, head_dim)
-        expected += _region_bytes(layer.values.with_bits(guard_bits), layer.guard_tokens,
-                                  head_dim)
-        expected += _region_bytes(layer.keys, layer.body_tokens, head_dim)
-        expected += _region_bytes(layer.values, layer.body_tokens, head_dim)
-        if needs_positions(policy):
-            expected += 4 * layer.selected
+        if layer.guard_tokens:
+            bits = layer.guard.bits
+            _, guard_block = _block(layer.keys.with_bits(bits), layer.values.with_bits(bits),
+                                    head_dim, positions, unit)
+            expected += layer.guard_tokens // unit * guard_block
+        expected += layer.body_tokens // unit * body_block
         expected += layer.centroids * (2 * head_dim * 2 + 4)
         expected *= heads
         if policy.adapt is not None and policy.adapt.across_heads and layer.evicted:

@@ -14,8 +14,9 @@ For each layer and KV head, the N tokens split into regions:
     evicted = middle - selected, folded into `cluster evicted k` centroids if the policy says so
               (k centroid slots in every layer that evicts at least one token)
 
-A token unit is the least common multiple of the token groups of the layer's key and value formats
-(a per-channel group of 32 spans 32 tokens; per-token groups span 1). Rounding is half-up.
+A token unit is one storage block (`kvpolicy.format.block_tokens`): whole per-channel groups of the
+layer's key and value formats, and at least 16 tokens when anything is quantized (1 when nothing
+is). Rounding is half-up.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from kvpolicy.diagnostics import Diagnostic, Diagnostics, note
 from kvpolicy.lang.ir import LAST, Guard, LayerSelection, Policy, QuantFormat
 from kvpolicy.lang.lower import MAX_TOKENS
 from kvpolicy.models import ModelShape
-from kvpolicy.plan import layout
+from kvpolicy import format as storage
 from kvpolicy.plan.schedule import layer_shape, retain_schedule
 
 
@@ -45,7 +46,9 @@ class LayerPlan:
     keys: QuantFormat
     values: QuantFormat
     guard: Guard | None
-    tensors: tuple[layout.TensorSpec, ...]  # every KV head of this layer
+    guard_layout: storage.BlockLayout
+    body_layout: storage.BlockLayout
+    tensors: tuple[storage.TensorSpec, ...]  # every KV head of this layer
 
     @property
     def selected(self) -> int:
@@ -61,9 +64,10 @@ class LayerPlan:
         return sum(t.nbytes for t in self.tensors)
 
     def bytes_by_kind(self) -> dict[str, int]:
-        totals = dict.fromkeys(layout.BYTE_KINDS, 0)
+        totals = dict.fromkeys(storage.BYTE_KINDS, 0)
         for tensor in self.tensors:
-            totals[tensor.kind] += tensor.nbytes
+            for kind, count in tensor.bytes_by_kind().items():
+                totals[kind] += count
         return totals
 
 
@@ -103,7 +107,7 @@ class Plan:
         return sum(layer.kept_tokens for layer in self.layers) / (len(self.layers) * self.context)
 
     def bytes_by_kind(self) -> dict[str, int]:
-        totals = dict.fromkeys(layout.BYTE_KINDS, 0)
+        totals = dict.fromkeys(storage.BYTE_KINDS, 0)
         for layer in self.layers:
             for kind, count in layer.bytes_by_kind().items():
                 totals[kind] += count
@@ -124,6 +128,7 @@ def make_plan(policy: Policy, model: ModelShape, context: int) -> Plan:
     anchors = _resolve_anchors(d, policy, model)
     formats = _layer_formats(d, policy, model)
     d.raise_if_errors()
+
 
     sinks = min(policy.sinks, context)
     window = min(policy.window, context - sinks)
@@ -152,7 +157,7 @@ def _attributed(warnings, policy: Policy) -> tuple[Diagnostic, ...]:
 
 def _layer_plan(policy: Policy, model: ModelShape, context: int, index: int, ratio: float,
                 keys: QuantFormat, values: QuantFormat, guard: Guard | None) -> LayerPlan:
-    unit = math.lcm(keys.token_group, values.token_group)
+    unit = storage.block_tokens(keys, values)
     sinks = min(policy.sinks, context)
     window = min(policy.window, context - sinks)
     middle = context - sinks - window
@@ -168,18 +173,32 @@ def _layer_plan(policy: Policy, model: ModelShape, context: int, index: int, rat
     guard_tokens = min(guard_tokens, selected)
     evicted = context - sinks - window - selected
     centroids = policy.cluster.k if policy.cluster is not None and evicted > 0 else 0
-    counts = layout.LayerCounts(
+    counts = storage.LayerCounts(
         sinks=sinks, window=window, guard=guard_tokens, body=selected - guard_tokens,
         centroids=centroids, positions=needs_positions(policy),
         head_counts=policy.adapt is not None and policy.adapt.across_heads and evicted > 0)
-    guard_keys = keys.with_bits(guard.bits) if guard else keys
-    guard_values = values.with_bits(guard.bits) if guard else values
-    tensors = layout.layer_tensors(counts, keys, values, guard_keys, guard_values,
-                                   model.num_kv_heads, model.head_dim, model.kv_dtype)
+    guard_layout, body_layout = block_layouts(policy, model, keys, values, guard)
+    tensors = storage.layer_tensors(counts, guard_layout, body_layout, model.num_kv_heads,
+                                    model.head_dim, model.kv_dtype)
     return LayerPlan(layer=index, retain=ratio, sinks=sinks, window=window,
                      guard_tokens=guard_tokens, body_tokens=selected - guard_tokens,
                      evicted=evicted, centroids=centroids, token_unit=unit, keys=keys,
-                     values=values, guard=guard, tensors=tuple(tensors))
+                     values=values, guard=guard, guard_layout=guard_layout,
+                     body_layout=body_layout, tensors=tuple(tensors))
+
+
+def block_layouts(policy: Policy, model: ModelShape, keys: QuantFormat, values: QuantFormat,
+                  guard: Guard | None) -> tuple[storage.BlockLayout, storage.BlockLayout]:
+    """The guard and body block layouts of a layer stored as (keys, values, guard). Guards use
+    the body's groups and block size at the guard's bits."""
+    tokens = storage.block_tokens(keys, values)
+    positions = needs_positions(policy)
+    body = storage.block_layout(keys, values, model.head_dim, model.kv_dtype, positions, tokens)
+    bits = guard.bits if guard is not None and guard.fraction > 0 else None
+    guard_layout = storage.block_layout(keys.with_bits(bits) if bits else keys,
+                                        values.with_bits(bits) if bits else values,
+                                        model.head_dim, model.kv_dtype, positions, tokens)
+    return guard_layout, body
 
 
 def needs_positions(policy: Policy) -> bool:
@@ -231,6 +250,16 @@ def _selected_layers(d: Diagnostics, selection: LayerSelection, model: ModelShap
         d.error(f"layer range runs backwards on {model.name} ({start}..{stop})", selection.span)
         return range(0)
     return range(start, stop + 1)
+
+
+def layer_formats(policy: Policy, model: ModelShape) -> list[tuple[QuantFormat, QuantFormat,
+                                                                   Guard | None]]:
+    """Each layer's (keys, values, guard) after `layers` overrides; PolicyError if the overrides
+    or formats do not fit the model."""
+    d = Diagnostics()
+    formats = _layer_formats(d, policy, model)
+    d.raise_if_errors()
+    return formats
 
 
 def _layer_formats(d: Diagnostics, policy: Policy,

@@ -5,6 +5,7 @@ The JSON schema is documented in docs/plan-schema.md; bump `SCHEMA` when a field
 
 from __future__ import annotations
 
+from kvpolicy.format import BlockLayout
 from kvpolicy.lang.ir import QuantFormat
 from kvpolicy.plan.planner import LayerPlan, Plan
 
@@ -12,7 +13,8 @@ SCHEMA = "kvpolicy.plan/1"
 MIB = 1024 * 1024
 
 _KIND_LABELS = {"full": "16-bit keys/values", "codes": "packed codes",
-                "scales": "scales/zeros", "index": "positions", "centroids": "centroids"}
+                "scales": "scales/zeros", "index": "positions", "centroids": "centroids",
+                "padding": "alignment padding"}
 
 
 def format_label(fmt: QuantFormat) -> str:
@@ -85,6 +87,12 @@ def _format_json(fmt: QuantFormat) -> dict:
             "scale_dtype": fmt.scale_dtype if fmt.quantized else None}
 
 
+def _layout_json(layout: BlockLayout) -> dict:
+    return {"tokens": layout.tokens, "bytes": layout.nbytes,
+            "sections": [{"name": s.name, "offset": s.offset, "shape": list(s.shape),
+                          "dtype": s.dtype, "bytes": s.nbytes} for s in layout.sections]}
+
+
 def to_json(plan: Plan) -> dict:
     policy = plan.policy
     return {
@@ -129,6 +137,8 @@ def to_json(plan: Plan) -> dict:
                 "bytes": layer.bytes,
                 "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype,
                              "bytes": t.nbytes} for t in layer.tensors],
+                "blocks": {"guard": _layout_json(layer.guard_layout),
+                           "body": _layout_json(layer.body_layout)},
             }
             for layer in plan.layers
         ],
