@@ -6,8 +6,13 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-from hypothesis import settings
+# Triton reads this when @triton.jit runs, so it must be set before any kernel module is imported:
+# tests run every generated kernel in Triton's interpreter, on the CPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's notice
+
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "policies"

@@ -1,0 +1,75 @@
+"""Renders Triton source for a KernelSpec from the Jinja templates in codegen/.
+
+Templates set types, constants and which loops exist; arithmetic lives in the `@triton.jit`
+helpers of codegen/_lib.py.jinja. Rendering is deterministic: the same spec and templates give
+the same bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+
+import jinja2
+
+from kvpolicy import __version__, _resources
+from kvpolicy.compiler.specs import (CombineSpec, DecodeSpec, KernelSpec, PackSpec, UnpackSpec,
+                                     block_view, head_view)
+
+TEMPLATES = {PackSpec: "pack.py.jinja", UnpackSpec: "unpack.py.jinja",
+             DecodeSpec: "decode.py.jinja", CombineSpec: "combine.py.jinja"}
+
+
+@functools.lru_cache(maxsize=None)
+def environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(_resources.data_dir("codegen"))),
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+
+
+def template_hash() -> str:
+    """sha256 over every template's name and bytes, in name order: part of an artifact's key."""
+    digest = hashlib.sha256()
+    for path in sorted(_resources.data_dir("codegen").glob("*.jinja")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _dense_regions(spec: DecodeSpec) -> list[dict]:
+    def region(name, prefix, length, slot, bias=False):
+        return {"name": name, "key": f"{prefix}_key", "value": f"{prefix}_value",
+                "sb": f"stride_{prefix[0]}b", "sh": f"stride_{prefix[0]}h",
+                "st": f"stride_{prefix[0]}t", "length": length, "slot": slot, "bias": bias}
+    regions = []
+    if spec.sinks:
+        regions.append(region("sinks", "sinks", "tl.load(sink_len + b)", "sinks_slot"))
+    regions.append(region("window", "window", "tl.load(window_len + b)", "window_slot"))
+    if spec.centroids:
+        regions.append(region("centroids", "cent", "cent_capacity", "cent_slot", bias=True))
+    return regions
+
+
+def _block_regions(spec: DecodeSpec) -> list[dict]:
+    regions = []
+    for name, block in (("guard", spec.guard), ("body", spec.body)):
+        if block is not None:
+            regions.append({"name": name, "prefix": f"{name.upper()}_", "block": block_view(block),
+                            "step": f"{name.upper()}_STEP"})
+    return regions
+
+
+def render(spec: KernelSpec) -> str:
+    template = environment().get_template(TEMPLATES[type(spec)])
+    context = {"spec": spec, "version": __version__}
+    if isinstance(spec, (PackSpec, UnpackSpec)):
+        context["head"] = head_view(spec.block.head_dim, spec.block.kv_dtype)
+        context["block"] = block_view(spec.block)
+    elif isinstance(spec, DecodeSpec):
+        context["head"] = head_view(spec.head_dim, spec.kv_dtype)
+        context["guard"] = block_view(spec.guard) if spec.guard else None
+        context["body"] = block_view(spec.body) if spec.body else None
+        context["dense_regions"] = _dense_regions(spec)
+        context["block_regions"] = _block_regions(spec)
+    else:
+        context["head"] = head_view(spec.head_dim, "float16")
+    return template.render(**context)

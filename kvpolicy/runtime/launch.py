@@ -1,0 +1,162 @@
+"""Launchers for the generated kernels: check shapes, allocate, launch.
+
+Kernels:
+    pack_kernel    quantize + pack rows of keys/values into blocks        (codegen/pack.py.jinja)
+    unpack_kernel  blocks back to fp32 rows                              (codegen/unpack.py.jinja)
+    decode_kernel  one decode step over every region, split over tokens (codegen/decode.py.jinja)
+    combine_kernel merge the splits; mass_kernel: attention mass per token (codegen/combine…)
+
+Each launcher takes the loaded kernel module(s) of the right spec (`kvpolicy.load(...)` or
+`kvpolicy.compiler.artifact.import_kernel_file`). Tensors may live on the CPU (Triton's
+interpreter, TRITON_INTERPRET=1) or on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+
+import torch
+
+from kvpolicy.format import BlockLayout
+from kvpolicy.runtime.compressed import CompressedLayer
+from kvpolicy.runtime.reference import slot_offsets
+
+SOURCE_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+LOG2E = 1.4426950408889634
+
+
+def _poisoned(*shape: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Output buffers start as NaN (or -1), so an element a kernel fails to write cannot pass a
+    comparison with the reference."""
+    if dtype.is_floating_point:
+        return torch.full(shape, math.nan, dtype=dtype, device=device)
+    return torch.full(shape, -1, dtype=dtype, device=device)
+
+
+def _dummy(like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.zeros(16, dtype=dtype, device=like.device)
+
+
+def _or_dummy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.numel() else _dummy(tensor, tensor.dtype)
+
+
+def pack_rows(kernels: ModuleType, src_key: torch.Tensor, src_value: torch.Tensor,
+              src_index: torch.Tensor, positions: torch.Tensor, blocks: torch.Tensor,
+              block_ids: torch.Tensor) -> None:
+    """Fills blocks[block_ids[i]] from rows src[src_index[i, :]] (-1: padding slot).
+
+    src_key, src_value [rows, D] (fp16/bf16/fp32, unit stride in D); src_index, positions
+    [programs, B] int32; blocks [blocks, NBYTES] uint8; block_ids [programs] int32."""
+    tokens, nbytes = kernels.B.value, kernels.NBYTES.value
+    programs = block_ids.numel()
+    assert src_key.dtype == src_value.dtype and src_key.dtype in SOURCE_DTYPES
+    assert src_key.stride(-1) == 1 and src_value.stride(-1) == 1
+    assert src_key.shape[-1] == kernels.D.value == src_value.shape[-1]
+    assert src_index.shape == (programs, tokens) and positions.shape == (programs, tokens)
+    assert blocks.dtype == torch.uint8 and blocks.shape[-1] == nbytes
+    if programs == 0:
+        return
+    kernels.pack_kernel[(programs,)](
+        src_key, src_value, src_key.stride(0), src_value.stride(0),
+        src_index.to(torch.int32).contiguous(), positions.to(torch.int32).contiguous(), blocks,
+        block_ids.to(torch.int32).contiguous(), SRC_DTYPE=SOURCE_DTYPES[src_key.dtype])
+
+
+def pack_tokens(kernels: ModuleType, keys: torch.Tensor, values: torch.Tensor,
+                positions: torch.Tensor | None, layout: BlockLayout) -> torch.Tensor:
+    """n tokens of one KV head → uint8 blocks [ceil(n/B), NBYTES]; the kernel twin of
+    `reference.pack_blocks` (same padding rule)."""
+    n = keys.shape[0]
+    tokens = layout.tokens
+    count = -(-n // tokens)
+    slots = torch.arange(count * tokens, device=keys.device)
+    src_index = torch.where(slots < n, slots, -1).to(torch.int32).reshape(count, tokens)
+    pos = torch.full((count * tokens,), -1, dtype=torch.int32, device=keys.device)
+    if positions is not None:
+        pos[:n] = positions.to(torch.int32)
+    blocks = torch.zeros(count, layout.nbytes, dtype=torch.uint8, device=keys.device)
+    pack_rows(kernels, keys, values, src_index, pos.reshape(count, tokens), blocks,
+              torch.arange(count, dtype=torch.int32, device=keys.device))
+    return blocks
+
+
+def unpack(kernels: ModuleType, blocks: torch.Tensor, block_ids: torch.Tensor,
+           counts: torch.Tensor):
+    """→ keys, values fp32 [programs, B, D] and positions int32 [programs, B] (-1 past count)."""
+    tokens, head_dim = kernels.B.value, kernels.D.value
+    programs = block_ids.numel()
+    device = blocks.device
+    out_key = _poisoned(programs, tokens, head_dim, device=device)
+    out_value = _poisoned(programs, tokens, head_dim, device=device)
+    out_positions = _poisoned(programs, tokens, device=device, dtype=torch.int32)
+    if programs:
+        kernels.unpack_kernel[(programs,)](blocks, block_ids.to(torch.int32).contiguous(),
+                                           counts.to(torch.int32).contiguous(), out_key,
+                                           out_value, out_positions)
+    return out_key, out_value, out_positions
+
+
+def _step(kernels: ModuleType, prefix: str) -> int:
+    """Blocks per tile of a blocked region: at least 16 tokens per tile (tl.dot's minimum)."""
+    block = getattr(kernels, f"{prefix}B", None)
+    return max(1, 16 // block.value) if block is not None else 1
+
+
+def decode(decode_kernels: ModuleType, combine_kernels: ModuleType, q: torch.Tensor,
+           layer: CompressedLayer, sm_scale: float | None = None, num_splits: int = 4,
+           emit_mass: bool = False, block_t: int = 32):
+    """One decode step: q [b, Hq, D] → out fp32 [b, Hq, D], and with emit_mass the attention
+    mass of every stored token summed over each KV group's query heads [b, H, slots] (slot
+    layout: `reference.slot_offsets`). Matches `reference.attend`."""
+    batch, q_heads, head_dim = q.shape
+    kv_heads = layer.kv_heads
+    assert q_heads % kv_heads == 0 and q_heads // kv_heads == decode_kernels.G.value
+    assert head_dim == decode_kernels.D.value == layer.head_dim
+    assert q.stride(-1) == 1 and num_splits >= 1
+    sm_scale = (1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale) * LOG2E
+    device = q.device
+    rows = batch * q_heads
+    part_m = _poisoned(rows, num_splits, device=device)
+    part_l = _poisoned(rows, num_splits, device=device)
+    part_acc = _poisoned(rows, num_splits, head_dim, device=device)
+    offsets = slot_offsets(layer)
+    slots = offsets["total"]
+    logits = torch.full((rows, slots if emit_mass else 1), -math.inf, device=device)
+    for tensor in (layer.sinks_key, layer.window_key, layer.centroid_key):
+        assert tensor.stride(-1) == 1
+    sinks_key, sinks_value = _or_dummy(layer.sinks_key), _or_dummy(layer.sinks_value)
+    cent_key, cent_value = _or_dummy(layer.centroid_key), _or_dummy(layer.centroid_value)
+    window_key, window_value = _or_dummy(layer.window_key), _or_dummy(layer.window_value)
+    decode_kernels.decode_kernel[(num_splits, batch * kv_heads)](
+        q, q.stride(0), q.stride(1), sm_scale,
+        sinks_key, sinks_value, *layer.sinks_key.stride()[:3], layer.sink_len.to(torch.int32),
+        window_key, window_value, *layer.window_key.stride()[:3],
+        layer.window_len.to(torch.int32),
+        cent_key, cent_value, *layer.centroid_key.stride()[:3],
+        _or_dummy(layer.centroid_count.to(torch.int32).contiguous()),
+        layer.centroid_count.shape[-1],
+        _or_dummy(layer.guard_blocks), layer.guard_start.to(torch.int32).contiguous(),
+        layer.guard_count.to(torch.int32).contiguous(),
+        _or_dummy(layer.body_blocks), layer.body_start.to(torch.int32).contiguous(),
+        layer.body_count.to(torch.int32).contiguous(),
+        part_m, part_l, part_acc, logits, slots if emit_mass else 1,
+        offsets["sinks"], offsets["window"], offsets["centroids"], offsets["guard"],
+        offsets["body"], kv_heads, num_splits,
+        BLOCK_T=block_t, GUARD_STEP=_step(decode_kernels, "GUARD_"),
+        BODY_STEP=_step(decode_kernels, "BODY_"), EMIT_MASS=emit_mass)
+    out = _poisoned(rows, head_dim, device=device)
+    lse_m = _poisoned(rows, device=device)
+    lse_l = _poisoned(rows, device=device)
+    max_splits = 1 << max(num_splits - 1, 0).bit_length()
+    combine_kernels.combine_kernel[(rows,)](part_m, part_l, part_acc, out, lse_m, lse_l,
+                                            num_splits, MAX_SPLITS=max_splits)
+    mass = None
+    if emit_mass:
+        mass = _poisoned(batch * kv_heads, slots, device=device)
+        block_s = 128
+        combine_kernels.mass_kernel[(batch * kv_heads, -(-slots // block_s))](
+            logits, lse_m, lse_l, mass, slots, BLOCK_S=block_s)
+        mass = mass.reshape(batch, kv_heads, slots)
+    return out.reshape(batch, q_heads, head_dim), mass
