@@ -1,13 +1,15 @@
 """kvpolicy: KV-cache compression policies you can check, plan, compile and measure.
 
-The front end (`load_policy`, `make_plan`) imports neither torch nor triton.
+The front end (`load_policy`, `make_plan`) imports neither torch nor triton; `load` (a compiled
+artifact, with its kernels) needs both.
 """
 
 from kvpolicy.diagnostics import Diagnostic, PolicyError
 
 __version__ = "0.1.0"
 
-__all__ = ["Diagnostic", "PolicyError", "__version__", "load_policy", "make_plan", "resolve_model"]
+__all__ = ["Diagnostic", "PolicyError", "__version__", "load", "load_policy", "make_plan",
+           "resolve_model"]
 
 
 def __getattr__(name: str):
@@ -18,6 +20,9 @@ def __getattr__(name: str):
     if name == "make_plan":
         from kvpolicy.plan.planner import make_plan
         return make_plan
+    if name == "load":
+        from kvpolicy.compiler.artifact import load
+        return load
     if name == "resolve_model":
         from kvpolicy.models import resolve_model
         return resolve_model

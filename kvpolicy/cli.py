@@ -3,6 +3,7 @@
     kvpolicy check FILE...            check policies (and plan them if they name a model)
     kvpolicy fmt FILE... [--check]    rewrite in canonical form, or only report what would change
     kvpolicy plan FILE [--json]       per-layer budgets, storage and exact bytes for a model
+    kvpolicy compile FILE [-o DIR]    generate the policy's Triton kernels into a build directory
     kvpolicy models                   the built-in model shapes
 
 Diagnostics go to stderr as `file:line:col: error: …`; exit status 1 if there is an error.
@@ -157,6 +158,38 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from kvpolicy.compiler.artifact import ArtifactError, compile_policy
+    from kvpolicy.lang.lower import check_file
+    reporter = _Reporter()
+    result = check_file(args.file)
+    reporter.show(result.diagnostics)
+    if result.policy is None:
+        return EXIT_ERROR
+    model = _model_for(result.policy, args.model, reporter)
+    if model is None:
+        return EXIT_ERROR
+    out = Path(args.output) if args.output else Path("build") / result.policy.name
+    try:
+        changed = compile_policy(result.policy, model, out)
+    except PolicyError as exc:
+        reporter.show(exc.diagnostics)
+        return EXIT_ERROR
+    except (ArtifactError, OSError) as exc:
+        reporter.fail(str(exc))
+        return EXIT_ERROR
+    state = f"{len(changed)} file{'s' * (len(changed) != 1)} written" if changed else \
+        "unchanged"
+    print(f"compiled {result.policy.name} for {model.name} into {out} ({state})")
+    if args.sm90:
+        from kvpolicy.compiler.hopper import check_artifact
+        report = check_artifact(out)
+        print(report.render())
+        if not report.ok:
+            return EXIT_ERROR
+    return EXIT_OK
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from kvpolicy.models import DEFAULT_PLAN_MODEL, PRESETS
     print(f"{'name':<14} {'layers':>6} {'q heads':>7} {'kv heads':>8} {'head_dim':>8} "
@@ -225,6 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON "
                       "(schema: docs/plan-schema.md)")
     plan.set_defaults(run=cmd_plan)
+
+    compile_ = commands.add_parser("compile", help="generate the policy's Triton kernels")
+    compile_.add_argument("file", metavar="FILE")
+    compile_.add_argument("--model", help="preset name or config.json path (default: the "
+                          "policy's `model`, else qwen2.5-7b)")
+    compile_.add_argument("-o", "--output", metavar="DIR",
+                          help="build directory (default: build/<policy name>)")
+    compile_.add_argument("--sm90", action="store_true",
+                          help="also compile every kernel for Hopper (sm_90) and report "
+                          "registers and spills (needs triton; no GPU needed)")
+    compile_.set_defaults(run=cmd_compile)
 
     models = commands.add_parser("models", help="list the built-in model shapes")
     models.set_defaults(run=cmd_models)

@@ -89,7 +89,7 @@ def test_models_lists_presets():
         assert name in result.stdout
 
 
-def test_front_end_commands_import_neither_torch_nor_triton(tmp_path):
+def test_front_end_and_compile_import_neither_torch_nor_triton(tmp_path):
     # Block the heavy packages outright: importing one would raise inside the command.
     script = f"""
 import sys, importlib.abc
@@ -102,8 +102,9 @@ from kvpolicy.cli import main
 codes = [main(['check', {str(POLICIES / 'aggressive.kvp')!r}]),
          main(['fmt', '--check', {str(POLICIES / 'kivi.kvp')!r}]),
          main(['plan', {str(POLICIES / 'extreme.kvp')!r}, '--json']),
+         main(['compile', {str(POLICIES / 'aggressive.kvp')!r}, '-o', 'out']),
          main(['models'])]
-assert codes == [0, 0, 0, 0], codes
+assert codes == [0, 0, 0, 0, 0], codes
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             cwd=tmp_path, env={"PYTHONPATH": str(ROOT)}, timeout=60)

@@ -8,6 +8,7 @@ Layer references are resolved against a model only at plan time: `LAST` is -1.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -152,7 +153,46 @@ class Policy:
 
     @property
     def evicts(self) -> bool:
-        """True if the policy may drop tokens (a global ratio or per-layer anchors below 100%)."""
-        if self.retain is not None and self.retain < 1.0:
-            return True
+        """True if the policy may drop tokens: a global ratio below 100% or, without one,
+        per-layer anchors below 100% (with `retain 100%` the anchors rescale to 100%)."""
+        if self.retain is not None:
+            return self.retain < 1.0
         return any(a.ratio < 1.0 for a in self.anchors)
+
+
+# ---- serialization (artifacts store the checked policy, not its source) ---------------------
+
+_NESTED = {"keys": QuantFormat, "values": QuantFormat, "guard": Guard, "score": Score,
+           "adapt": Adapt, "cluster": Cluster}
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if f.compare}  # spans and paths are not part of a policy's value
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def policy_to_json(policy: Policy) -> dict:
+    """The policy's value as JSON-able data (spans and source paths left out)."""
+    return _plain(policy)
+
+
+def _build(cls, data):
+    return None if data is None else cls(**data)
+
+
+def policy_from_json(data: dict) -> Policy:
+    fields = {key: value for key, value in data.items() if key not in _NESTED}
+    for key, cls in _NESTED.items():
+        fields[key] = _build(cls, data.get(key))
+    fields["anchors"] = tuple(Anchor(**a) for a in data.get("anchors", ()))
+    fields["layers"] = tuple(
+        LayerOverride(layers=tuple(LayerSelection(**s) for s in o["layers"]),
+                      keys=_build(QuantFormat, o.get("keys")),
+                      values=_build(QuantFormat, o.get("values")),
+                      guard=_build(Guard, o.get("guard")))
+        for o in data.get("layers", ()))
+    return Policy(**fields)
