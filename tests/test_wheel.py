@@ -8,7 +8,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+import jinja2
 import lark
+import markupsafe
 import pytest
 
 from conftest import POLICIES, ROOT
@@ -36,9 +38,10 @@ def test_installed_wheel_checks_and_plans_outside_the_checkout(wheel, tmp_path):
     bin_dir = venv / "bin"
     subprocess.run([str(bin_dir / "pip"), "install", "-q", "--no-index", "--no-deps", str(wheel)],
                    check=True, timeout=300)
-    # lark is kvpolicy's only dependency; tests run offline, so lend the venv this one's copy.
+    # Tests run offline: lend the venv this environment's copies of kvpolicy's dependencies.
     lend = tmp_path / "lent"
-    shutil.copytree(Path(lark.__file__).parent, lend / "lark")
+    for package in (lark, jinja2, markupsafe):
+        shutil.copytree(Path(package.__file__).parent, lend / package.__name__)
     work = tmp_path / "elsewhere"
     shutil.copytree(POLICIES, work / "policies")
     env = {"PYTHONPATH": str(lend), "PATH": str(bin_dir)}
@@ -57,3 +60,8 @@ def test_installed_wheel_checks_and_plans_outside_the_checkout(wheel, tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert plan.returncode == 0, plan.stderr
     assert '"compressed_bytes": 6865920' in plan.stdout
+    compiled = subprocess.run([str(bin_dir / "kvpolicy"), "compile", "policies/kivi.kvp",
+                               "--model", "smollm2-135m"], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=60)
+    assert compiled.returncode == 0, compiled.stderr  # the templates shipped in the wheel
+    assert (work / "build" / "kivi" / "manifest.json").is_file()
