@@ -133,21 +133,28 @@ def cmd_fmt(args: argparse.Namespace) -> int:
     return EXIT_ERROR if args.check and changed else EXIT_OK
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
+def _policy_and_model(args: argparse.Namespace, reporter: _Reporter):
+    """The checked policy in args.file and the model to use, or None (reported)."""
     from kvpolicy.lang.lower import check_file
-    from kvpolicy.plan.report import render_table, to_json
-    reporter = _Reporter()
     result = check_file(args.file)
     reporter.show(result.diagnostics)
     if result.policy is None:
-        return EXIT_ERROR
+        return None
     model = _model_for(result.policy, args.model, reporter)
-    if model is None:
+    return None if model is None else (result.policy, model)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from kvpolicy.plan.report import render_table, to_json
+    reporter = _Reporter()
+    chosen = _policy_and_model(args, reporter)
+    if chosen is None:
         return EXIT_ERROR
+    policy, model = chosen
     if args.context is None:
         print(f"kvpolicy: no --context given; planning at {model.name}'s maximum, "
               f"{model.max_context} tokens", file=sys.stderr)
-    plan = _plan(result.policy, model, args.context, reporter)
+    plan = _plan(policy, model, args.context, reporter)
     if plan is None:
         return EXIT_ERROR
     if args.json:
@@ -160,18 +167,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from kvpolicy.compiler.artifact import ArtifactError, compile_policy
-    from kvpolicy.lang.lower import check_file
     reporter = _Reporter()
-    result = check_file(args.file)
-    reporter.show(result.diagnostics)
-    if result.policy is None:
+    chosen = _policy_and_model(args, reporter)
+    if chosen is None:
         return EXIT_ERROR
-    model = _model_for(result.policy, args.model, reporter)
-    if model is None:
-        return EXIT_ERROR
-    out = Path(args.output) if args.output else Path("build") / result.policy.name
+    policy, model = chosen
+    out = Path(args.output) if args.output else Path("build") / policy.name
     try:
-        changed = compile_policy(result.policy, model, out)
+        changed = compile_policy(policy, model, out)
     except PolicyError as exc:
         reporter.show(exc.diagnostics)
         return EXIT_ERROR
@@ -180,7 +183,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     state = f"{len(changed)} file{'s' * (len(changed) != 1)} written" if changed else \
         "unchanged"
-    print(f"compiled {result.policy.name} for {model.name} into {out} ({state})")
+    print(f"compiled {policy.name} for {model.name} into {out} ({state})")
     if args.sm90:
         from kvpolicy.compiler.hopper import check_artifact
         report = check_artifact(out)

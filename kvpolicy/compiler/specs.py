@@ -82,23 +82,24 @@ def _head(head_dim: int, kv_dtype: str) -> str:
 
 
 @dataclass(frozen=True)
-class PackSpec:
+class _BlockKernelSpec:
+    """A kernel specialised for one block layout."""
+
     block: BlockSpec
-    kind: str = field(default="pack", init=False)
 
     @property
     def uri(self) -> str:
-        return f"pack_{_head(self.block.head_dim, self.block.kv_dtype)}_{self.block.tag}"
+        return f"{self.kind}_{_head(self.block.head_dim, self.block.kv_dtype)}_{self.block.tag}"
 
 
 @dataclass(frozen=True)
-class UnpackSpec:
-    block: BlockSpec
-    kind: str = field(default="unpack", init=False)
+class PackSpec(_BlockKernelSpec):
+    kind: str = field(default="pack", init=False)
 
-    @property
-    def uri(self) -> str:
-        return f"unpack_{_head(self.block.head_dim, self.block.kv_dtype)}_{self.block.tag}"
+
+@dataclass(frozen=True)
+class UnpackSpec(_BlockKernelSpec):
+    kind: str = field(default="unpack", init=False)
 
 
 @dataclass(frozen=True)
