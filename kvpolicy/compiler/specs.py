@@ -165,7 +165,11 @@ class CompiledSpecs:
 
 
 def specs_for(policy: Policy, model: ModelShape) -> CompiledSpecs:
-    """Raises PolicyError if the policy does not fit the model."""
+    """Raises PolicyError if the policy does not fit the model, ValueError for a cache the
+    kernels do not support (they read 16-bit keys and values)."""
+    if model.kv_dtype not in KV_CODES:
+        raise ValueError(f"the kernels need a 16-bit cache (float16 or bfloat16), not "
+                         f"{model.kv_dtype}")
     found: dict[str, KernelSpec] = {}
 
     def add(spec: KernelSpec) -> str:

@@ -26,6 +26,10 @@ def format_label(fmt: QuantFormat) -> str:
     return f"int{fmt.bits} g{fmt.group}/{axis}{symmetry}{scale}"
 
 
+def _short(dtype: str) -> str:
+    return {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
+
+
 def _guard_label(layer: LayerPlan) -> str:
     if layer.guard is None:
         return "-"
@@ -37,7 +41,7 @@ def render_table(plan: Plan) -> str:
     lines = [
         f"policy   {policy.name}" + (f"  ({policy.path})" if policy.path else ""),
         f"model    {model.name}: {model.num_layers} layers, {model.num_q_heads} query / "
-        f"{model.num_kv_heads} KV heads, head_dim {model.head_dim}, 16-bit cache",
+        f"{model.num_kv_heads} KV heads, head_dim {model.head_dim}, {model.kv_dtype} cache",
         f"context  {context:,} tokens",
         f"retain   {100 * plan.mean_retain:.2f}% planned (mean of the per-layer ratios); "
         f"{100 * plan.effective_retain:.2f}% of tokens kept individually "
@@ -60,7 +64,8 @@ def render_table(plan: Plan) -> str:
         "Memory at this context (computed exactly from the storage format, docs/format.md; "
         "not measured):",
         f"{'':<22}{'bytes/token':>12}  {'MiB':>10}  {'ratio':>7}  {'savings':>8}",
-        f"{'baseline (16-bit)':<22}{plan.model.baseline_bytes_per_token:>12,.1f}  "
+        f"{'baseline (' + _short(plan.model.kv_dtype) + ')':<22}"
+        f"{plan.model.baseline_bytes_per_token:>12,.1f}  "
         f"{plan.baseline_bytes / MIB:>10,.1f}  {'1.00x':>7}  {'-':>8}",
         f"{policy.name[:21]:<22}{plan.compressed_bytes / context:>12,.1f}  "
         f"{plan.compressed_bytes / MIB:>10,.1f}  {plan.compression_ratio:>6.2f}x  "

@@ -1,0 +1,1 @@
+"""Evaluation: tasks generated locally from installed data, scored on real models."""

@@ -1,0 +1,273 @@
+"""A transformers Cache that holds a compiled policy's compressed KV cache.
+
+    cache = PolicyCache(policy, model)          # policy: a .kvp path, a Policy, or an artifact
+    with attend_through(model):                 # routes the model's attention to the cache
+        model(prompt_ids, past_key_values=cache)        # prefill, full precision (recorded)
+        cache.compress()                                # per the plan: select, guard, cluster, pack
+        model(next_id, past_key_values=cache)           # decode: attends over the packed cache
+
+Prefill runs the model's own attention (SDPA) on the full-precision prompt and records, per layer,
+the keys, values and the last queries (for SnapKV importance). `compress()` plans the policy for
+the prompt's length and packs every layer (`kvpolicy.runtime.compress`); it also runs by itself
+before the first decode step. Decode steps append to the full-precision window; when it holds a
+whole block beyond the policy's window, its oldest block is quantized and packed into the body
+(generated tokens are never evicted or made guards). Attention over the compressed layer runs
+with the compiled kernels on a GPU, or with PyTorch on the CPU (`backend`, "auto" picks).
+
+`nbytes()` counts the tensors the cache holds, layer by layer (`compress.measured_bytes`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import threading
+from pathlib import Path
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import AttentionInterface
+
+from kvpolicy.lang.ir import Policy, policy_to_json
+from kvpolicy.lang.lower import load_policy
+from kvpolicy.models import ModelShape, shape_from_config
+from kvpolicy.plan.planner import make_plan
+from kvpolicy.runtime import compress as compressor, dense
+from kvpolicy.runtime.compressed import CompressedLayer
+from kvpolicy.runtime.reference import pack_blocks
+
+ATTENTION_NAME = "kvpolicy"
+_TORCH_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+_routing = threading.local()
+
+
+class PolicyLayer(CacheLayerMixin):
+    """One model layer's cache: the recorded prefill, then the compressed layer."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, owner: "PolicyCache", index: int):
+        super().__init__()
+        self.owner = owner
+        self.index = index
+        self.prefill: compressor.PrefillLayer | None = None
+        self.compressed: CompressedLayer | None = None
+        self.seen = 0  # tokens this layer has been given (prompt + generated)
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        if self.prefill is None and self.compressed is None:
+            self.prefill = compressor.PrefillLayer(key_states, value_states, None, 1.0)
+            self.seen = new
+            return key_states, value_states
+        if self.compressed is None:
+            self.owner.compress()
+        if new != 1:
+            raise ValueError("PolicyCache takes the prompt in one forward, then one token per "
+                             f"step; got {new} tokens after the prompt")
+        self._append(key_states, value_states)
+        self.seen += 1
+        return key_states, value_states
+
+    def _append(self, key_states, value_states) -> None:
+        layer = self.compressed
+        dtype = layer.window_key.dtype
+        layer.window_key = torch.cat([layer.window_key, key_states.to(dtype)], dim=2)
+        layer.window_value = torch.cat([layer.window_value, value_states.to(dtype)], dim=2)
+        layer.window_len = layer.window_len + 1
+        unit = layer.body_layout.tokens
+        if layer.window_key.shape[2] >= self.owner.policy.window + unit:
+            self._flush(unit)
+
+    def _flush(self, unit: int) -> None:
+        """Packs the window's oldest `unit` tokens into one more body block per head."""
+        layer = self.compressed
+        batch, heads = layer.body_count.shape
+        first_position = self.seen + 1 - layer.window_key.shape[2]
+        positions = torch.arange(first_position, first_position + unit)
+        runs = []
+        starts, counts = torch.zeros_like(layer.body_start), layer.body_count.clone()
+        used = 0
+        for b in range(batch):
+            for h in range(heads):
+                count = int(layer.body_count[b, h])
+                start = int(layer.body_start[b, h])
+                old = layer.body_blocks[start:start + -(-count // unit)]
+                new = pack_blocks(layer.window_key[b, h, :unit], layer.window_value[b, h, :unit],
+                                  positions, layer.body_layout)
+                runs += [old, new]
+                starts[b, h] = used
+                used += old.shape[0] + 1
+                counts[b, h] = count + unit
+        layer.body_blocks = torch.cat(runs)
+        layer.body_start, layer.body_count = starts, counts
+        layer.window_key = layer.window_key[:, :, unit:].contiguous()
+        layer.window_value = layer.window_value[:, :, unit:].contiguous()
+        layer.window_len = layer.window_len - unit
+
+    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """One decode step: query [b, Hq, D] → [b, Hq, D] over the compressed layer."""
+        if self.owner.kernels is not None:
+            from kvpolicy.runtime import launch
+            modules = self.owner.kernels.layer_kernels(self.index)
+            out, _ = launch.decode(modules["decode"], modules["combine"], query.contiguous(),
+                                   self.compressed, scaling,
+                                   num_splits=self.owner.kernels.launch["num_splits"])
+            return out
+        out, _ = dense.attend(query, self.compressed, scaling)
+        return out
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        if self.compressed is None:
+            return 0
+        plan_layer = self.owner.plan.layers[self.index]
+        adaptive = self.owner.policy.adapt is not None and self.owner.policy.adapt.across_heads
+        return compressor.measured_bytes(self.compressed, plan_layer, adaptive)
+
+
+class PolicyCache(Cache):
+    """A Cache for a Hugging Face causal LM that compresses per a kvpolicy policy.
+
+    policy: a .kvp path, a checked Policy, or a compiled artifact directory (its kernels are
+    used). model: the model (its config gives the shape). cache_dtype: dtype of the
+    full-precision regions — "bfloat16" (what the plans assume), "float16", or "float32" (exact
+    mode for an fp32 model on the CPU). backend: "torch" (PyTorch attention over the packed
+    cache), "triton" (the compiled kernels; needs an artifact or compiles one), "auto" (triton
+    on a GPU, torch otherwise)."""
+
+    def __init__(self, policy, model, cache_dtype: str = "bfloat16", backend: str = "auto"):
+        self.kernels = None
+        if isinstance(policy, Policy):
+            self.policy = policy
+        elif Path(policy).is_dir():
+            from kvpolicy.compiler.artifact import load
+            self.kernels = load(policy)
+            self.policy = self.kernels.policy
+        else:
+            self.policy = load_policy(policy)
+        config = model.config
+        self.shape: ModelShape = shape_from_config(
+            config.to_dict(), name=getattr(config, "_name_or_path", "") or "model",
+            source="transformers", kv_dtype=cache_dtype)
+        device = next(model.parameters()).device
+        if backend == "auto":
+            backend = "triton" if device.type == "cuda" else "torch"
+        if backend == "triton" and self.kernels is None:
+            self.kernels = _compile_to_cache(self.policy, self.shape)
+        if backend == "torch":
+            self.kernels = None
+        self.backend = backend
+        self.plan = None
+        super().__init__(layers=[PolicyLayer(self, i) for i in range(self.shape.num_layers)])
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        _routing.layer = self.layers[layer_idx]  # read by the attention function, right after
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    @property
+    def compressed(self) -> bool:
+        return self.plan is not None
+
+    def compress(self) -> None:
+        """Plans the policy for the recorded prompt and packs every layer."""
+        if self.plan is not None:
+            return
+        prompt = self.layers[0].seen
+        self.plan = make_plan(self.policy, self.shape, prompt)
+        packer = None
+        if self.kernels is not None:
+            packer = _kernel_packer(self.kernels)
+        prefill = [layer.prefill for layer in self.layers]
+        if any(p is None or p.queries is None for p in prefill):
+            raise RuntimeError("compress() needs a prefill through attend_through(cache)")
+        for layer, packed in zip(self.layers, compressor.compress(self.plan, prefill, packer)):
+            layer.compressed = packed
+            layer.prefill = None  # the full-precision prompt is released
+
+    def nbytes(self) -> dict:
+        """Bytes held per layer and in total, counted from the tensors (after compress())."""
+        per_layer = [layer.nbytes() for layer in self.layers]
+        return {"layers": per_layer, "total": sum(per_layer)}
+
+
+def _kernel_packer(compiled):
+    from kvpolicy.runtime import launch
+
+    def pack(keys, values, positions, layout):
+        for kernels in compiled.kernels.values():
+            if getattr(kernels, "pack_kernel", None) and kernels.NBYTES.value == layout.nbytes \
+                    and kernels.B.value == layout.tokens:
+                return launch.pack_tokens(kernels, keys, values, positions, layout)
+        return pack_blocks(keys, values, positions, layout)
+    return pack
+
+
+def _compile_to_cache(policy: Policy, shape: ModelShape):
+    """Compiles the policy for this model into $KVPOLICY_CACHE/build (reused when unchanged)."""
+    from kvpolicy.compiler.artifact import compile_policy, load
+    from kvpolicy.hf.model import cache_root
+    key = hashlib.sha256(json.dumps([policy_to_json(policy), shape.to_json()],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    directory = cache_root() / "build" / f"{policy.name}-{key}"
+    compile_policy(policy, shape, directory)
+    return load(directory)
+
+
+# ---- routing the model's attention through the cache -------------------------------------------
+
+def kvpolicy_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                       **kwargs):
+    """The attention function registered as "kvpolicy". During prefill: SDPA over the prompt,
+    recording the last queries; after compression: one step over the compressed layer. Without a
+    PolicyCache it is plain SDPA."""
+    layer = getattr(_routing, "layer", None)
+    _routing.layer = None
+    if not isinstance(layer, PolicyLayer) or layer.index != getattr(module, "layer_idx", None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    if layer.compressed is None:  # prefill: the model's own attention, queries recorded
+        observe = max(layer.owner.policy.score.observe, 1)
+        layer.prefill.queries = query[:, :, -observe:].detach()
+        layer.prefill.scaling = scaling
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+    out = layer.attend(query[:, :, 0], scaling)  # [b, Hq, D]
+    return out[:, None].to(query.dtype), None
+
+
+AttentionInterface.register(ATTENTION_NAME, kvpolicy_attention)
+
+
+@contextlib.contextmanager
+def attend_through(model):
+    """Within the block, the model's attention is kvpolicy's (plain SDPA unless a PolicyCache is
+    in use); the previous implementation is restored afterwards."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
+

@@ -1,0 +1,79 @@
+"""Greedy generation with a policy-compressed cache, with measured bytes and timings.
+
+    from kvpolicy.hf import generate, load_model
+    model, tokenizer = load_model()                       # the embedded SmolLM2-135M-Instruct
+    result = generate(model, tokenizer, "…", policy="policies/aggressive.kvp")
+    print(result.text, result.measured_bytes, result.planned_bytes)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvpolicy.hf.cache import PolicyCache, attend_through
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    cache: PolicyCache
+    timings: dict = field(default_factory=dict)  # seconds: prefill, compress, decode (total)
+
+    @property
+    def plan(self):
+        return self.cache.plan
+
+    @property
+    def planned_bytes(self) -> int:
+        return self.cache.plan.compressed_bytes
+
+    @property
+    def measured_bytes_after_compress(self) -> int:
+        return self.timings["measured_bytes_after_compress"]
+
+
+def encode(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
+    """[1, n] token ids; an instruct model's chat template is applied when it has one."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                add_generation_prompt=True, return_tensors="pt")
+        return encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str | torch.Tensor, policy, max_new_tokens: int = 64,
+             cache_dtype: str = "bfloat16", backend: str = "auto", chat: bool = True,
+             stop_at_eos: bool = True) -> Generation:
+    """Prefill in full precision, compress per the policy, decode greedily over the compressed
+    cache. `prompt`: text, or token ids [1, n]."""
+    ids = prompt if isinstance(prompt, torch.Tensor) else encode(tokenizer, prompt, chat)
+    ids = ids.to(next(model.parameters()).device)
+    cache = PolicyCache(policy, model, cache_dtype=cache_dtype, backend=backend)
+    timings = {}
+    tokens: list[int] = []
+    eos = tokenizer.eos_token_id
+    with attend_through(model):
+        started = time.perf_counter()
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        timings["prefill"] = time.perf_counter() - started
+        started = time.perf_counter()
+        cache.compress()
+        timings["compress"] = time.perf_counter() - started
+        timings["measured_bytes_after_compress"] = cache.nbytes()["total"]
+        started = time.perf_counter()
+        for _ in range(max_new_tokens):
+            token = int(out.logits[0, -1].argmax())
+            tokens.append(token)
+            if stop_at_eos and token == eos:
+                break
+            out = model(input_ids=torch.tensor([[token]], device=ids.device),
+                        past_key_values=cache, use_cache=True)
+        timings["decode"] = time.perf_counter() - started
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    return Generation(text, tokens, ids.shape[1], cache, timings)
