@@ -231,11 +231,26 @@ def test_needle_is_answered_under_conservative(smol):
     assert result.measured_bytes_after_compress == result.planned_bytes
 
 
-def test_run_command_prints_generation_and_measured_over_planned(tmp_path):
-    result = run_cli("run", "policies/kivi.kvp", "--needle", "600", "--max-new-tokens", "8")
+def test_run_command_prints_generation_and_measured_over_planned():
+    # The acceptance command: the aggressive policy on the embedded model, with a prompt long
+    # enough (~2.3k tokens) for its 2048-token window to leave tokens to select and pack.
+    result = run_cli("run", "policies/aggressive.kvp", "--needle", "2300",
+                     "--max-new-tokens", "4")
     assert result.returncode == 0, result.stderr
     assert "measured/planned 1.0000" in result.stdout
-    assert "after the prompt (" in result.stdout and "needle at depth 0.5" in result.stdout
+    assert "after the prompt (2,3" in result.stdout and "needle at depth 0.5" in result.stdout
+    assert "the policy is written for qwen2.5-7b; running it on smollm2-135m" in result.stderr
+
+
+def test_transformers_generate_works_with_the_cache(smol):
+    model, tokenizer = smol
+    ids = ids_of(tokenizer, "The capital of France is")
+    cache = PolicyCache(POLICIES / "kivi.kvp", model, backend="torch")
+    with attend_through(model):
+        ours = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    plain = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert cache.compressed  # compressed by itself before the first decode step
+    assert torch.equal(ours, plain)  # a short prompt fits KIVI's 16-bit window
 
 
 def test_sm_scale_is_the_models(smol):
