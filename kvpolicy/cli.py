@@ -5,6 +5,7 @@
     kvpolicy plan FILE [--json]       per-layer budgets, storage and exact bytes for a model
     kvpolicy compile FILE [-o DIR]    generate the policy's Triton kernels into a build directory
     kvpolicy run FILE --prompt TEXT   generate on a real model with the policy; measured bytes
+    kvpolicy eval FILE...             measured quality, memory and time against the baseline
     kvpolicy models                   the built-in model shapes
 
 Diagnostics go to stderr as `file:line:col: error: …`; exit status 1 if there is an error.
@@ -267,6 +268,83 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+QUICK = {"tasks": "niah_single,niah_multikey,vt,squad,ppl", "contexts": "3000", "samples": 3}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import hashlib
+    reporter = _Reporter()
+    try:
+        from kvpolicy.eval.runner import EvalConfig, EvalPolicy, baseline_policy, run
+        from kvpolicy.eval.tasks import TASKS
+        from kvpolicy.hf import ModelLoadError, load_model
+    except ImportError as exc:
+        reporter.fail(f"kvpolicy eval needs the evaluation extras ({exc}); "
+                      "pip install 'kvpolicy[eval]'")
+        return EXIT_ERROR
+    from kvpolicy.lang.lower import check_file
+    tasks = (args.tasks or (QUICK["tasks"] if args.quick else ",".join(TASKS))).split(",")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        reporter.fail(f"unknown task(s) {', '.join(unknown)}; tasks: {', '.join(TASKS)}")
+        return EXIT_ERROR
+    try:
+        contexts = [_context(c) for c in (args.contexts or (QUICK["contexts"] if args.quick
+                                                            else "2048,4096")).split(",")]
+    except argparse.ArgumentTypeError as exc:
+        reporter.fail(str(exc))
+        return EXIT_ERROR
+    samples = args.samples or (QUICK["samples"] if args.quick else 25)
+    entries = [baseline_policy()]
+    for path in args.files:
+        result = check_file(path)
+        reporter.show(result.diagnostics)
+        if result.policy is None:
+            return EXIT_ERROR
+        entries.append(EvalPolicy(result.policy.name, result.policy, str(path)))
+    try:
+        model, tokenizer = load_model(args.model)
+    except ModelLoadError as exc:
+        reporter.fail(str(exc))
+        return EXIT_ERROR
+    extra = {}
+    if args.ablation:
+        from kvpolicy.eval.ablation import matched_ablation
+        from kvpolicy.lang.lower import check_source
+        from kvpolicy.diagnostics import Source
+        from kvpolicy.models import shape_from_config
+        shape = shape_from_config(model.config.to_dict(), name="model", source="transformers",
+                                  kv_dtype=args.cache_dtype)
+        extra["ablation"] = {"matched_at_context": max(contexts), "planned_ratios": {}}
+        for name, text, ratio in matched_ablation(shape, max(contexts)):
+            policy = check_source(Source(f"{name}.kvp", text)).policy
+            entries.append(EvalPolicy(name, policy, f"{name}.kvp"))
+            extra["ablation"]["planned_ratios"][name] = ratio
+            extra["ablation"].setdefault("policies", {})[name] = text
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        reporter.fail(f"two policies share a name: {', '.join(names)}")
+        return EXIT_ERROR
+    key = json.dumps([[e.sha256 for e in entries], tasks, contexts, samples, args.seed,
+                      args.question_aware, args.cache_dtype, args.model], sort_keys=True)
+    out = Path(args.out) if args.out else Path("results") / (
+        "eval-" + hashlib.sha256(key.encode()).hexdigest()[:10])
+    config = EvalConfig(policies=entries, tasks=tasks, contexts=contexts, samples=samples,
+                        seed=args.seed, question_aware=args.question_aware,
+                        cache_dtype=args.cache_dtype, model=args.model, out=out, extra=extra)
+    if args.ablation:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in extra["ablation"]["policies"].items():
+            (out / f"{name}.kvp").write_text(text, encoding="utf-8")
+    print(f"kvpolicy eval: {len(entries)} configurations x {len(tasks)} tasks x "
+          f"{len(contexts)} contexts x {samples} samples -> {out} "
+          f"({'question-aware' if args.question_aware else 'question-agnostic'}; "
+          "rerun the same command to resume)", file=sys.stderr)
+    run(config, model, tokenizer, progress=not args.no_progress)
+    print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'pareto.png'}")
+    return EXIT_OK
+
+
 def _device(model) -> str:
     import platform
     device = next(model.parameters()).device
@@ -375,6 +453,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--raw", action="store_true",
                      help="do not apply the model's chat template to the prompt")
     run.set_defaults(run=cmd_run)
+
+    evaluate = commands.add_parser("eval", help="measure quality, memory and time of policies "
+                                   "against the uncompressed baseline")
+    evaluate.add_argument("files", nargs="*", metavar="FILE")
+    evaluate.add_argument("--model", help="a local Hugging Face model directory (default: the "
+                          "embedded SmolLM2-135M-Instruct)")
+    evaluate.add_argument("--tasks", help="comma-separated (default: all)")
+    evaluate.add_argument("--contexts", help="comma-separated prompt lengths in tokens "
+                          "(default: 2048,4096)")
+    evaluate.add_argument("--samples", type=int, help="samples per task and context "
+                          "(default: 25)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--quick", action="store_true",
+                          help=f"a few minutes: tasks {QUICK['tasks']}, context "
+                          f"{QUICK['contexts']}, {QUICK['samples']} samples")
+    evaluate.add_argument("--ablation", action="store_true",
+                          help="add eviction-only, quantization-only and hybrid policies "
+                          "matched to one compression ratio")
+    evaluate.add_argument("--question-aware", action="store_true",
+                          help="compress context and question together (default: the question "
+                          "arrives after compression)")
+    evaluate.add_argument("--cache-dtype", choices=("bfloat16", "float16", "float32"),
+                          default="bfloat16")
+    evaluate.add_argument("--out", metavar="DIR", help="results directory (default: "
+                          "results/eval-<hash of the configuration>)")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(run=cmd_eval)
 
     models = commands.add_parser("models", help="list the built-in model shapes")
     models.set_defaults(run=cmd_models)

@@ -11,7 +11,9 @@ the keys, values and the last queries (for SnapKV importance). `compress()` plan
 the prompt's length and packs every layer (`kvpolicy.runtime.compress`); it also runs by itself
 before the first decode step. Decode steps append to the full-precision window; when it holds a
 whole block beyond the policy's window, its oldest block is quantized and packed into the body
-(generated tokens are never evicted or made guards). Attention over the compressed layer runs
+(generated tokens are never evicted or made guards). A forward of several tokens after the
+prompt (a question, a continuation to score) appends them all and attends causally among them;
+their whole blocks are packed before the next forward. Attention over the compressed layer runs
 with the compiled kernels on a GPU, or with PyTorch on the CPU (`backend`, "auto" picks).
 
 `nbytes()` counts the tensors the cache holds, layer by layer (`compress.measured_bytes`).
@@ -73,11 +75,10 @@ class PolicyLayer(CacheLayerMixin):
             return key_states, value_states
         if self.compressed is None:
             self.owner.compress()
-        if new != 1:
-            raise ValueError("PolicyCache takes the prompt in one forward, then one token per "
-                             f"step; got {new} tokens after the prompt")
+        self._flush_whole_blocks()  # what a chunk of several tokens left in the window
         self._append(key_states, value_states)
-        self.seen += 1
+        if new == 1:
+            self._flush_whole_blocks()
         return key_states, value_states
 
     def _append(self, key_states, value_states) -> None:
@@ -85,16 +86,20 @@ class PolicyLayer(CacheLayerMixin):
         dtype = layer.window_key.dtype
         layer.window_key = torch.cat([layer.window_key, key_states.to(dtype)], dim=2)
         layer.window_value = torch.cat([layer.window_value, value_states.to(dtype)], dim=2)
-        layer.window_len = layer.window_len + 1
-        unit = layer.body_layout.tokens
-        if layer.window_key.shape[2] >= self.owner.policy.window + unit:
+        layer.window_len = layer.window_len + key_states.shape[2]
+        self.seen += key_states.shape[2]
+
+    def _flush_whole_blocks(self) -> None:
+        """While the window holds a whole block beyond the policy's window, packs its oldest."""
+        unit = self.compressed.body_layout.tokens
+        while self.compressed.window_key.shape[2] >= self.owner.policy.window + unit:
             self._flush(unit)
 
     def _flush(self, unit: int) -> None:
         """Packs the window's oldest `unit` tokens into one more body block per head."""
         layer = self.compressed
         batch, heads = layer.body_count.shape
-        first_position = self.seen + 1 - layer.window_key.shape[2]
+        first_position = self.seen - layer.window_key.shape[2]  # the window is the newest
         positions = torch.arange(first_position, first_position + unit)
         runs = []
         starts, counts = torch.zeros_like(layer.body_start), layer.body_count.clone()
@@ -115,6 +120,11 @@ class PolicyLayer(CacheLayerMixin):
         layer.window_key = layer.window_key[:, :, unit:].contiguous()
         layer.window_value = layer.window_value[:, :, unit:].contiguous()
         layer.window_len = layer.window_len - unit
+
+    def attend_chunk(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Several new tokens at once (they are the end of the window): query [b, Hq, m, D] →
+        [b, Hq, m, D], causal among them. PyTorch path (the kernels take one token)."""
+        return dense.attend_chunk(query, self.compressed, scaling)
 
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """One decode step: query [b, Hq, D] → [b, Hq, D] over the compressed layer."""
@@ -180,6 +190,19 @@ class PolicyCache(Cache):
         self.plan = None
         super().__init__(layers=[PolicyLayer(self, i) for i in range(self.shape.num_layers)])
 
+    @classmethod
+    def from_prefill(cls, policy, model, prefill: list[compressor.PrefillLayer],
+                     cache_dtype: str = "bfloat16", backend: str = "torch") -> "PolicyCache":
+        """A cache compressed from a recorded prefill (shared by several policies: the records
+        are read, not changed). The prompt's forward is not repeated."""
+        cache = cls(policy, model, cache_dtype=cache_dtype, backend=backend)
+        prompt = prefill[0].keys.shape[2]
+        for layer, record in zip(cache.layers, prefill):
+            layer.lazy_initialization(record.keys, record.values)
+            layer.prefill, layer.seen = record, prompt
+        cache.compress()
+        return cache
+
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         _routing.layer = self.layers[layer_idx]  # read by the attention function, right after
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
@@ -202,7 +225,7 @@ class PolicyCache(Cache):
             raise RuntimeError("compress() needs a prefill through attend_through(cache)")
         for layer, packed in zip(self.layers, compressor.compress(self.plan, prefill, packer)):
             layer.compressed = packed
-            layer.prefill = None  # the full-precision prompt is released
+            layer.prefill = None  # this cache lets go of the full-precision prompt
 
     def nbytes(self) -> dict:
         """Bytes held per layer and in total, counted from the tensors (after compress())."""
@@ -253,6 +276,9 @@ def kvpolicy_attention(module, query, key, value, attention_mask, scaling=None, 
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
+    if query.shape[2] > 1:  # a chunk after the prompt (a question, a scored continuation)
+        out = layer.attend_chunk(query, scaling)  # [b, Hq, m, D]
+        return out.transpose(1, 2).to(query.dtype).contiguous(), None
     out = layer.attend(query[:, :, 0], scaling)  # [b, Hq, D]
     return out[:, None].to(query.dtype), None
 

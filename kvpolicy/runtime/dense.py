@@ -90,3 +90,26 @@ def attend(q: torch.Tensor, layer: CompressedLayer, sm_scale: float | None = Non
     mass = p.sum(2) if with_mass else None
     assert mass is None or mass.shape[-1] == slot_offsets(layer)["total"]
     return out, mass
+
+
+def attend_chunk(q: torch.Tensor, layer: CompressedLayer, sm_scale: float | None = None):
+    """m new tokens at once, already appended to the end of the window: q [b, Hq, m, D] →
+    [b, Hq, m, D]. Query i sees every stored token except the chunk's tokens after it."""
+    batch, q_heads, m, head_dim = q.shape
+    group = q_heads // layer.kv_heads
+    sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    keys, values, bias, valid = dense(layer)
+    offsets = slot_offsets(layer)
+    slots = keys.shape[2]
+    position = torch.arange(slots)
+    in_window = (position >= offsets["window"]) & (position < offsets["centroids"])
+    window_index = position - offsets["window"]
+    visible = valid[:, :, None, :].expand(-1, -1, m, -1).clone()  # [b, H, m, slots]
+    last = layer.window_len.long()[:, None] - m + torch.arange(m)[None, :]  # [b, m]
+    future = in_window[None, None, :] & (window_index[None, None, :] > last[:, :, None])
+    visible &= ~future[:, None]
+    mask = bias[:, :, None, :].expand(-1, -1, m, -1).masked_fill(~visible, -math.inf)
+    mask = mask.repeat_interleave(group, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), keys, values, attn_mask=mask, scale=sm_scale, enable_gqa=True)
+    return torch.nan_to_num(out)

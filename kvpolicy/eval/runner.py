@@ -1,0 +1,263 @@
+"""`kvpolicy eval`: the baseline and every policy on the same samples, measured, resumable.
+
+For each context length, task and sample: the context is prefilled once in full precision (the
+prompt's keys, values and last queries are recorded); then, for the baseline (a policy that keeps
+everything) and each policy, the record is compressed per the policy's plan, the query (the
+question, or the continuation to score) is fed through the compressed cache, and the answer is
+generated greedily. Every (policy, sample) result is appended to `samples.jsonl` as it is made,
+so an interrupted run continues where it stopped; `results.json`, `report.md` and `pareto.png`
+are written from those lines at the end.
+
+Question-agnostic by default (the context is compressed before the question arrives, as a
+serving engine must); `question_aware=True` compresses context and question together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from kvpolicy import __version__
+from kvpolicy.diagnostics import PolicyError
+from kvpolicy.eval.tasks import Sample, make_samples, score
+from kvpolicy.hf.cache import PolicyCache, attend_through
+from kvpolicy.lang.ir import Policy, Score, policy_to_json
+from kvpolicy.models import shape_from_config
+from kvpolicy.plan.planner import make_plan
+
+BASELINE = "baseline"
+
+
+@dataclass
+class EvalPolicy:
+    name: str
+    policy: Policy
+    source: str  # file it came from ("" for the baseline)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(policy_to_json(self.policy),
+                                         sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class EvalConfig:
+    policies: list[EvalPolicy]
+    tasks: list[str]
+    contexts: list[int]
+    samples: int
+    seed: int = 0
+    question_aware: bool = False
+    cache_dtype: str = "bfloat16"
+    model: str | None = None  # None: the embedded default
+    out: Path = Path("results/eval")
+    extra: dict = field(default_factory=dict)  # recorded as-is (e.g. the ablation's target)
+
+    def to_json(self) -> dict:
+        return {"policies": [{"name": p.name, "file": p.source, "sha256": p.sha256}
+                             for p in self.policies],
+                "tasks": self.tasks, "contexts": self.contexts, "samples_per_task": self.samples,
+                "seed": self.seed,
+                "setting": "question-aware" if self.question_aware else "question-agnostic",
+                "cache_dtype": self.cache_dtype, **self.extra}
+
+
+def hardware() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"device": "cpu", "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "engine": "kvpolicy PolicyCache in transformers, PyTorch attention over the packed "
+                      "cache (kvpolicy.runtime.dense)"}
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# ---- prompts ------------------------------------------------------------------------------------
+
+def split_prompt(tokenizer, sample: Sample, question_aware: bool):
+    """(context ids [1, n], query ids [1, m]): what the cache compresses and what follows it."""
+    if sample.is_perplexity:
+        context = tokenizer(sample.context, return_tensors="pt")["input_ids"]
+        query = tokenizer(sample.query, return_tensors="pt", add_special_tokens=False)
+        return context, query["input_ids"]
+    separator = "\n\n"
+    content = sample.context + separator + sample.query
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                             add_generation_prompt=True, tokenize=False)
+    else:
+        text = content
+    text += sample.answer_prefix
+    cut = text.index(sample.context) + len(sample.context)
+    head, tail = (text, "") if question_aware else (text[:cut], text[cut:])
+    encode = lambda part: tokenizer(part, return_tensors="pt",  # noqa: E731
+                                    add_special_tokens=False)["input_ids"]
+    return encode(head), encode(tail) if tail else torch.zeros(1, 0, dtype=torch.long)
+
+
+# ---- one sample -----------------------------------------------------------------------------
+
+@torch.no_grad()
+def record_prefill(model, context_ids: torch.Tensor, observe: int):
+    """The shared full-precision prefill: per-layer records and the last position's logits."""
+    recorder = PolicyCache(Policy(name="record", score=Score(observe=observe)), model,
+                           backend="torch")
+    started = time.perf_counter()
+    with attend_through(model):
+        out = model(input_ids=context_ids, past_key_values=recorder, use_cache=True,
+                    logits_to_keep=1)
+    seconds = time.perf_counter() - started
+    return [layer.prefill for layer in recorder.layers], out.logits[0, -1], seconds
+
+
+@torch.no_grad()
+def run_policy(model, tokenizer, entry: EvalPolicy, sample: Sample, prefill, last_logits,
+               query_ids: torch.Tensor, cache_dtype: str) -> dict:
+    """Compress, feed the query, generate (or score the continuation): one result line."""
+    started = time.perf_counter()
+    cache = PolicyCache.from_prefill(entry.policy, model, prefill, cache_dtype=cache_dtype)
+    compress_s = time.perf_counter() - started
+    measured = cache.nbytes()["total"]
+    plan = cache.plan
+    result = {"measured_bytes": measured, "planned_bytes": plan.compressed_bytes,
+              "baseline_bytes": plan.baseline_bytes,
+              "compression_ratio": plan.baseline_bytes / measured,
+              "prompt_tokens": plan.context, "query_tokens": int(query_ids.shape[1]),
+              "compress_s": compress_s}
+    with attend_through(model):
+        started = time.perf_counter()
+        logits = last_logits[None]
+        if query_ids.shape[1]:
+            out = model(input_ids=query_ids, past_key_values=cache, use_cache=True)
+            logits = torch.cat([last_logits[None], out.logits[0]])
+        result["query_s"] = time.perf_counter() - started
+        if sample.is_perplexity:
+            targets = query_ids[0]
+            nll = torch.nn.functional.cross_entropy(logits[:-1].float(), targets)
+            result.update(score=math.exp(float(nll)), output="")
+            return result
+        tokens, steps = [], []
+        token = int(logits[-1].argmax())
+        for _ in range(sample.max_new_tokens):
+            tokens.append(token)
+            if token == tokenizer.eos_token_id:
+                break
+            started = time.perf_counter()
+            out = model(input_ids=torch.tensor([[token]]), past_key_values=cache,
+                        use_cache=True)
+            steps.append(time.perf_counter() - started)
+            token = int(out.logits[0, -1].argmax())
+    output = tokenizer.decode(tokens, skip_special_tokens=True)
+    result.update(output=output, score=score(sample, output),
+                  tpot_s=sum(steps) / len(steps) if steps else None,
+                  final_bytes=cache.nbytes()["total"])
+    return result
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+def _key(line: dict) -> tuple:
+    return (line["policy_sha256"], line["task"], line["context"], line["sample"])
+
+
+def load_lines(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    lines = []
+    for text in path.read_text(encoding="utf-8").splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:
+            break  # a line cut short by an interruption: redo it
+    return lines
+
+
+def run(config: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> Path:
+    from kvpolicy.eval.report import write_outputs
+    from kvpolicy.hf.model import load_model
+    if model is None:
+        model, tokenizer = load_model(config.model)
+    config.out.mkdir(parents=True, exist_ok=True)
+    (config.out / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
+    lines_path = config.out / "samples.jsonl"
+    lines = load_lines(lines_path)
+    with open(lines_path, "w", encoding="utf-8") as handle:  # drop a half-written last line
+        handle.writelines(json.dumps(line) + "\n" for line in lines)
+    done = {_key(line) for line in lines}
+    shape = shape_from_config(model.config.to_dict(), name=config.model or "smollm2-135m",
+                              source="transformers", kv_dtype=config.cache_dtype)
+    observe = max(p.policy.score.observe for p in config.policies)
+    work = [(context, task, index) for context in config.contexts for task in config.tasks
+            for index in range(config.samples)]
+    bar = _bar(len(work) * len(config.policies), len(done), progress)
+    samples_cache: dict = {}
+    for context, task, index in work:
+        pending = [p for p in config.policies
+                   if (p.sha256, task, context, index) not in done]
+        if not pending:
+            continue
+        key = (task, context)
+        if key not in samples_cache:
+            samples_cache = {key: make_samples(task, tokenizer, context, config.samples,
+                                               config.seed)}
+        sample = samples_cache[key][index]
+        context_ids, query_ids = split_prompt(tokenizer, sample, config.question_aware)
+        prefill, last_logits, prefill_s = record_prefill(model, context_ids, observe)
+        for entry in pending:
+            line = {"policy": entry.name, "policy_sha256": entry.sha256, "task": task,
+                    "context": context, "sample": index, "seed": config.seed,
+                    "expected": list(sample.answers), "prefill_s": prefill_s}
+            try:
+                make_plan(entry.policy, shape, context_ids.shape[1])
+                line.update(run_policy(model, tokenizer, entry, sample, prefill, last_logits,
+                                       query_ids, config.cache_dtype))
+                line["ttft_s"] = prefill_s + line["compress_s"] + line["query_s"]
+            except PolicyError as exc:
+                line["error"] = exc.render()
+            with open(lines_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(line) + "\n")
+            bar.update(1)
+    bar.close()
+    lines = load_lines(lines_path)
+    wanted = {(p.sha256, t, c, i) for p in config.policies for c, t, i in work}
+    lines = [line for line in lines if _key(line) in wanted]
+    write_outputs(config, lines, shape, hardware(), model_name=config.model or "smollm2-135m")
+    return config.out
+
+
+def _bar(total: int, done: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, initial=done, disable=not enabled, desc="kvpolicy eval",
+                    unit="run")
+    except ImportError:  # pragma: no cover - tqdm comes with transformers
+        class Silent:
+            def update(self, *_):
+                pass
+
+            def close(self):
+                pass
+        return Silent()
+
+
+def baseline_policy() -> EvalPolicy:
+    return EvalPolicy(BASELINE, Policy(name=BASELINE), "")
+
+
+def with_name(entry: EvalPolicy, name: str) -> EvalPolicy:
+    return EvalPolicy(name, replace(entry.policy, name=name), entry.source)

@@ -1,0 +1,89 @@
+"""`kvpolicy eval`: tasks, scoring, the runner's resumability, and the report's provenance.
+
+The smoke run uses the real embedded model on a few short samples (about a minute)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import POLICIES
+from kvpolicy import load_policy
+from kvpolicy.eval import tasks as T
+from kvpolicy.eval.ablation import matched_ablation
+from kvpolicy.eval.report import render_report
+from kvpolicy.eval.runner import EvalConfig, EvalPolicy, baseline_policy, load_lines, run
+from kvpolicy.hf import load_model
+from kvpolicy.models import resolve_model
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_model()
+
+
+def test_token_f1_and_scores():
+    assert T.token_f1("The Eiffel Tower!", "eiffel tower") == 1.0
+    assert T.token_f1("in Paris, France", "Paris") == pytest.approx(0.5)  # P 1/3, R 1
+    assert T.token_f1("", "Paris") == 0.0
+    sample = T.Sample("niah_multivalue", 0, "", "", ("111", "222", "333", "444"), 10)
+    assert T.score(sample, "111 and 333") == 0.5
+    single = T.Sample("niah_single", 0, "", "", ("1234567",), 10)
+    assert T.score(single, "it is 1234567.") == 1.0 and T.score(single, "123456") == 0.0
+
+
+@pytest.mark.parametrize("task", T.TASKS)
+def test_samples_are_deterministic_and_about_the_asked_length(smol, task):
+    _, tokenizer = smol
+    first = T.make_samples(task, tokenizer, 600, 2, seed=1)
+    assert first == T.make_samples(task, tokenizer, 600, 2, seed=1)
+    assert first != T.make_samples(task, tokenizer, 600, 2, seed=2)
+    for sample in first:
+        length = len(tokenizer(sample.context)["input_ids"])
+        assert 300 <= length <= 660, (task, length)
+        if task.startswith("niah") or task == "vt":
+            assert all(answer in sample.context for answer in sample.answers)
+
+
+def test_ablation_policies_are_matched_in_ratio():
+    rows = matched_ablation(resolve_model("smollm2-135m"), 4096)
+    assert [name for name, _, _ in rows] == ["quant_only_matched", "evict_only_matched",
+                                             "hybrid_matched"]
+    target = rows[0][2]
+    assert all(abs(ratio / target - 1) < 0.02 for _, _, ratio in rows)
+
+
+def test_smoke_run_resumes_and_reports_numbers_from_the_json(smol, tmp_path):
+    model, tokenizer = smol
+    kivi = load_policy(POLICIES / "kivi.kvp")
+    config = EvalConfig(policies=[baseline_policy(), EvalPolicy("kivi", kivi, "kivi.kvp")],
+                        tasks=["niah_single", "ppl"], contexts=[700], samples=2, seed=0,
+                        out=tmp_path / "run")
+    run(config, model, tokenizer, progress=False)
+    lines_path = config.out / "samples.jsonl"
+    lines = load_lines(lines_path)
+    assert len(lines) == 2 * 2 * 2 and all("error" not in line for line in lines)
+
+    # interrupt: keep three lines and half of a fourth, rerun, nothing done is redone
+    kept = lines_path.read_text().splitlines()[:3]
+    lines_path.write_text("\n".join(kept) + "\n" + kept[0][:40])
+    (config.out / "results.json").unlink()
+    run(config, model, tokenizer, progress=False)
+    resumed = load_lines(lines_path)
+    assert len(resumed) == 8 and resumed[:3] == lines[:3]
+
+    results = json.loads((config.out / "results.json").read_text())
+    report = (config.out / "report.md").read_text()
+    assert report == render_report(results)
+    assert (config.out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = {row["policy"]: row for row in results["summary"]["rows"]}
+    table_row = next(line for line in report.splitlines() if line.startswith("| kivi | "))
+    shown_ratio = float(re.search(r"\| kivi \| ([0-9.]+)x", table_row).group(1))
+    assert shown_ratio == round(rows["kivi"]["compression_ratio"], 2)
+    assert all(line["measured_bytes"] == line["planned_bytes"] for line in resumed)
+    # the baseline is far above chance (a random 7-digit guess), and its perplexity sane
+    assert rows["baseline"]["tasks"]["niah_single"] >= 0.5
+    assert 1 < rows["baseline"]["perplexity"] < 100
+    assert "CPU" in report and "question-agnostic" in report
