@@ -37,15 +37,17 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def summarize(lines: list[dict]) -> dict:
+def summarize(lines: list[dict], order: list[str] | None = None) -> dict:
     """Per (policy, context): task means, accuracy (mean over accuracy tasks), perplexity,
     bytes, ratio, timings; plus relative drops against the baseline."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for line in lines:
         if "error" not in line:
             groups[(line["policy"], line["context"])].append(line)
+    rank = {name: i for i, name in enumerate(order or [])}
     rows = []
-    for (policy, context), members in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (policy, context), members in sorted(
+            groups.items(), key=lambda kv: (kv[0][1], rank.get(kv[0][0], len(rank)), kv[0][0])):
         tasks = defaultdict(list)
         for line in members:
             tasks[line["task"]].append(line["score"])
@@ -63,8 +65,8 @@ def summarize(lines: list[dict]) -> dict:
             "savings": 1 - measured / baseline if measured and baseline else None,
             "bytes_per_token": measured / tokens if tokens else None,
             "prompt_tokens": tokens,
-            "planned_equals_measured": all(l["measured_bytes"] == l["planned_bytes"]
-                                           for l in members),
+            "planned_equals_measured": all(line["measured_bytes"] == line["planned_bytes"]
+                                           for line in members),
             "prefill_s": _mean([line["prefill_s"] for line in members]),
             "compress_s": _mean([line["compress_s"] for line in members]),
             "ttft_s": _mean([line.get("ttft_s") for line in members]),
@@ -234,7 +236,7 @@ def write_outputs(config, lines: list[dict], shape, hardware: dict, model_name: 
         "hardware": hardware,
         "config": config.to_json(),
         "results": lines,
-        "summary": summarize(lines),
+        "summary": summarize(lines, [p["name"] for p in config.to_json()["policies"]]),
     }
     out = Path(config.out)
     _write(out / "results.json", json.dumps(results, indent=2) + "\n")

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from kvpolicy import __version__
 from kvpolicy.diagnostics import PolicyError
 from kvpolicy.eval.tasks import Sample, make_samples, score
 from kvpolicy.hf.cache import PolicyCache, attend_through
 from kvpolicy.lang.ir import Policy, Score, policy_to_json
+from kvpolicy.lang.lower import MAX_TOKENS
 from kvpolicy.models import shape_from_config
 from kvpolicy.plan.planner import make_plan
 
@@ -256,7 +256,9 @@ def _bar(total: int, done: int, enabled: bool):
 
 
 def baseline_policy() -> EvalPolicy:
-    return EvalPolicy(BASELINE, Policy(name=BASELINE), "")
+    """The uncompressed cache: every token kept in the 16-bit window (plain tensors, no blocks),
+    so its attention is as cheap as an ordinary cache's."""
+    return EvalPolicy(BASELINE, Policy(name=BASELINE, window=MAX_TOKENS), "")
 
 
 def with_name(entry: EvalPolicy, name: str) -> EvalPolicy:

