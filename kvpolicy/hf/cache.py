@@ -109,8 +109,9 @@ class PolicyLayer(CacheLayerMixin):
                 count = int(layer.body_count[b, h])
                 start = int(layer.body_start[b, h])
                 old = layer.body_blocks[start:start + -(-count // unit)]
-                new = pack_blocks(layer.window_key[b, h, :unit], layer.window_value[b, h, :unit],
-                                  positions, layer.body_layout)
+                new = self.owner.packer(layer.window_key[b, h, :unit],
+                                        layer.window_value[b, h, :unit], positions,
+                                        layer.body_layout)
                 runs += [old, new]
                 starts[b, h] = used
                 used += old.shape[0] + 1
@@ -187,6 +188,8 @@ class PolicyCache(Cache):
         if backend == "torch":
             self.kernels = None
         self.backend = backend
+        # packs blocks: the artifact's kernels when attention uses them, else the reference
+        self.packer = _kernel_packer(self.kernels) if self.kernels is not None else pack_blocks
         self.plan = None
         super().__init__(layers=[PolicyLayer(self, i) for i in range(self.shape.num_layers)])
 
@@ -217,13 +220,11 @@ class PolicyCache(Cache):
             return
         prompt = self.layers[0].seen
         self.plan = make_plan(self.policy, self.shape, prompt)
-        packer = None
-        if self.kernels is not None:
-            packer = _kernel_packer(self.kernels)
         prefill = [layer.prefill for layer in self.layers]
         if any(p is None or p.queries is None for p in prefill):
             raise RuntimeError("compress() needs a prefill through attend_through(cache)")
-        for layer, packed in zip(self.layers, compressor.compress(self.plan, prefill, packer)):
+        for layer, packed in zip(self.layers, compressor.compress(self.plan, prefill,
+                                                                  self.packer)):
             layer.compressed = packed
             layer.prefill = None  # this cache lets go of the full-precision prompt
 
@@ -234,14 +235,13 @@ class PolicyCache(Cache):
 
 
 def _kernel_packer(compiled):
+    """Packs with the artifact's pack kernel for the layout (found by its spec's URI)."""
+    from kvpolicy.compiler.specs import BlockSpec, PackSpec
     from kvpolicy.runtime import launch
 
     def pack(keys, values, positions, layout):
-        for kernels in compiled.kernels.values():
-            if getattr(kernels, "pack_kernel", None) and kernels.NBYTES.value == layout.nbytes \
-                    and kernels.B.value == layout.tokens:
-                return launch.pack_tokens(kernels, keys, values, positions, layout)
-        return pack_blocks(keys, values, positions, layout)
+        kernels = compiled.kernels[PackSpec(BlockSpec.of(layout)).uri]
+        return launch.pack_tokens(kernels, keys, values, positions, layout)
     return pack
 
 
