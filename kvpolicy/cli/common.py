@@ -1,0 +1,114 @@
+"""Shared by the `kvpolicy` subcommands: reporting, picking a model, small helpers."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from kvpolicy.diagnostics import Diagnostic, PolicyError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 70
+
+
+class Reporter:
+    def __init__(self) -> None:
+        self.errors = 0
+        self.warnings = 0
+
+    def show(self, diagnostics: Sequence[Diagnostic]) -> None:
+        for diagnostic in diagnostics:
+            if diagnostic.severity == "error":
+                self.errors += 1
+            elif diagnostic.severity == "warning":
+                self.warnings += 1
+            print(diagnostic.render(), file=sys.stderr)
+
+    def fail(self, message: str) -> None:
+        self.errors += 1
+        print(f"kvpolicy: error: {message}", file=sys.stderr)
+
+    def summary(self, what: str) -> str:
+        def count(n: int, word: str) -> str:
+            return f"{n} {word}{'' if n == 1 else 's'}"
+        return f"{what}: {count(self.errors, 'error')}, {count(self.warnings, 'warning')}"
+
+
+# ---- model selection ------------------------------------------------------------------------
+
+
+def model_for(policy, option: str | None, reporter: Reporter, quiet_default: bool = False):
+    """--model, else the policy's `model`, else the default. None (reported) if unusable."""
+    from kvpolicy.models import DEFAULT_PLAN_MODEL, ModelError, resolve_model
+    if option is not None:
+        try:
+            return resolve_model(option)
+        except ModelError as exc:
+            reporter.fail(str(exc))
+            return None
+    if policy.model is not None:
+        try:
+            return resolve_model(policy.model, relative_to=Path(policy.path).parent)
+        except ModelError as exc:
+            reporter.show([Diagnostic("error", str(exc), policy.model_span)])
+            return None
+    if not quiet_default:
+        print(f"kvpolicy: no model given; using the default, {DEFAULT_PLAN_MODEL} "
+              "(choose with --model or a `model` statement)", file=sys.stderr)
+    return resolve_model(DEFAULT_PLAN_MODEL)
+
+
+def plan_or_report(policy, model, context: int | None, reporter: Reporter):
+    from kvpolicy.plan.planner import make_plan
+    try:
+        plan = make_plan(policy, model, context or model.max_context)
+    except PolicyError as exc:
+        reporter.show(exc.diagnostics)
+        return None
+    reporter.show(plan.warnings)
+    return plan
+
+
+# ---- commands -------------------------------------------------------------------------------
+
+
+def policy_and_model(args: argparse.Namespace, reporter: Reporter):
+    """The checked policy in args.file and the model to use, or None (reported)."""
+    from kvpolicy.lang.lower import check_file
+    result = check_file(args.file)
+    reporter.show(result.diagnostics)
+    if result.policy is None:
+        return None
+    model = model_for(result.policy, args.model, reporter)
+    return None if model is None else (result.policy, model)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+# ---- argument parsing -----------------------------------------------------------------------
+
+
+def parse_context(text: str) -> int:
+    try:
+        value = int(text.replace("_", "").replace(",", ""))
+    except ValueError:
+        if text.lower().endswith("k") and text[:-1].isdigit():
+            value = int(text[:-1]) * 1024
+        else:
+            raise argparse.ArgumentTypeError(f"not a number of tokens: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("context must be at least 1 token")
+    return value

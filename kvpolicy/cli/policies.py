@@ -1,0 +1,122 @@
+"""Commands that need neither torch nor triton: check, fmt, plan, compile, models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kvpolicy.cli.common import (EXIT_ERROR, EXIT_OK, Reporter, model_for, plan_or_report,
+                                 policy_and_model, write_atomically)
+from kvpolicy.diagnostics import PolicyError
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from kvpolicy.lang.lower import check_file
+    reporter = Reporter()
+    for path in args.files:
+        result = check_file(path)
+        reporter.show(result.diagnostics)
+        policy = result.policy
+        if policy is None:
+            continue
+        if args.model is not None or policy.model is not None or args.context is not None:
+            model = model_for(policy, args.model, reporter)
+            if model is not None:
+                plan_or_report(policy, model, args.context, reporter)
+    print(reporter.summary(f"checked {len(args.files)} file{'s' * (len(args.files) != 1)}"),
+          file=sys.stderr)
+    return EXIT_ERROR if reporter.errors else EXIT_OK
+
+
+def cmd_fmt(args: argparse.Namespace) -> int:
+    from kvpolicy.lang.fmt import format_policy
+    from kvpolicy.lang.lower import check_file
+    from kvpolicy.lang.parser import parse_source
+    from kvpolicy.lang.source import read_source
+    reporter = Reporter()
+    changed = []
+    for path in args.files:
+        result = check_file(path)
+        if result.errors:
+            reporter.show(result.diagnostics)
+            continue
+        source = read_source(path)
+        formatted = format_policy(parse_source(source).tree)
+        if args.stdout:
+            sys.stdout.write(formatted)
+            continue
+        if formatted == source.text:
+            continue
+        changed.append(path)
+        if args.check:
+            print(f"{path}: not in canonical form (run `kvpolicy fmt {path}`)", file=sys.stderr)
+        else:
+            write_atomically(Path(path), formatted)
+            print(f"formatted {path}", file=sys.stderr)
+    if reporter.errors:
+        return EXIT_ERROR
+    return EXIT_ERROR if args.check and changed else EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from kvpolicy.plan.report import render_table, to_json
+    reporter = Reporter()
+    chosen = policy_and_model(args, reporter)
+    if chosen is None:
+        return EXIT_ERROR
+    policy, model = chosen
+    if args.context is None:
+        print(f"kvpolicy: no --context given; planning at {model.name}'s maximum, "
+              f"{model.max_context} tokens", file=sys.stderr)
+    plan = plan_or_report(policy, model, args.context, reporter)
+    if plan is None:
+        return EXIT_ERROR
+    if args.json:
+        json.dump(to_json(plan), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(render_table(plan))
+    return EXIT_OK
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from kvpolicy.compiler.artifact import ArtifactError, compile_policy
+    reporter = Reporter()
+    chosen = policy_and_model(args, reporter)
+    if chosen is None:
+        return EXIT_ERROR
+    policy, model = chosen
+    out = Path(args.output) if args.output else Path("build") / policy.name
+    try:
+        changed = compile_policy(policy, model, out)
+    except PolicyError as exc:
+        reporter.show(exc.diagnostics)
+        return EXIT_ERROR
+    except (ArtifactError, OSError) as exc:
+        reporter.fail(str(exc))
+        return EXIT_ERROR
+    state = f"{len(changed)} file{'s' * (len(changed) != 1)} written" if changed else \
+        "unchanged"
+    print(f"compiled {policy.name} for {model.name} into {out} ({state})")
+    if args.sm90:
+        from kvpolicy.compiler.hopper import check_artifact
+        report = check_artifact(out)
+        print(report.render())
+        if not report.ok:
+            return EXIT_ERROR
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from kvpolicy.models import DEFAULT_PLAN_MODEL, PRESETS
+    print(f"{'name':<14} {'layers':>6} {'q heads':>7} {'kv heads':>8} {'head_dim':>8} "
+          f"{'max context':>11} {'16-bit KV bytes/token':>21}  from")
+    for model in PRESETS.values():
+        default = "  (default)" if model.name == DEFAULT_PLAN_MODEL else ""
+        print(f"{model.name:<14} {model.num_layers:>6} {model.num_q_heads:>7} "
+              f"{model.num_kv_heads:>8} {model.head_dim:>8} {model.max_context:>11,} "
+              f"{model.baseline_bytes_per_token:>21,}  {model.hf_id}{default}")
+    print("\nAny model: --model path/to/config.json or a model directory that holds one.")
+    return EXIT_OK
