@@ -1,0 +1,105 @@
+"""Generate through vLLM with a compiled policy's packed pages, and compare vLLM's KV capacity
+with the 16-bit baseline in the same KV memory.
+
+    kvpolicy compile policies/kivi.kvp --model smollm2-135m -o build/kivi
+    KVPOLICY_ARTIFACT=build/kivi python examples/vllm_offline.py
+
+Each configuration runs in its own process (vLLM loads plugins once per process, and the
+baseline must not see the plugin). Options: --model DIR (default: the embedded SmolLM2-135M
+safetensors copy), --kv-bytes (fixed KV-cache memory, default 64 MiB), --max-tokens, --dtype,
+--prompts-json (a file with a list of token-id lists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+PROMPTS = [
+    "The three primary colors are",
+    "Write one sentence about the sea:",
+    "List the first five prime numbers:",
+    "A haiku about autumn leaves:",
+]
+
+
+def engine_run(args) -> dict:
+    """One configuration, in this process: greedy generations and the capacity vLLM reports."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+
+    prompts = PROMPTS
+    if args.prompts_json:  # a list of token-id lists (tests feed both runtimes the same ids)
+        with open(args.prompts_json, encoding="utf-8") as f:
+            prompts = [{"prompt_token_ids": ids} for ids in json.load(f)]
+    llm = LLM(model=args.model, dtype=args.dtype, block_size=args.block_size,
+              max_model_len=2048, max_num_seqs=8, max_num_batched_tokens=2048,
+              enable_prefix_caching=False, kv_cache_memory_bytes=args.kv_bytes, seed=0,
+              enforce_eager=not args.compile)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
+                                                   ignore_eos=True))
+    cache = llm.llm_engine.vllm_config.cache_config
+    return {"artifact": os.environ.get("KVPOLICY_ARTIFACT") or None,
+            "kv_cache_memory_bytes": args.kv_bytes, "block_size": args.block_size,
+            "dtype": args.dtype, "num_blocks": cache.num_gpu_blocks,
+            "capacity_tokens": cache.num_gpu_blocks * args.block_size,
+            "outputs": [o.outputs[0].text for o in outputs],
+            "token_ids": [list(o.outputs[0].token_ids) for o in outputs]}
+
+
+def run_in_subprocess(artifact: str | None, args) -> dict:
+    env = dict(os.environ)
+    env.pop("KVPOLICY_ARTIFACT", None)
+    if artifact:
+        env["KVPOLICY_ARTIFACT"] = artifact
+    command = [sys.executable, __file__, "--worker", "--model", args.model,
+               "--kv-bytes", str(args.kv_bytes), "--max-tokens", str(args.max_tokens),
+               "--block-size", str(args.block_size), "--dtype", args.dtype]
+    if args.compile:
+        command.append("--compile")
+    if args.prompts_json:
+        command += ["--prompts-json", args.prompts_json]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr[-4000:])
+        raise SystemExit(f"vllm_offline: the {'policy' if artifact else 'baseline'} run failed")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--kv-bytes", type=int, default=64 << 20)
+    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--compile", action="store_true",
+                        help="let vLLM torch.compile the model (minutes on a small CPU)")
+    parser.add_argument("--prompts-json", default=None)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.model is None:
+        from kvpolicy.hf.model import default_model_dir
+        args.model = str(default_model_dir())
+    if args.worker:
+        print(json.dumps(engine_run(args)))
+        return
+    artifact = os.environ.get("KVPOLICY_ARTIFACT")
+    if not artifact:
+        raise SystemExit("set KVPOLICY_ARTIFACT to a compiled policy (kvpolicy compile "
+                         "policies/kivi.kvp --model smollm2-135m -o build/kivi)")
+    baseline = run_in_subprocess(None, args)
+    policy = run_in_subprocess(artifact, args)
+    for prompt, text in zip(PROMPTS, policy["outputs"]):
+        print(f"{prompt!r} -> {text!r}")
+    ratio = policy["capacity_tokens"] / baseline["capacity_tokens"]
+    print(f"\nvLLM KV capacity in {args.kv_bytes:,} bytes (measured, as vLLM reports it): "
+          f"baseline {baseline['capacity_tokens']:,} tokens, {artifact} "
+          f"{policy['capacity_tokens']:,} tokens ({ratio:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

