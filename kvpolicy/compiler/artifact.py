@@ -236,17 +236,22 @@ def verify(directory: str | os.PathLike[str], model: ModelShape | None = None) -
     return manifest
 
 
+def compiled_for(manifest: dict) -> ModelShape:
+    """The model shape a (verified) manifest was compiled for."""
+    shape = manifest["model"]
+    return ModelShape(
+        name=shape["name"], num_layers=shape["num_layers"], num_q_heads=shape["num_q_heads"],
+        num_kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"],
+        max_context=shape["max_context"], kv_dtype=shape["kv_dtype"], source=shape["source"])
+
+
 def load(directory: str | os.PathLike[str], model: ModelShape | None = None) -> CompiledPolicy:
     """Verifies the artifact (and, if given, that it was compiled for `model`'s shape), then
     imports its kernels. Needs torch and triton."""
     from kvpolicy.compiler.loader import import_kernel_file
     root = Path(directory)
     manifest = verify(root, model)
-    shape = manifest["model"]
-    compiled_model = ModelShape(
-        name=shape["name"], num_layers=shape["num_layers"], num_q_heads=shape["num_q_heads"],
-        num_kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"],
-        max_context=shape["max_context"], kv_dtype=shape["kv_dtype"], source=shape["source"])
+    compiled_model = compiled_for(manifest)
     kernels = {k["uri"]: import_kernel_file(root / k["file"]) for k in manifest["kernels"]}
     layers = tuple(LayerKernels(**layer) for layer in manifest["layers"])
     policy = policy_from_json(manifest["policy"]["ir"])

@@ -161,14 +161,18 @@ class KVPolicyImpl(AttentionImpl):
         self.fmt = s.page_format
         self.staging_blocks = s.staging_blocks
         self.staging: torch.Tensor | None = None
+        self.layer_index: int | None = None
         self.kv_sharing_target_layer_name = None
 
     def _layer(self, layer) -> int:
-        match = _LAYER_INDEX.search(layer.layer_name)
-        if match is None:
-            raise paged.UnsupportedConfiguration(
-                [f"cannot tell the layer index of attention layer {layer.layer_name!r}"])
-        return int(match.group(1))
+        """The model layer this Impl serves (one Impl per attention layer), parsed once."""
+        if self.layer_index is None:
+            match = _LAYER_INDEX.search(layer.layer_name)
+            if match is None:
+                raise paged.UnsupportedConfiguration(
+                    [f"cannot tell the layer index of attention layer {layer.layer_name!r}"])
+            self.layer_index = int(match.group(1))
+        return self.layer_index
 
     def _staging(self, dtype: torch.dtype) -> torch.Tensor:
         if self.staging is None:

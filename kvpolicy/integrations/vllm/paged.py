@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpolicy.format import DTYPE_BYTES, BlockLayout, block_layout, block_tokens
+from kvpolicy.integrations.vllm import staging
 from kvpolicy.lang.ir import Policy
 from kvpolicy.models import ModelShape
 from kvpolicy.plan.planner import layer_formats
@@ -80,7 +81,7 @@ class PageFormat:
 
     def sealed(self, block_index: int, seq_len: int) -> bool:
         """Is block `block_index` of a sequence of `seq_len` tokens packed in its page?"""
-        return (block_index + 1) * self.block_size + self.window <= seq_len
+        return staging.sealed(block_index, seq_len, self.block_size, self.window)
 
     def to_json(self) -> dict:
         return {"block_size": self.block_size, "window": self.window,

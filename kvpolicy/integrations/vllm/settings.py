@@ -10,7 +10,8 @@ import math
 import os
 from dataclasses import dataclass
 
-from kvpolicy.compiler.artifact import ArtifactError, verify
+from kvpolicy.compiler.artifact import ArtifactError, compiled_for, verify
+from kvpolicy.format import DTYPE_BYTES
 from kvpolicy.integrations.vllm.paged import PageFormat, UnsupportedConfiguration, page_format
 from kvpolicy.lang.ir import Policy, policy_from_json
 from kvpolicy.models import ModelError, ModelShape, shape_from_config
@@ -61,15 +62,11 @@ def load_settings(artifact: str, vllm_config) -> Settings:
         manifest = verify(artifact)
     except ArtifactError as exc:
         raise UnsupportedConfiguration([str(exc)]) from None
-    shape = manifest["model"]
-    compiled_for = ModelShape(
-        name=shape["name"], num_layers=shape["num_layers"], num_q_heads=shape["num_q_heads"],
-        num_kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"],
-        max_context=shape["max_context"], kv_dtype=shape["kv_dtype"], source=shape["source"])
+    model = compiled_for(manifest)
     for field in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim"):
-        if getattr(compiled_for, field) != getattr(engine_model, field):
-            reasons.append(f"artifact {artifact} was compiled for {compiled_for.name} with "
-                           f"{field} {getattr(compiled_for, field)}, but the engine's model "
+        if getattr(model, field) != getattr(engine_model, field):
+            reasons.append(f"artifact {artifact} was compiled for {model.name} with "
+                           f"{field} {getattr(model, field)}, but the engine's model "
                            f"({model_config.model}) has {getattr(engine_model, field)}")
     policy = policy_from_json(manifest["policy"]["ir"])
     cache = vllm_config.cache_config
@@ -81,18 +78,17 @@ def load_settings(artifact: str, vllm_config) -> Settings:
         reasons.append("speculative decoding is not supported")
     fmt = None
     try:
-        fmt = page_format(policy, compiled_for, cache.block_size,
-                          dtype_bytes=2 if dtype != "float32" else 4)
+        fmt = page_format(policy, model, cache.block_size, dtype_bytes=DTYPE_BYTES.get(dtype, 2))
     except UnsupportedConfiguration as exc:
         reasons += exc.reasons
-    if fmt is not None and dtype != compiled_for.kv_dtype and any(
+    if fmt is not None and dtype != model.kv_dtype and any(
             not (layout.keys.quantized and layout.values.quantized) for layout in fmt.layouts):
-        reasons.append(f"the policy stores 16-bit keys or values in {compiled_for.kv_dtype} but "
+        reasons.append(f"the policy stores 16-bit keys or values in {model.kv_dtype} but "
                        f"the engine runs in {dtype}")
     if reasons:
         raise UnsupportedConfiguration(reasons)
     scheduler = vllm_config.scheduler_config
     staging = int(os.environ.get(STAGING_ENV) or _staging_blocks(
         fmt, scheduler.max_num_seqs, scheduler.max_num_batched_tokens))
-    return Settings(artifact=artifact, policy=policy, compiled_for=compiled_for,
+    return Settings(artifact=artifact, policy=policy, compiled_for=model,
                     page_format=fmt, staging_blocks=staging)

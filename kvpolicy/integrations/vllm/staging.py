@@ -25,6 +25,12 @@ class StagingFull(RuntimeError):
     pass
 
 
+def sealed(block_index: int, seq_len: int, block_size: int, window: int) -> bool:
+    """Is block `block_index` of a sequence of `seq_len` tokens packed in its page? It is once its
+    last token has left the full-precision window."""
+    return (block_index + 1) * block_size + window <= seq_len
+
+
 @dataclass
 class RequestStep:
     """One scheduled request in a step: its block table row, and its tokens [start, end)."""
@@ -55,7 +61,7 @@ class StagingTable:
         self.step = 0
 
     def sealed(self, block_index: int, seq_len: int) -> bool:
-        return (block_index + 1) * self.block_size + self.window <= seq_len
+        return sealed(block_index, seq_len, self.block_size, self.window)
 
     def _release(self, block: int) -> None:
         slot = self.slot_of_block.pop(block, None)
