@@ -36,7 +36,8 @@ def engine_run(args) -> dict:
         with open(args.prompts_json, encoding="utf-8") as f:
             prompts = [{"prompt_token_ids": ids} for ids in json.load(f)]
     llm = LLM(model=args.model, dtype=args.dtype, block_size=args.block_size,
-              max_model_len=2048, max_num_seqs=8, max_num_batched_tokens=2048,
+              max_model_len=args.max_model_len, max_num_seqs=8,
+              max_num_batched_tokens=args.max_model_len,
               enable_prefix_caching=False, kv_cache_memory_bytes=args.kv_bytes, seed=0,
               enforce_eager=not args.compile)
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
@@ -57,7 +58,8 @@ def run_in_subprocess(artifact: str | None, args) -> dict:
         env["KVPOLICY_ARTIFACT"] = artifact
     command = [sys.executable, __file__, "--worker", "--model", args.model,
                "--kv-bytes", str(args.kv_bytes), "--max-tokens", str(args.max_tokens),
-               "--block-size", str(args.block_size), "--dtype", args.dtype]
+               "--block-size", str(args.block_size), "--dtype", args.dtype,
+               "--max-model-len", str(args.max_model_len)]
     if args.compile:
         command.append("--compile")
     if args.prompts_json:
@@ -76,6 +78,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--compile", action="store_true",
                         help="let vLLM torch.compile the model (minutes on a small CPU)")
     parser.add_argument("--prompts-json", default=None)

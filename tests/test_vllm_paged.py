@@ -4,6 +4,7 @@ an independent statement of the rule and the PyTorch reference."""
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +17,7 @@ from kvpolicy.integrations.vllm import paged
 from kvpolicy.integrations.vllm.settings import load_settings
 from kvpolicy.integrations.vllm.staging import RequestStep, StagingFull, StagingTable
 from kvpolicy.models import resolve_model as get_model
+from kvpolicy.plan.planner import block_retain_ratios
 from kvpolicy.runtime import reference as R
 
 SMOL = get_model("smollm2-135m")
@@ -27,9 +29,27 @@ def kivi_format(block_size=32, window=None):
     return fmt if window is None else paged.PageFormat(**{**vars(fmt), "window": window})
 
 
+RETAINING = """policy retaining {{
+    keep sinks {sinks}
+    keep window {window}
+    retain 50%
+    score {score}
+    keys   int4 group 16 per channel
+    values int4 group 16 per token
+    guard 50% of retained at int8 by score
+}}"""
+
+
+def retaining_format(write_policy, score="keynorm", window=0, sinks=0, block_size=64):
+    """Half of each 64-token block kept: 16 guards at int8 and 16 body tokens at int4."""
+    policy = load_policy(write_policy(RETAINING.format(score=score, window=window, sinks=sinks)))
+    return paged.page_format(policy, SMOL, block_size)
+
+
 def test_kivi_page_is_the_format_block_and_the_ratio_is_exact():
     fmt = kivi_format()
-    layout = fmt.layouts[0]
+    layout = fmt.layers[0].body
+    assert fmt.layers[0].selected == 32 and fmt.layers[0].guard_tokens == 0
     assert layout.tokens == 32 and not layout.positions
     # int2 codes: 32 tokens x 4 words x 4 B, keys and values; fp16 scale + zero per group
     assert fmt.page_bytes == 2 * 512 + 4 * 128 == layout.nbytes
@@ -39,13 +59,32 @@ def test_kivi_page_is_the_format_block_and_the_ratio_is_exact():
     assert kivi_format(block_size=64).page_bytes == 2 * layout.nbytes
 
 
-def test_unsupported_policies_list_every_reason():
-    with pytest.raises(paged.UnsupportedConfiguration) as info:
-        paged.page_format(load_policy(POLICIES / "aggressive.kvp"), SMOL, 30)
-    text = str(info.value)
-    for words in ("evicts tokens", "keep sinks 4", "guard tokens", "cluster evicted",
-                  "not a multiple"):
-        assert words in text, text
+def test_a_block_size_off_the_format_unit_is_refused():
+    with pytest.raises(paged.UnsupportedConfiguration, match="not a multiple of the format's "
+                       "32-token unit"):
+        paged.page_format(load_policy(POLICIES / "aggressive.kvp"), SMOL, 48)
+
+
+def test_aggressive_pages_keep_each_layers_share_of_a_block():
+    """Stage 2: every sealed block keeps ceil(retain_l x block) tokens (whole 32-token format
+    blocks), half of them int8 guards; the page is the largest layer's."""
+    policy = load_policy(POLICIES / "aggressive.kvp")
+    fmt = paged.page_format(policy, SMOL, 256)
+    ratios = block_retain_ratios(policy, SMOL)
+    assert sum(ratios) / len(ratios) == pytest.approx(0.18)  # the global ratio, no window floor
+    for page, ratio in zip(fmt.layers, ratios):
+        assert page.selected == 32 * math.ceil(ratio * 256 / 32)
+        assert page.guard_tokens == 32 * math.floor(page.selected / 64 + 0.5)
+        assert page.guard.keys.bits == 8 and page.body.keys.bits == 2
+        assert page.nbytes == (page.guard_tokens // 32 * page.guard.nbytes
+                               + page.body_tokens // 32 * page.body.nbytes)
+    assert fmt.layers[0].selected == 128 and fmt.layers[-1].selected == 32  # 40% ... 6%
+    assert fmt.page_bytes == fmt.layers[0].nbytes
+    assert fmt.sink_blocks == 1 and fmt.needs_mass
+    assert fmt.capacity_ratio == pytest.approx(256 * 2 * 64 * 2 / fmt.page_bytes)
+    notes = " ".join(paged.policy_notes(policy, 256))
+    for words in ("retention per sealed block", "no centroids", "keep sinks 4", "adapt"):
+        assert words in notes, notes
 
 
 def test_per_layer_formats_pad_to_the_largest_page(write_policy):
@@ -100,42 +139,40 @@ def test_table_reclaims_idle_slots_but_never_a_running_requests():
 # ---- write and attend, simulated engine steps ------------------------------------------------
 
 class FakeEngine:
-    """Drives the plain functions the way the backend does, over shuffled physical blocks."""
+    """Drives the plain functions the way the backend does (paged.step_metadata, write_step,
+    attend_step), over shuffled physical blocks, for one layer."""
 
-    def __init__(self, fmt, num_blocks=64, slots=32, dtype=torch.float32):
-        self.fmt = fmt
+    def __init__(self, fmt, num_blocks=64, slots=32, dtype=torch.float32, layer=0):
+        self.fmt, self.layer = fmt, layer
         heads, d = fmt.kv_heads, fmt.head_dim
         self.pages = torch.zeros(num_blocks, heads, 1, fmt.page_bytes, dtype=torch.uint8)
         self.staging = torch.zeros(slots, heads, fmt.block_size, 2, d, dtype=dtype)
-        self.table = StagingTable(slots, fmt.block_size, fmt.window)
+        self.mass = torch.zeros(slots, heads, fmt.block_size) if fmt.needs_mass else None
+        self.table = StagingTable(slots, fmt.block_size, fmt.window, fmt.sink_blocks)
 
-    def step(self, chunks, layer=0, scale=0.125):
+    def step(self, chunks, scale=0.125):
         """chunks: [(block_row, start, query [m, Hq, D], keys [m, H, D], values [m, H, D])]."""
         bs = self.fmt.block_size
-        step = self.table.plan([RequestStep(row, start, start + len(k))
-                                for row, start, _, k, _ in chunks])
-        slots, offsets = [], []
+        query_start, seq_lens, mapping = [0], [], []
         for row, start, _, k, _ in chunks:
-            for pos in range(start, start + len(k)):
-                slots.append(step.stage_of_block[row[pos // bs]])
-                offsets.append(pos % bs)
+            query_start.append(query_start[-1] + len(k))
+            seq_lens.append(start + len(k))
+            mapping += [row[pos // bs] * bs + pos % bs for pos in range(start, start + len(k))]
+        md = paged.step_metadata(self.table, query_start, seq_lens, [c[0] for c in chunks],
+                                 torch.tensor(mapping))
+        query = torch.cat([q for _, _, q, _, _ in chunks])
         keys = torch.cat([k for *_, k, _ in chunks])
         values = torch.cat([v for *_, v in chunks])
-        paged.stage_tokens(self.staging, keys, values, torch.tensor(slots), torch.tensor(offsets))
-        paged.seal_blocks(self.pages, self.staging, torch.tensor(step.seal_blocks),
-                          torch.tensor(step.seal_slots), self.fmt, layer)
-        outs = []
-        for i, (row, start, q, k, v) in enumerate(chunks):
-            end = start + len(k)
-            pk, pv = paged.cached_tokens(self.pages, self.staging, row, step.request_slots[i],
-                                         start, end, self.fmt, layer)
-            outs.append(paged.attend(q, pk, pv, k, v, scale))
-        return outs
+        paged.write_step(self.staging, self.mass, keys, values, md)
+        out = torch.empty(query.shape)
+        paged.attend_step(self.pages, self.staging, self.mass, self.fmt, self.layer, query,
+                          keys, values, md, scale, out)
+        return [out[query_start[i]:query_start[i + 1]] for i in range(len(chunks))]
 
 
 def quantized_blocks(fmt, keys, values):
     """Every whole block of a sequence [T, H, D] through the reference's pack and unpack."""
-    bs, layout = fmt.block_size, fmt.layouts[0]
+    bs, layout = fmt.block_size, fmt.layers[0].body
     k_q, v_q = keys.clone().float(), values.clone().float()
     for j in range(keys.shape[0] // bs):
         for h in range(keys.shape[1]):
@@ -202,8 +239,154 @@ def test_sealed_pages_hold_exactly_the_reference_bytes():
     for j, block in enumerate([9, 4]):
         for h in range(3):
             want = R.pack_blocks(keys[j * 32:(j + 1) * 32, h], values[j * 32:(j + 1) * 32, h],
-                                 None, fmt.layouts[0])
+                                 None, fmt.layers[0].body)
             assert torch.equal(engine.pages[block, h, 0], want.reshape(-1))
+
+
+# ---- stage 2: retention in pages ----------------------------------------------------------------
+
+def kept_offsets(importance, page):
+    """The rule stated plainly for one head's block: the `selected` highest (the earlier token on
+    ties), the top `guard_tokens` of them guards; each set in position order."""
+    order = sorted(range(len(importance)), key=lambda t: (-float(importance[t]), t))
+    keep = order[:page.selected]
+    return sorted(keep[:page.guard_tokens]), sorted(keep[page.guard_tokens:])
+
+
+def packed_page(page, keys, values, guards, body):
+    """One head's page bytes: guards packed at the guard's bits, then the body."""
+    parts = [R.pack_blocks(keys[idx], values[idx], None, layout).reshape(-1)
+             for idx, layout in ((guards, page.guard), (body, page.body)) if idx]
+    return torch.cat(parts)
+
+
+def test_a_sealed_page_holds_the_most_important_tokens_and_nothing_else(write_policy):
+    torch.manual_seed(2)
+    fmt = retaining_format(write_policy, score="snapkv(pool = max 3)")
+    page = fmt.layers[0]
+    assert (page.guard_tokens, page.body_tokens) == (16, 16)
+    assert fmt.page_bytes == page.guard.nbytes + page.body.nbytes < fmt.baseline_page_bytes / 3
+    staging = torch.randn(2, 3, 64, 2, 64)
+    mass = torch.rand(2, 3, 64)
+    pages = torch.zeros(5, 3, 1, fmt.page_bytes, dtype=torch.uint8)
+    paged.seal_blocks(pages, staging, torch.tensor([4, 1]), torch.tensor([1, 0]), fmt, 0,
+                      mass=mass)
+    for block, slot in ((4, 1), (1, 0)):
+        for h in range(3):
+            m = mass[slot, h].tolist()
+            pooled = [max(m[max(0, t - 1):t + 2]) for t in range(64)]  # max-pool, kernel 3
+            guards, body = kept_offsets(pooled, page)
+            want = packed_page(page, staging[slot, h, :, 0], staging[slot, h, :, 1], guards,
+                               body)
+            assert torch.equal(pages[block, h, 0], want)
+
+
+def expected_with_retention(fmt, keys, values, query, start, end, scale):
+    """The retention rule stated independently (keynorm importance): a block sealed by `end` and
+    wholly before `start` is its kept tokens, quantize-dequantized at their bits; the rest of the
+    past and the chunk itself are exact."""
+    bs, page = fmt.block_size, fmt.layers[0]
+    heads = keys.shape[1]
+    past_k, past_v = [[] for _ in range(heads)], [[] for _ in range(heads)]
+    for j in range(-(-start // bs)):
+        for h in range(heads):
+            if fmt.sealed(j, end) and (j + 1) * bs <= start:
+                k, v = keys[j * bs:(j + 1) * bs, h], values[j * bs:(j + 1) * bs, h]
+                guards, body = kept_offsets(-k.float().norm(dim=-1), page)
+                for idx, layout in ((guards, page.guard), (body, page.body)):
+                    blocks = R.pack_blocks(k[idx], v[idx], None, layout)
+                    kq, vq, _ = R.unpack_blocks(blocks, layout, len(idx))
+                    past_k[h].append(kq)
+                    past_v[h].append(vq)
+            else:
+                part = slice(j * bs, min((j + 1) * bs, start))
+                past_k[h].append(keys[part, h].float())
+                past_v[h].append(values[part, h].float())
+    chunk = slice(start, end)
+    k_all = torch.stack([torch.cat(past_k[h] + [keys[chunk, h].float()]) for h in range(heads)])
+    v_all = torch.stack([torch.cat(past_v[h] + [values[chunk, h].float()])
+                         for h in range(heads)])
+    p = k_all.shape[1] - (end - start)
+    group = query.shape[1] // heads
+    mask = torch.ones(end - start, p + end - start, dtype=torch.bool).tril(p)
+    return torch.nn.functional.scaled_dot_product_attention(
+        query.float().transpose(0, 1), k_all.repeat_interleave(group, 0),
+        v_all.repeat_interleave(group, 0), attn_mask=mask, scale=scale).transpose(0, 1)
+
+
+@pytest.mark.parametrize("window,sinks", [(0, 0), (48, 4), (64, 0)])
+def test_retention_matches_the_rule_step_by_step(write_policy, window, sinks):
+    """Two interleaved requests (prefill, then one token per step) over shuffled blocks; keys of
+    different norms so that keynorm importance decides what each sealed block keeps."""
+    torch.manual_seed(window + sinks)
+    fmt = retaining_format(write_policy, window=window, sinks=sinks)
+    assert fmt.sink_blocks == (1 if sinks else 0)
+    heads, d, q_heads = fmt.kv_heads, fmt.head_dim, 9
+    engine = FakeEngine(fmt)
+    lengths = {"a": (150, 300), "b": (70, 230)}
+    rows = {"a": [12, 40, 3, 27, 8], "b": [5, 60, 19, 2]}
+    data = {r: (torch.randn(n, heads, d) * torch.rand(n, heads, 1) * 3, torch.randn(n, heads, d),
+                torch.randn(n, q_heads, d)) for r, (_, n) in lengths.items()}
+    pos = {r: 0 for r in lengths}
+    while True:
+        chunks, names = [], []
+        for r, (prompt, final) in lengths.items():
+            if pos[r] < final and (r == "a" or pos["a"] >= 160):  # b arrives later
+                size = prompt if pos[r] == 0 else 1
+                k, v, q = (t[pos[r]:pos[r] + size] for t in data[r])
+                chunks.append((rows[r], pos[r], q, k, v))
+                names.append(r)
+        if not chunks:
+            break
+        for r, out, (_, start, q, k, _) in zip(names, engine.step(chunks), chunks):
+            want = expected_with_retention(fmt, data[r][0], data[r][1], q, start,
+                                           start + len(k), 0.125)
+            torch.testing.assert_close(out, want, atol=3e-5, rtol=1e-5)
+            pos[r] += len(k)
+    assert pos == {"a": 300, "b": 230}
+
+
+def test_attention_mass_is_what_the_queries_gave_the_staged_tokens(write_policy):
+    """Nothing seals (window 208): after a prefill and decode steps, each staged token's mass is
+    the sum over the queries that saw it of their softmax weight, averaged over the query heads
+    of its KV head."""
+    torch.manual_seed(3)
+    fmt = retaining_format(write_policy, score="snapkv", window=208)
+    engine = FakeEngine(fmt)
+    n, q_heads = 100, 9
+    keys, values, queries = torch.randn(n, 3, 64), torch.randn(n, 3, 64), torch.randn(n, 9, 64)
+    row = [7, 2]
+    engine.step([(row, 0, queries[:70], keys[:70], values[:70])])
+    for t in range(70, n):
+        engine.step([(row, t, queries[t:t + 1], keys[t:t + 1], values[t:t + 1])])
+    logits = torch.einsum("qhd,khd->hqk", queries, keys.repeat_interleave(3, 1)) * 0.125
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    probs = torch.softmax(logits.masked_fill(~causal, -float("inf")), -1)  # [Hq, q, k]
+    want = probs.sum(1).reshape(3, 3, n).mean(1)  # [H, n]
+    got = torch.cat([engine.mass[engine.table.slot_of_block[b]] for b in row], 1)[:, :n]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_prompt_seals_its_old_blocks_by_its_own_attention(write_policy):
+    """A 100-token prompt in one step with a 16-token window: block 0 seals in that step, keeping
+    the tokens the prompt's queries attended to most (max-pooled, kernel 7)."""
+    torch.manual_seed(4)
+    fmt = retaining_format(write_policy, score="snapkv", window=16)
+    engine = FakeEngine(fmt)
+    keys, values, queries = torch.randn(100, 3, 64), torch.randn(100, 3, 64), torch.randn(100, 9, 64)
+    engine.step([([6, 1], 0, queries, keys, values)])
+    logits = torch.einsum("qhd,khd->hqk", queries, keys.repeat_interleave(3, 1)) * 0.125
+    causal = torch.ones(100, 100, dtype=torch.bool).tril()
+    mass = torch.softmax(logits.masked_fill(~causal, -float("inf")), -1).sum(1)
+    mass = mass.reshape(3, 3, 100).mean(1)[:, :64]
+    page = fmt.layers[0]
+    for h in range(3):
+        m = mass[h].tolist()
+        pooled = [max(m[max(0, t - 3):t + 4]) for t in range(64)]
+        guards, body = kept_offsets(pooled, page)
+        want = packed_page(page, keys[:64, h], values[:64, h], guards, body)
+        assert torch.equal(engine.pages[6, h, 0], want)
+    assert engine.table.slot_of_block.keys() == {1}  # block 0's slot is free again
 
 
 # ---- start-up checks ---------------------------------------------------------------------------

@@ -187,12 +187,26 @@ def _layer_plan(policy: Policy, model: ModelShape, context: int, index: int, rat
                      body_layout=body_layout, tensors=tuple(tensors))
 
 
+def block_retain_ratios(policy: Policy, model: ModelShape) -> tuple[float, ...]:
+    """Each layer's retain ratio applied to a stretch of middle tokens on its own (no sinks or
+    window floor): the schedule's shape rescaled so the mean is the global ratio. The vLLM pages
+    keep this share of every sealed block (docs/vllm.md); the plan's ratios instead count the
+    sinks and window of one context in the ratio."""
+    d = Diagnostics()
+    anchors = _resolve_anchors(d, policy, model)
+    d.raise_if_errors()
+    shape = layer_shape(anchors, model.num_layers, policy.interpolate)
+    return retain_schedule(shape, policy.retain, [0.0] * model.num_layers).ratios
+
+
 def block_layouts(policy: Policy, model: ModelShape, keys: QuantFormat, values: QuantFormat,
-                  guard: Guard | None) -> tuple[storage.BlockLayout, storage.BlockLayout]:
+                  guard: Guard | None, positions: bool | None = None,
+                  ) -> tuple[storage.BlockLayout, storage.BlockLayout]:
     """The guard and body block layouts of a layer stored as (keys, values, guard). Guards use
-    the body's groups and block size at the guard's bits."""
+    the body's groups and block size at the guard's bits. Blocks carry positions when the policy
+    needs them, unless `positions` says otherwise."""
     tokens = storage.block_tokens(keys, values)
-    positions = needs_positions(policy)
+    positions = needs_positions(policy) if positions is None else positions
     body = storage.block_layout(keys, values, model.head_dim, model.kv_dtype, positions, tokens)
     bits = guard.bits if guard is not None and guard.fraction > 0 else None
     guard_layout = storage.block_layout(keys.with_bits(bits) if bits else keys,

@@ -1,7 +1,7 @@
 """The vLLM attention backend that runs a compiled policy: Backend (what vLLM asks of a backend,
 and `customize_spec`, which publishes the packed page size), MetadataBuilder (once per step:
-which staging slot holds which block, which blocks seal), Impl (per layer: write = stage and
-seal, forward = attention over sealed pages and staged blocks).
+which staging slot holds which block, which blocks seal), Impl (per layer: write = stage the new
+tokens, forward = attention over sealed pages and staged blocks, then sealing).
 
 The compute is in `paged.py` (plain functions of tensors); this module only adapts vLLM's
 objects to them. Imported by vLLM through the registry path that `kvpolicy.integrations.vllm
@@ -13,12 +13,13 @@ from __future__ import annotations
 import functools
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import ClassVar
 
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.forward_context import get_forward_context
+from vllm.logger import init_logger
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionImpl,
@@ -31,8 +32,9 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from kvpolicy.integrations.vllm import paged
 from kvpolicy.integrations.vllm.settings import Settings, load_settings
-from kvpolicy.integrations.vllm.staging import RequestStep, StagingTable, StepPlan
+from kvpolicy.integrations.vllm.staging import StagingTable
 
+logger = init_logger(__name__)
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
 
@@ -40,7 +42,10 @@ _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 def settings() -> Settings:
     """The artifact named by KVPOLICY_ARTIFACT, checked against the running engine's model and
     settings (UnsupportedConfiguration lists every reason it cannot run)."""
-    return load_settings(os.environ.get("KVPOLICY_ARTIFACT", ""), get_current_vllm_config())
+    loaded = load_settings(os.environ.get("KVPOLICY_ARTIFACT", ""), get_current_vllm_config())
+    for line in loaded.describe().splitlines():
+        logger.info("%s", line)
+    return loaded
 
 
 class KVPolicyBackend(AttentionBackend):
@@ -88,48 +93,23 @@ class KVPolicyBackend(AttentionBackend):
         return KVPolicyMetadataBuilder
 
 
-@dataclass
-class KVPolicyMetadata:
-    num_actual_tokens: int
-    query_start: list[int]  # per request, then the end: [num_reqs + 1]
-    seq_lens: list[int]
-    block_rows: list[list[int]]
-    step: StepPlan
-    token_slot: torch.Tensor  # [num_actual_tokens] staging slot of each new token's block
-    token_offset: torch.Tensor  # [num_actual_tokens] offset in its block
-    seal_blocks: torch.Tensor
-    seal_slots: torch.Tensor
-
-
-class KVPolicyMetadataBuilder(AttentionMetadataBuilder[KVPolicyMetadata]):
+class KVPolicyMetadataBuilder(AttentionMetadataBuilder[paged.StepMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         s = settings()
         self.block_size = kv_cache_spec.block_size
-        self.table = StagingTable(s.staging_blocks, self.block_size, s.page_format.window)
+        self.table = StagingTable(s.staging_blocks, self.block_size, s.page_format.window,
+                                  s.page_format.sink_blocks)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
-              fast_build: bool = False) -> KVPolicyMetadata:
+              fast_build: bool = False) -> paged.StepMetadata:
         m = common_attn_metadata
-        n = m.num_actual_tokens
         query_start = m.query_start_loc_cpu[:m.num_reqs + 1].tolist()
         seq_lens = m.seq_lens[:m.num_reqs].cpu().tolist()
-        bs = self.block_size
-        rows = []
-        requests = []
-        for i, end in enumerate(seq_lens):
-            row = m.block_table_tensor[i, :-(-end // bs)].cpu().tolist()
-            rows.append(row)
-            requests.append(RequestStep(row, end - (query_start[i + 1] - query_start[i]), end))
-        step = self.table.plan(requests)
-        slots = m.slot_mapping[:n].cpu().to(torch.int64)
-        stage = torch.tensor([step.stage_of_block[int(b)] for b in (slots // bs).tolist()],
-                             dtype=torch.int64)
-        return KVPolicyMetadata(
-            num_actual_tokens=n, query_start=query_start, seq_lens=seq_lens, block_rows=rows,
-            step=step, token_slot=stage, token_offset=slots % bs,
-            seal_blocks=torch.tensor(step.seal_blocks, dtype=torch.int64),
-            seal_slots=torch.tensor(step.seal_slots, dtype=torch.int64))
+        rows = [m.block_table_tensor[i, :-(-end // self.block_size)].cpu().tolist()
+                for i, end in enumerate(seq_lens)]
+        return paged.step_metadata(self.table, query_start, seq_lens, rows,
+                                   m.slot_mapping[:m.num_actual_tokens].cpu())
 
 
 class KVPolicyImpl(AttentionImpl):
@@ -161,6 +141,7 @@ class KVPolicyImpl(AttentionImpl):
         self.fmt = s.page_format
         self.staging_blocks = s.staging_blocks
         self.staging: torch.Tensor | None = None
+        self.mass: torch.Tensor | None = None  # attention received by staged tokens (snapkv)
         self.layer_index: int | None = None
         self.kv_sharing_target_layer_name = None
 
@@ -178,6 +159,9 @@ class KVPolicyImpl(AttentionImpl):
         if self.staging is None:
             self.staging = torch.zeros(self.staging_blocks, self.num_kv_heads,
                                        self.fmt.block_size, 2, self.head_size, dtype=dtype)
+            if self.fmt.needs_mass:
+                self.mass = torch.zeros(self.staging_blocks, self.num_kv_heads,
+                                        self.fmt.block_size)
         return self.staging
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
@@ -187,31 +171,15 @@ class KVPolicyImpl(AttentionImpl):
             metadata = metadata.get(layer.layer_name)
         if metadata is None:
             return  # profiling and warm-up runs
-        n = metadata.num_actual_tokens
-        staging = self._staging(key.dtype)
-        paged.stage_tokens(staging, key[:n], value[:n], metadata.token_slot,
-                           metadata.token_offset)
-        paged.seal_blocks(kv_cache, staging, metadata.seal_blocks, metadata.seal_slots,
-                          self.fmt, self._layer(layer))
+        paged.write_step(self._staging(key.dtype), self.mass, key, value, metadata)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, attn_metadata: KVPolicyMetadata | None,
+                kv_cache: torch.Tensor, attn_metadata: paged.StepMetadata | None,
                 output: torch.Tensor, output_scale=None, output_block_scale=None) -> torch.Tensor:
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported by kvpolicy")
         if attn_metadata is None:
             return output
-        index = self._layer(layer)
-        staging = self._staging(key.dtype)
-        md = attn_metadata
-        for i, seq_len in enumerate(md.seq_lens):
-            first, last = md.query_start[i], md.query_start[i + 1]
-            start = seq_len - (last - first)
-            past_k, past_v = paged.cached_tokens(kv_cache, staging, md.block_rows[i],
-                                                 md.step.request_slots[i], start, seq_len,
-                                                 self.fmt, index)
-            out = paged.attend(query[first:last], past_k, past_v, key[first:last],
-                               value[first:last], self.scale)
-            output[first:last] = out.to(output.dtype)
-        return output
-
+        return paged.attend_step(kv_cache, self._staging(key.dtype), self.mass, self.fmt,
+                                 self._layer(layer), query, key, value, attn_metadata,
+                                 self.scale, output)

@@ -12,7 +12,12 @@ from dataclasses import dataclass
 
 from kvpolicy.compiler.artifact import ArtifactError, compiled_for, verify
 from kvpolicy.format import DTYPE_BYTES
-from kvpolicy.integrations.vllm.paged import PageFormat, UnsupportedConfiguration, page_format
+from kvpolicy.integrations.vllm.paged import (
+    PageFormat,
+    UnsupportedConfiguration,
+    page_format,
+    policy_notes,
+)
 from kvpolicy.lang.ir import Policy, policy_from_json
 from kvpolicy.models import ModelError, ModelShape, shape_from_config
 
@@ -30,18 +35,28 @@ class Settings:
     page_format: PageFormat
     staging_blocks: int
 
+    @property
+    def notes(self) -> list[str]:
+        """Where the pages realise the policy differently from the Hugging Face runtime."""
+        return policy_notes(self.policy, self.page_format.block_size)
+
     def describe(self) -> str:
         f = self.page_format
-        return (f"kvpolicy: policy {self.policy.name} from {self.artifact}: pages of "
+        kept = sorted({p.selected for p in f.layers})
+        text = (f"kvpolicy: policy {self.policy.name} from {self.artifact}: pages of "
                 f"{f.page_bytes} bytes per KV head per {f.block_size}-token block "
-                f"(16-bit: {f.baseline_page_bytes}), {f.capacity_ratio:.2f}x the tokens in the "
-                f"same KV memory; full-precision staging outside the pool: "
+                f"(16-bit: {f.baseline_page_bytes}; sealed blocks keep "
+                f"{'/'.join(map(str, kept))} of {f.block_size} tokens per layer; padding "
+                f"{f.padding_bytes:,} bytes per block), {f.capacity_ratio:.2f}x the tokens in "
+                f"the same KV memory; full-precision staging outside the pool: "
                 f"{self.staging_blocks} blocks, {f.staging_bytes(self.staging_blocks):,} bytes")
+        return "\n".join([text] + [f"kvpolicy: note: {n}" for n in self.notes])
 
 
 def _staging_blocks(fmt: PageFormat, max_num_seqs: int, max_batched_tokens: int) -> int:
-    """Every running request's window and open block, plus one step's worth of prefill."""
-    per_request = math.ceil(fmt.window / fmt.block_size) + 2
+    """Every running request's sinks, window and open block, plus one step's worth of
+    prefill."""
+    per_request = fmt.sink_blocks + math.ceil(fmt.window / fmt.block_size) + 2
     return max_num_seqs * per_request + math.ceil(max_batched_tokens / fmt.block_size)
 
 
@@ -82,7 +97,10 @@ def load_settings(artifact: str, vllm_config) -> Settings:
     except UnsupportedConfiguration as exc:
         reasons += exc.reasons
     if fmt is not None and dtype != model.kv_dtype and any(
-            not (layout.keys.quantized and layout.values.quantized) for layout in fmt.layouts):
+            not (layout.keys.quantized and layout.values.quantized)
+            for page in fmt.layers for layout, count in ((page.guard, page.guard_tokens),
+                                                         (page.body, page.body_tokens))
+            if count):
         reasons.append(f"the policy stores 16-bit keys or values in {model.kv_dtype} but "
                        f"the engine runs in {dtype}")
     if reasons:

@@ -7,7 +7,7 @@ therefore learns everything from what each step schedules:
   preemption): whatever its blocks held before is stale and is dropped;
 - every block that receives tokens and is not yet sealed gets a slot;
 - a block whose last token has left the window is sealed this step (packed by every layer),
-  and its slot is free for the next step;
+  and its slot is free for the next step; the blocks holding the policy's sinks never seal;
 - slots of blocks that no step has touched for the longest time are reclaimed when the table is
   full (a finished request's window). A request that vLLM keeps running but leaves unscheduled
   while its slots are reclaimed would read garbage, so reclaiming a slot of a block still in
@@ -25,10 +25,12 @@ class StagingFull(RuntimeError):
     pass
 
 
-def sealed(block_index: int, seq_len: int, block_size: int, window: int) -> bool:
+def sealed(block_index: int, seq_len: int, block_size: int, window: int,
+           sink_blocks: int = 0) -> bool:
     """Is block `block_index` of a sequence of `seq_len` tokens packed in its page? It is once its
-    last token has left the full-precision window."""
-    return (block_index + 1) * block_size + window <= seq_len
+    last token has left the full-precision window; the blocks holding the policy's sinks
+    (the first `sink_blocks`) never are: they stay staged at full precision."""
+    return block_index >= sink_blocks and (block_index + 1) * block_size + window <= seq_len
 
 
 @dataclass
@@ -51,17 +53,18 @@ class StepPlan:
 
 
 class StagingTable:
-    def __init__(self, slots: int, block_size: int, window: int):
+    def __init__(self, slots: int, block_size: int, window: int, sink_blocks: int = 0):
         self.slots = slots
         self.block_size = block_size
         self.window = window
+        self.sink_blocks = sink_blocks
         self.slot_of_block: dict[int, int] = {}
         self.last_step: dict[int, int] = {}  # block → the step that last touched it
         self.free = list(range(slots - 1, -1, -1))
         self.step = 0
 
     def sealed(self, block_index: int, seq_len: int) -> bool:
-        return sealed(block_index, seq_len, self.block_size, self.window)
+        return sealed(block_index, seq_len, self.block_size, self.window, self.sink_blocks)
 
     def _release(self, block: int) -> None:
         slot = self.slot_of_block.pop(block, None)
