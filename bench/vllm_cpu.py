@@ -2,6 +2,10 @@
 TPOT, measured on this machine's CPU. Results: bench/results/vllm_cpu.json (labelled CPU).
 
     .venv/bin/python bench/vllm_cpu.py [--policies kivi] [--prompt 512] [--decode 32] [--batch 8]
+    .venv/bin/python bench/vllm_cpu.py --policies aggressive --block-size 256 --prompt 3072 \
+        --batch 4 --decode 16 --repeats 1 --out bench/results/vllm_cpu_stage2.json
+
+(the second: prompts longer than aggressive's 2,048-token window, so blocks seal and evict).
 
 Each configuration runs in its own process (vLLM loads plugins once per process). Timings are
 wall-clock over whole `LLM.generate` calls (engine overhead included), medians of --repeats:
@@ -34,7 +38,7 @@ def worker(args) -> dict:
 
     from kvpolicy.hf.model import default_model_dir
 
-    llm = LLM(model=str(default_model_dir()), dtype="bfloat16", block_size=32,
+    llm = LLM(model=str(default_model_dir()), dtype="bfloat16", block_size=args.block_size,
               max_model_len=4096, max_num_seqs=args.batch, max_num_batched_tokens=8192,
               enable_prefix_caching=False, enforce_eager=True,
               kv_cache_memory_bytes=args.kv_bytes, seed=0)
@@ -56,7 +60,7 @@ def worker(args) -> dict:
     batch_prefill = timed(args.batch, 1)
     batch_full = timed(args.batch, 1 + args.decode)
     cache = llm.llm_engine.vllm_config.cache_config
-    return {"capacity_tokens": cache.num_gpu_blocks * 32, "ttft_s": ttft,
+    return {"capacity_tokens": cache.num_gpu_blocks * args.block_size, "ttft_s": ttft,
             "tpot_s": (single - ttft) / args.decode,
             "prefill_tokens_per_s": args.batch * args.prompt / batch_prefill,
             "decode_tokens_per_s": args.batch * args.decode / (batch_full - batch_prefill)}
@@ -69,7 +73,8 @@ def run(artifact: str | None, args) -> dict:
         env["KVPOLICY_ARTIFACT"] = artifact
     command = [sys.executable, __file__, "--worker", "--prompt", str(args.prompt),
                "--decode", str(args.decode), "--batch", str(args.batch),
-               "--repeats", str(args.repeats), "--kv-bytes", str(args.kv_bytes)]
+               "--repeats", str(args.repeats), "--kv-bytes", str(args.kv_bytes),
+               "--block-size", str(args.block_size)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
         sys.stderr.write(done.stderr[-3000:])
@@ -85,6 +90,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kv-bytes", type=int, default=256 << 20)
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -107,20 +114,21 @@ def main() -> None:
     result = {"what": "vLLM-cpu 0.32.0 with and without kvpolicy's plugin, SmolLM2-135M-Instruct",
               "hardware": {"device": "CPU", "cpu": platform.processor() or platform.machine(),
                            "cores": os.cpu_count()},
-              "engine": "vllm-cpu 0.32.0, enforce_eager, block_size 32",
+              "engine": f"vllm-cpu 0.32.0, enforce_eager, block_size {args.block_size}",
               "settings": {k: getattr(args, k) for k in ("prompt", "decode", "batch", "repeats",
-                                                          "kv_bytes")},
+                                                          "kv_bytes", "block_size")},
               "command": "python bench/vllm_cpu.py " + " ".join(sys.argv[1:]),
               "rows": rows}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    out = args.out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'configuration':32} {'capacity':>10} {'x':>6} {'TTFT s':>8} {'TPOT s':>8} "
           f"{'prefill tok/s':>14} {'decode tok/s':>13}")
     for name, row in rows.items():
         print(f"{name:32} {row['capacity_tokens']:>10,} {row['capacity_vs_baseline']:>6.2f} "
               f"{row['ttft_s']:>8.3f} {row['tpot_s']:>8.3f} {row['prefill_tokens_per_s']:>14.1f} "
               f"{row['decode_tokens_per_s']:>13.1f}")
-    print(f"(CPU, {os.cpu_count()} cores; written to {OUT.relative_to(ROOT)})")
+    print(f"(CPU, {os.cpu_count()} cores; written to {out})")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,13 @@ with the 16-bit baseline in the same KV memory.
 Each configuration runs in its own process (vLLM loads plugins once per process, and the
 baseline must not see the plugin). Options: --model DIR (default: the embedded SmolLM2-135M
 safetensors copy), --kv-bytes (fixed KV-cache memory, default 64 MiB), --max-tokens, --dtype,
---prompts-json (a file with a list of token-id lists).
+--block-size, --max-model-len, --prompts-json (a file with a list of token-id lists), --needle
+TOKENS (one needle-in-a-haystack prompt of about TOKENS tokens instead of the short prompts, long
+enough for blocks to leave the window, be sealed and lose their evicted tokens):
+
+    kvpolicy compile policies/aggressive.kvp --model smollm2-135m -o build/aggressive
+    KVPOLICY_ARTIFACT=build/aggressive python examples/vllm_offline.py --block-size 256 \
+        --max-model-len 4096 --kv-bytes 134217728 --needle 3000 --depth 0.25
 """
 
 from __future__ import annotations
@@ -43,12 +49,34 @@ def engine_run(args) -> dict:
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
                                                    ignore_eos=True))
     cache = llm.llm_engine.vllm_config.cache_config
-    return {"artifact": os.environ.get("KVPOLICY_ARTIFACT") or None,
+    backend = sys.modules.get("kvpolicy.integrations.vllm.backend")  # loaded by vLLM, if at all
+    sealed = dict(backend.SEALED_BLOCKS) if backend else {}
+    return {"sealed_blocks_per_layer": [sealed.get(i, 0) for i in range(len(sealed))],
+            "artifact": os.environ.get("KVPOLICY_ARTIFACT") or None,
             "kv_cache_memory_bytes": args.kv_bytes, "block_size": args.block_size,
             "dtype": args.dtype, "num_blocks": cache.num_gpu_blocks,
             "capacity_tokens": cache.num_gpu_blocks * args.block_size,
             "outputs": [o.outputs[0].text for o in outputs],
             "token_ids": [list(o.outputs[0].token_ids) for o in outputs]}
+
+
+def needle_prompt(args) -> tuple[str, str]:
+    """Writes one chat-formatted needle prompt's token ids to a file; → (path, expected answer)."""
+    import tempfile
+
+    from kvpolicy.eval.haystack import needle_sample
+    from kvpolicy.hf.generation import encode
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    needle = needle_sample(tokenizer, args.needle, args.depth, seed=0)
+    ids = encode(tokenizer, needle.context + "\n" + needle.question)[0].tolist()
+    handle, path = tempfile.mkstemp(suffix=".json")
+    with os.fdopen(handle, "w", encoding="utf-8") as f:
+        json.dump([ids], f)
+    print(f"needle prompt: {len(ids):,} tokens, needle at depth {args.depth:g}; the answer is "
+          f"{needle.answer}")
+    return path, needle.answer
 
 
 def run_in_subprocess(artifact: str | None, args) -> dict:
@@ -82,6 +110,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="let vLLM torch.compile the model (minutes on a small CPU)")
     parser.add_argument("--prompts-json", default=None)
+    parser.add_argument("--needle", type=int, default=None, metavar="TOKENS")
+    parser.add_argument("--depth", type=float, default=0.5, help="where the needle sits (0..1)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model is None:
@@ -94,10 +124,22 @@ def main() -> None:
     if not artifact:
         raise SystemExit("set KVPOLICY_ARTIFACT to a compiled policy (kvpolicy compile "
                          "policies/kivi.kvp --model smollm2-135m -o build/kivi)")
+    answer = None
+    if args.needle is not None:
+        args.prompts_json, answer = needle_prompt(args)
     baseline = run_in_subprocess(None, args)
     policy = run_in_subprocess(artifact, args)
-    for prompt, text in zip(PROMPTS, policy["outputs"]):
-        print(f"{prompt!r} -> {text!r}")
+    if answer is None:
+        for prompt, text in zip(PROMPTS, policy["outputs"]):
+            print(f"{prompt!r} -> {text!r}")
+    else:
+        for name, run in (("baseline", baseline), (artifact, policy)):
+            text = run["outputs"][0]
+            found = "found" if answer in text else "NOT found"
+            print(f"{name}: {text!r} (needle {found})")
+    sealed = policy["sealed_blocks_per_layer"]
+    if sealed:
+        print(f"blocks sealed into packed pages (per layer, all requests): {max(sealed)}")
     ratio = policy["capacity_tokens"] / baseline["capacity_tokens"]
     print(f"\nvLLM KV capacity in {args.kv_bytes:,} bytes (measured, as vLLM reports it): "
           f"baseline {baseline['capacity_tokens']:,} tokens, {artifact} "

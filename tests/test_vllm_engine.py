@@ -81,6 +81,20 @@ def test_quant_only_greedy_tokens_equal_the_hf_runtime(smol_dir, kivi, tmp_path)
         assert got == hf.token_ids, (len(ids), got, hf.token_ids)
 
 
+@pytest.fixture(scope="module")
+def lighthouse_prompts(tmp_path_factory):
+    """Token ids of prompts long enough for blocks to leave a 64-token window and seal."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    text = ("The lighthouse keeper wrote in his log every night: the weather, the ships that "
+            "passed, and the state of the lamp. On the night of the storm he wrote that the "
+            "brass key to the lamp room hung on the third hook. ") * 30
+    ids = tokenizer(text)["input_ids"]
+    path = tmp_path_factory.mktemp("prompts") / "long.json"
+    path.write_text(json.dumps([ids[:700], ids[50:500]]))
+    return path
+
+
 def test_capacity_grows_by_the_plans_ratio(smol_dir, kivi):
     baseline = engine(None, smol_dir, "--max-tokens", "8")
     packed = engine(kivi, smol_dir, "--max-tokens", "8")
@@ -105,3 +119,43 @@ def test_start_up_refuses_a_tampered_or_mismatched_artifact(smol_dir, kivi, tmp_
     kernel.write_bytes(bytes(data))
     done = engine(tampered, smol_dir, check=False)
     assert done.returncode != 0 and "was modified" in done.stderr, done.stderr[-3000:]
+
+
+STAGE2 = """policy stage2 {
+    keep sinks 4
+    keep window 64
+    retain 50%
+    score snapkv(observe = 32, pool = max 7)
+    keys   int2 group 32 per channel asymmetric
+    values int2 group 32 per token asymmetric
+    guard 50% of retained at int8 by score
+}"""
+
+
+def test_retention_in_pages_frees_memory_and_generates(smol_dir, tmp_path, lighthouse_prompts):
+    """Stage 2 in the engine: sealed 128-token blocks keep 64 tokens (32 int8 guards, 32 2-bit),
+    so vLLM's capacity grows by the page format's ratio; prompts of 700 and 450 tokens seal and
+    evict blocks; the first token (from the full-precision prefill) equals the 16-bit run's."""
+    path = tmp_path / "stage2.kvp"
+    path.write_text(STAGE2)
+    artifact = tmp_path / "stage2"
+    policy = load_policy(path)
+    compile_policy(policy, resolve_model("smollm2-135m"), artifact)
+    fmt = page_format(policy, resolve_model("smollm2-135m"), 128, dtype_bytes=4)  # fp32 run
+    assert {(p.guard_tokens, p.body_tokens) for p in fmt.layers} == {(32, 32)}
+    options = ("--block-size", "128", "--dtype", "float32", "--max-tokens", "12",
+               "--max-model-len", "1024", "--prompts-json", str(lighthouse_prompts))
+    baseline = engine(None, smol_dir, *options)
+    kept = engine(artifact, smol_dir, *options)
+    ratio = kept["capacity_tokens"] / baseline["capacity_tokens"]
+    assert ratio == pytest.approx(fmt.capacity_ratio, rel=0.05), (baseline, kept)
+    page = fmt.layers[0]
+    assert fmt.page_bytes == page.guard.nbytes + page.body.nbytes  # 64 of the 128 tokens
+    # blocks 1..4 of the 711 tokens attended (700 + 11 fed back) and 1..2 of 461 left the
+    # 64-token window (block 0 holds the sinks): 6 sealed blocks in every layer, each keeping 64
+    # of its 128 tokens
+    assert kept["sealed_blocks_per_layer"] == [6] * 30
+    for got, full in zip(kept["token_ids"], baseline["token_ids"]):
+        assert got[0] == full[0]
+        assert len(got) == 12
+    assert all(text.strip() for text in kept["outputs"])

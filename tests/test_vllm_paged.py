@@ -79,7 +79,8 @@ def test_aggressive_pages_keep_each_layers_share_of_a_block():
         assert page.nbytes == (page.guard_tokens // 32 * page.guard.nbytes
                                + page.body_tokens // 32 * page.body.nbytes)
     assert fmt.layers[0].selected == 128 and fmt.layers[-1].selected == 32  # 40% ... 6%
-    assert fmt.page_bytes == fmt.layers[0].nbytes
+    assert fmt.page_bytes == -(-sum(page.nbytes for page in fmt.layers) // 30)
+    assert fmt.page_bytes < 0.6 * fmt.layers[0].nbytes  # layers share a block's bytes
     assert fmt.sink_blocks == 1 and fmt.needs_mass
     assert fmt.capacity_ratio == pytest.approx(256 * 2 * 64 * 2 / fmt.page_bytes)
     notes = " ".join(paged.policy_notes(policy, 256))
@@ -87,7 +88,17 @@ def test_aggressive_pages_keep_each_layers_share_of_a_block():
         assert words in notes, notes
 
 
-def test_per_layer_formats_pad_to_the_largest_page(write_policy):
+def model_cache(fmt, num_blocks):
+    """The cache vLLM allocates for the backend: every layer's pages of a block side by side
+    (BLHNC), and each layer's view of it [num_blocks, H, 1, page_bytes]."""
+    cache = torch.zeros(num_blocks, len(fmt.layers), fmt.kv_heads, 1, fmt.page_bytes,
+                        dtype=torch.uint8)
+    return cache, [cache[:, layer] for layer in range(len(fmt.layers))]
+
+
+def test_layers_of_different_sizes_share_each_blocks_bytes(write_policy):
+    """4-bit keys in layers 0-1, 2-bit elsewhere: the page is the mean, not the largest layer's,
+    and every layer's sealed pages survive the others' (no overlap)."""
     policy = load_policy(write_policy("""policy mixed {
         keys int2 group 32 per channel
         values int2 group 32 per token
@@ -95,8 +106,24 @@ def test_per_layer_formats_pad_to_the_largest_page(write_policy):
     }"""))
     fmt = paged.page_format(policy, SMOL, 32)
     small, big = fmt.layer_bytes(5), fmt.layer_bytes(0)
-    assert big == fmt.page_bytes > small
-    assert fmt.padding_bytes == SMOL.num_kv_heads * (SMOL.num_layers - 2) * (big - small)
+    assert big > small and fmt.page_bytes == -(-(2 * big + 28 * small) // 30) < big
+    assert 0 <= fmt.padding_bytes < 30 * 3
+    torch.manual_seed(5)
+    cache, views = model_cache(fmt, 6)
+    staging = torch.randn(2, 3, 32, 2, 64)
+    for layer in range(30):
+        paged.seal_blocks(views[layer], staging, torch.tensor([4, 1]), torch.tensor([0, 1]), fmt,
+                          layer)
+    for layer in (0, 1, 2, 29):
+        pages = paged.layer_pages(views[layer], fmt, layer)
+        for block, slot in ((4, 0), (1, 1)):
+            for h in range(3):
+                want = R.pack_blocks(staging[slot, h, :, 0], staging[slot, h, :, 1], None,
+                                     fmt.layers[layer].body)
+                assert torch.equal(pages[block, h], want.reshape(-1))
+    assert cache[[0, 2, 3, 5]].count_nonzero() == 0  # other blocks untouched
+    with pytest.raises(paged.UnsupportedConfiguration, match="BLHNC"):
+        paged.layer_pages(torch.zeros(6, 3, 1, fmt.page_bytes, dtype=torch.uint8), fmt, 1)
 
 
 # ---- the staging table ------------------------------------------------------------------------
@@ -145,7 +172,8 @@ class FakeEngine:
     def __init__(self, fmt, num_blocks=64, slots=32, dtype=torch.float32, layer=0):
         self.fmt, self.layer = fmt, layer
         heads, d = fmt.kv_heads, fmt.head_dim
-        self.pages = torch.zeros(num_blocks, heads, 1, fmt.page_bytes, dtype=torch.uint8)
+        self.cache, views = model_cache(fmt, num_blocks)
+        self.pages = views[layer]
         self.staging = torch.zeros(slots, heads, fmt.block_size, 2, d, dtype=dtype)
         self.mass = torch.zeros(slots, heads, fmt.block_size) if fmt.needs_mass else None
         self.table = StagingTable(slots, fmt.block_size, fmt.window, fmt.sink_blocks)
@@ -240,7 +268,7 @@ def test_sealed_pages_hold_exactly_the_reference_bytes():
         for h in range(3):
             want = R.pack_blocks(keys[j * 32:(j + 1) * 32, h], values[j * 32:(j + 1) * 32, h],
                                  None, fmt.layers[0].body)
-            assert torch.equal(engine.pages[block, h, 0], want.reshape(-1))
+            assert torch.equal(paged.layer_pages(engine.pages, fmt, 0)[block, h], want.reshape(-1))
 
 
 # ---- stage 2: retention in pages ----------------------------------------------------------------
@@ -268,9 +296,10 @@ def test_a_sealed_page_holds_the_most_important_tokens_and_nothing_else(write_po
     assert fmt.page_bytes == page.guard.nbytes + page.body.nbytes < fmt.baseline_page_bytes / 3
     staging = torch.randn(2, 3, 64, 2, 64)
     mass = torch.rand(2, 3, 64)
-    pages = torch.zeros(5, 3, 1, fmt.page_bytes, dtype=torch.uint8)
-    paged.seal_blocks(pages, staging, torch.tensor([4, 1]), torch.tensor([1, 0]), fmt, 0,
+    _, views = model_cache(fmt, 5)
+    paged.seal_blocks(views[0], staging, torch.tensor([4, 1]), torch.tensor([1, 0]), fmt, 0,
                       mass=mass)
+    pages = paged.layer_pages(views[0], fmt, 0)
     for block, slot in ((4, 1), (1, 0)):
         for h in range(3):
             m = mass[slot, h].tolist()
@@ -278,7 +307,7 @@ def test_a_sealed_page_holds_the_most_important_tokens_and_nothing_else(write_po
             guards, body = kept_offsets(pooled, page)
             want = packed_page(page, staging[slot, h, :, 0], staging[slot, h, :, 1], guards,
                                body)
-            assert torch.equal(pages[block, h, 0], want)
+            assert torch.equal(pages[block, h], want)
 
 
 def expected_with_retention(fmt, keys, values, query, start, end, scale):
@@ -353,7 +382,7 @@ def test_attention_mass_is_what_the_queries_gave_the_staged_tokens(write_policy)
     torch.manual_seed(3)
     fmt = retaining_format(write_policy, score="snapkv", window=208)
     engine = FakeEngine(fmt)
-    n, q_heads = 100, 9
+    n = 100
     keys, values, queries = torch.randn(n, 3, 64), torch.randn(n, 3, 64), torch.randn(n, 9, 64)
     row = [7, 2]
     engine.step([(row, 0, queries[:70], keys[:70], values[:70])])
@@ -373,7 +402,8 @@ def test_a_prompt_seals_its_old_blocks_by_its_own_attention(write_policy):
     torch.manual_seed(4)
     fmt = retaining_format(write_policy, score="snapkv", window=16)
     engine = FakeEngine(fmt)
-    keys, values, queries = torch.randn(100, 3, 64), torch.randn(100, 3, 64), torch.randn(100, 9, 64)
+    keys, values = torch.randn(100, 3, 64), torch.randn(100, 3, 64)
+    queries = torch.randn(100, 9, 64)
     engine.step([([6, 1], 0, queries, keys, values)])
     logits = torch.einsum("qhd,khd->hqk", queries, keys.repeat_interleave(3, 1)) * 0.125
     causal = torch.ones(100, 100, dtype=torch.bool).tril()
@@ -385,7 +415,7 @@ def test_a_prompt_seals_its_old_blocks_by_its_own_attention(write_policy):
         pooled = [max(m[max(0, t - 3):t + 4]) for t in range(64)]
         guards, body = kept_offsets(pooled, page)
         want = packed_page(page, keys[:64, h], values[:64, h], guards, body)
-        assert torch.equal(engine.pages[6, h, 0], want)
+        assert torch.equal(paged.layer_pages(engine.pages, fmt, 0)[6, h], want)
     assert engine.table.slot_of_block.keys() == {1}  # block 0's slot is free again
 
 

@@ -10,6 +10,7 @@ objects to them. Imported by vLLM through the registry path that `kvpolicy.integ
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import re
@@ -35,6 +36,9 @@ from kvpolicy.integrations.vllm.settings import Settings, load_settings
 from kvpolicy.integrations.vllm.staging import StagingTable
 
 logger = init_logger(__name__)
+# layer index → blocks sealed in this process (what examples/vllm_offline.py reports; with
+# VLLM_ENABLE_V1_MULTIPROCESSING=0 the engine runs in the caller's process)
+SEALED_BLOCKS: collections.Counter[int] = collections.Counter()
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
 
@@ -71,7 +75,9 @@ class KVPolicyBackend(AttentionBackend):
 
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
-        return (KVCacheLayout.LBHNC,)  # a page is [H, 1 state, page bytes] per block
+        # a block's pages of all layers side by side, so layers of different sizes share them
+        # (paged.layer_pages); a page is [H, 1 state, page bytes]
+        return (KVCacheLayout.BLHNC,)
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
@@ -180,6 +186,7 @@ class KVPolicyImpl(AttentionImpl):
             raise NotImplementedError("fused output quantization is not supported by kvpolicy")
         if attn_metadata is None:
             return output
-        return paged.attend_step(kv_cache, self._staging(key.dtype), self.mass, self.fmt,
-                                 self._layer(layer), query, key, value, attn_metadata,
-                                 self.scale, output)
+        index = self._layer(layer)
+        SEALED_BLOCKS[index] += attn_metadata.seal_blocks.numel()
+        return paged.attend_step(kv_cache, self._staging(key.dtype), self.mass, self.fmt, index,
+                                 query, key, value, attn_metadata, self.scale, output)

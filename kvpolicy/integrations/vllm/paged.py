@@ -70,8 +70,12 @@ class LayerPage:
 
 @dataclass(frozen=True)
 class PageFormat:
-    """How one layer group's pages are laid out. Every layer gets the same page size (vLLM
-    gives one page format to a KV-cache group): the largest layer's; smaller layers pad."""
+    """How a model's pages are laid out. vLLM gives every layer the same page size, but lays a
+    block's pages of all layers side by side (the block-outermost BLHNC layout the backend asks
+    for), so the backend treats them as one run of `layers x H x page_bytes` bytes per block in
+    which layer l's pages ([H, layer_bytes(l)]) sit at `layer_offset(l)`: a layer that keeps more
+    tokens uses bytes a layer keeping fewer leaves free, and nothing pads to the largest layer.
+    page_bytes is the mean over layers, rounded up."""
 
     block_size: int  # vLLM tokens per block
     window: int  # the policy's full-precision window (tokens)
@@ -86,8 +90,13 @@ class PageFormat:
     gqa: str = "mean"  # how a KV head's query heads' attention mass is reduced
 
     def layer_bytes(self, layer: int) -> int:
-        """Bytes one KV head of one block needs in `layer` (without padding)."""
+        """Bytes one KV head of one block needs in `layer`."""
         return self.layers[layer].nbytes
+
+    def layer_offset(self, layer: int, heads: int) -> int:
+        """Where `layer`'s pages of a block start in the block's run of bytes (`heads`: the KV
+        heads this rank holds)."""
+        return heads * sum(page.nbytes for page in self.layers[:layer])
 
     def selects(self, layer: int) -> bool:
         """Does sealing choose tokens by importance (eviction or guards) in `layer`?"""
@@ -101,14 +110,15 @@ class PageFormat:
 
     @property
     def page_bytes(self) -> int:
-        """state_content_bytes published to vLLM: one KV head's share of a block."""
-        return max(self.layer_bytes(i) for i in range(len(self.layers)))
+        """state_content_bytes published to vLLM: one KV head's share of a block, per layer
+        (the mean over layers, rounded up)."""
+        return -(-sum(page.nbytes for page in self.layers) // len(self.layers))
 
     @property
     def padding_bytes(self) -> int:
-        """Bytes per block (all layers and heads) that pad smaller layers to the page size."""
-        return self.kv_heads * sum(self.page_bytes - self.layer_bytes(i)
-                                   for i in range(len(self.layers)))
+        """Bytes per block (all layers and heads) left unused by the rounding of page_bytes."""
+        return self.kv_heads * (len(self.layers) * self.page_bytes
+                                - sum(page.nbytes for page in self.layers))
 
     @property
     def baseline_page_bytes(self) -> int:
@@ -202,6 +212,24 @@ def page_format(policy: Policy, model: ModelShape, block_size: int,
                       pool_kernel=score.pool_kernel, gqa=score.gqa)
 
 
+def layer_pages(pages: torch.Tensor, fmt: PageFormat, layer: int) -> torch.Tensor:
+    """`layer`'s pages in vLLM's cache, [num_blocks, H, layer_bytes] (a view: writes land in the
+    cache). `pages` is the layer's own view [num_blocks, H, 1, page_bytes] of the cache that all
+    layers share block by block (BLHNC: block stride = layers x H x page_bytes, layer l's view
+    starting l x H x page_bytes into each block)."""
+    num_blocks, heads = pages.shape[0], pages.shape[1]
+    run = len(fmt.layers) * heads * fmt.page_bytes
+    if pages.stride(0) != run or pages.storage_offset() < layer * heads * fmt.page_bytes:
+        raise UnsupportedConfiguration([
+            f"layer {layer}'s KV cache is not laid out block-outermost (block stride "
+            f"{pages.stride(0)} bytes, expected {run}): the KV cache layout must be BLHNC "
+            "(unset VLLM_KV_CACHE_LAYOUT)"])
+    base = torch.as_strided(pages, (num_blocks, run), (run, 1),
+                            pages.storage_offset() - layer * heads * fmt.page_bytes)
+    begin, size = fmt.layer_offset(layer, heads), fmt.layer_bytes(layer)
+    return base[:, begin:begin + heads * size].view(num_blocks, heads, size)
+
+
 # ---- writing --------------------------------------------------------------------------------
 
 def stage_tokens(staging: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -255,7 +283,7 @@ def seal_blocks(pages: torch.Tensor, staging: torch.Tensor, blocks: torch.Tensor
                 mass: torch.Tensor | None = None) -> None:
     """Selects, quantizes and packs whole staged blocks into their pages.
 
-    pages: the layer's uint8 cache [num_blocks, H, 1, page_bytes]; blocks, slots [m] int64 (the
+    pages: the layer's view of the uint8 cache (`layer_pages`); blocks, slots [m] int64 (the
     physical block and the staging slot holding its tokens); mass: the layer's attention-mass
     buffer (snapkv importance). `packer(keys, values, positions, layout)` defaults to the PyTorch
     reference; a compiled pack kernel has the same signature."""
@@ -282,7 +310,7 @@ def seal_blocks(pages: torch.Tensor, staging: torch.Tensor, blocks: torch.Tensor
         part = packer(chosen[..., 0, :].reshape(m * heads * n, d),
                       chosen[..., 1, :].reshape(m * heads * n, d), None, layout)
         packed.append(part.reshape(m, heads, -1))
-    pages[blocks, :, 0, :page.nbytes] = torch.cat(packed, -1)
+    layer_pages(pages, fmt, layer)[blocks] = torch.cat(packed, -1)
 
 
 # ---- reading --------------------------------------------------------------------------------
@@ -293,7 +321,7 @@ def unpack_pages(pages: torch.Tensor, blocks: torch.Tensor, fmt: PageFormat,
     its body (attention over the past does not depend on order)."""
     page = fmt.layers[layer]
     m, heads = blocks.numel(), pages.shape[1]
-    raw = pages[blocks, :, 0, :page.nbytes].permute(1, 0, 2)  # [H, m, nbytes]
+    raw = layer_pages(pages, fmt, layer)[blocks].permute(1, 0, 2)  # [H, m, nbytes]
     keys, values = [], []
     for layout, count, begin in ((page.guard, page.guard_tokens, 0),
                                  (page.body, page.body_tokens, page.guard_bytes)):
