@@ -95,6 +95,44 @@ def lighthouse_prompts(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A randomly initialised 2-layer Llama built here (hidden 256, 4 query heads, 2 KV heads,
+    head_dim 64) with SmolLM2's tokenizer: a second model shape and GQA ratio for the engine."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=64, max_position_embeddings=2048, initializer_range=0.1,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    out = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_a_tiny_random_llama_gives_the_hf_runtimes_greedy_tokens(tiny_llama, tmp_path,
+                                                                 lighthouse_prompts):
+    """KIVI on a locally built random Llama (fp32): vLLM with the plugin and the HF runtime's
+    PolicyCache decode the same tokens over prompts that seal 2-bit blocks."""
+    artifact = tmp_path / "kivi-tiny"
+    compile_policy(load_policy(POLICIES / "kivi.kvp"), resolve_model(str(tiny_llama)), artifact)
+    steps = 10
+    vllm_run = engine(artifact, tiny_llama, "--dtype", "float32", "--max-tokens", str(steps),
+                      "--prompts-json", str(lighthouse_prompts))
+    # a 32-token block j seals once (j + 1) * 32 + 128 (the window) <= tokens attended
+    sealed = sum((n + steps - 1 - 128) // 32 for n in (700, 450))
+    assert vllm_run["sealed_blocks_per_layer"] == [sealed] * 2
+    model, tokenizer = load_model(tiny_llama)
+    for ids, got in zip(json.loads(lighthouse_prompts.read_text()), vllm_run["token_ids"]):
+        hf = generate(model, tokenizer, torch.tensor([ids]), policy=str(artifact),
+                      max_new_tokens=steps, cache_dtype="float32", backend="torch",
+                      stop_at_eos=False)
+        assert got == hf.token_ids, (len(ids), got, hf.token_ids)
+
+
 def test_capacity_grows_by_the_plans_ratio(smol_dir, kivi):
     baseline = engine(None, smol_dir, "--max-tokens", "8")
     packed = engine(kivi, smol_dir, "--max-tokens", "8")

@@ -466,3 +466,16 @@ def test_settings_refuse_a_tampered_artifact(kivi_artifact):
         load_settings(str(kivi_artifact), engine_config())
     with pytest.raises(paged.UnsupportedConfiguration, match="KVPOLICY_ARTIFACT is not set"):
         load_settings("", engine_config())
+
+
+def test_settings_load_the_seed_policy_and_say_where_pages_differ(tmp_path):
+    out = tmp_path / "aggressive"
+    compile_policy(load_policy(POLICIES / "aggressive.kvp"), SMOL, out)
+    s = load_settings(str(out), engine_config(block_size=256))
+    fmt = s.page_format
+    assert s.staging_blocks == 4 * (1 + 2048 // 256 + 2) + 1  # sinks' block, window, open block
+    text = s.describe()
+    assert f"{fmt.capacity_ratio:.2f}x" in text and "keep 32/" in text
+    for words in ("note: retention per sealed block", "note: cluster evicted k 20",
+                  "note: keep sinks 4", "note: adapt"):
+        assert words in text, text
