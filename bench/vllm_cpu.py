@@ -66,6 +66,18 @@ def worker(args) -> dict:
             "decode_tokens_per_s": args.batch * args.decode / (batch_full - batch_prefill)}
 
 
+def _commit() -> str | None:
+    """The checkout's commit (and whether it had local changes), for the record."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + (" (with local changes)" if dirty else "")
+
+
 def run(artifact: str | None, args) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("KVPOLICY_ARTIFACT", None)
@@ -118,6 +130,7 @@ def main() -> None:
               "settings": {k: getattr(args, k) for k in ("prompt", "decode", "batch", "repeats",
                                                           "kv_bytes", "block_size")},
               "command": "python bench/vllm_cpu.py " + " ".join(sys.argv[1:]),
+              "commit": _commit(),
               "rows": rows}
     out = args.out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
