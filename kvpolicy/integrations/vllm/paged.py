@@ -398,34 +398,42 @@ def attend(query: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tens
     """Causal attention of a chunk of new tokens over the cached past and themselves.
 
     query [m, Hq, D]; past_* [H, p, D] (as cached); new_* [m, H, D] (full precision, as the
-    model produced them); → [m, Hq, D] fp32. GQA: query head h reads KV head h // (Hq / H).
-    With `mass_reduce` (mean / max / sum over a KV head's query heads) also returns the
-    attention mass each of the p + m keys received from the chunk's queries, [H, p + m]."""
-    m, q_heads, _ = query.shape
+    model produced them); → [m, Hq, D] fp32. GQA: query head h reads KV head h // (Hq / H); the
+    queries of a KV head are stacked as rows (row g * m + i: group member g, token i), so K and V
+    are read once, never copied per query head. With `mass_reduce` (mean / max / sum over a KV
+    head's query heads) also returns the attention mass each of the p + m keys received from
+    the chunk's queries, [H, p + m]."""
+    m, q_heads, head_dim = query.shape
     kv_heads = past_keys.shape[0]
     group = q_heads // kv_heads
     keys = torch.cat([past_keys, new_keys.float().transpose(0, 1)], 1)  # [H, p + m, D]
     values = torch.cat([past_values, new_values.float().transpose(0, 1)], 1)
-    keys = keys.repeat_interleave(group, 0)
-    values = values.repeat_interleave(group, 0)
     p = past_keys.shape[1]
     allowed = torch.ones(m, p + m, dtype=torch.bool)
     allowed[:, p:] = torch.ones(m, m, dtype=torch.bool).tril()
-    q = query.float().transpose(0, 1)  # [Hq, m, D]
+    allowed = allowed.repeat(group, 1)  # [group * m, p + m]
+    q = query.float().reshape(m, kv_heads, group, head_dim).permute(1, 2, 0, 3)
+    q = q.reshape(kv_heads, group * m, head_dim)
+
+    def heads_last(out: torch.Tensor) -> torch.Tensor:  # [H, group * m, D] → [m, Hq, D]
+        return out.reshape(kv_heads, group, m, head_dim).permute(2, 0, 1, 3).reshape(
+            m, q_heads, head_dim)
+
     if mass_reduce is None:
-        return torch.nn.functional.scaled_dot_product_attention(
-            q, keys, values, attn_mask=allowed, scale=scale).transpose(0, 1)
-    out = torch.empty(q_heads, m, keys.shape[-1])
-    mass = torch.zeros(q_heads, p + m)
-    for first in range(0, m, QUERY_CHUNK):
-        rows = slice(first, min(m, first + QUERY_CHUNK))
-        logits = (q[:, rows] @ keys.transpose(1, 2)) * scale
-        probs = torch.softmax(logits.masked_fill(~allowed[rows], -math.inf), dim=-1)
-        out[:, rows] = probs @ values
-        mass += probs.sum(1)
-    grouped = mass.reshape(kv_heads, group, p + m)
-    reduced = {"mean": grouped.mean(1), "max": grouped.amax(1), "sum": grouped.sum(1)}
-    return out.transpose(0, 1), reduced[mass_reduce]
+        return heads_last(torch.nn.functional.scaled_dot_product_attention(
+            q, keys, values, attn_mask=allowed, scale=scale))
+    rows = group * m
+    out = torch.empty(kv_heads, rows, head_dim)
+    mass = torch.zeros(kv_heads, group, p + m)
+    for first in range(0, rows, QUERY_CHUNK):
+        chunk = slice(first, min(rows, first + QUERY_CHUNK))
+        logits = (q[:, chunk] @ keys.transpose(1, 2)) * scale
+        probs = torch.softmax(logits.masked_fill(~allowed[chunk], -math.inf), dim=-1)
+        out[:, chunk] = probs @ values
+        member = torch.arange(chunk.start, chunk.stop) // m
+        mass.index_add_(1, member, probs)
+    reduced = {"mean": mass.mean(1), "max": mass.amax(1), "sum": mass.sum(1)}
+    return heads_last(out), reduced[mass_reduce]
 
 
 def accumulate_mass(mass: torch.Tensor, past: Past, new_slots: torch.Tensor,
