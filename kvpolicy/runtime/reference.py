@@ -318,6 +318,21 @@ def attend(q: torch.Tensor, layer, sm_scale: float, with_mass: bool = False):
 
 # ---- importance of prompt tokens (what selection and guards rank by) ----------------------
 
+def pool_scores(scores: torch.Tensor, pool: str, kernel: int) -> torch.Tensor:
+    """SnapKV's pooling along the last axis (max or avg over a centred window of `kernel`
+    tokens, edges not padded into the average); "none" or kernel 1 leaves scores as they are."""
+    if pool == "none" or kernel <= 1:
+        return scores
+    n = scores.shape[-1]
+    flat = scores.reshape(-1, 1, n)
+    if pool == "max":
+        flat = torch.nn.functional.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    else:
+        flat = torch.nn.functional.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2,
+                                              count_include_pad=False)
+    return flat[..., :n].reshape(scores.shape)
+
+
 def snapkv_importance(q_observe: torch.Tensor, keys: torch.Tensor, observe_positions: torch.Tensor,
                       pool: str, kernel: int, gqa: str, sm_scale: float) -> torch.Tensor:
     """SnapKV: attention of the observation-window queries over the prompt, summed over those
@@ -332,15 +347,7 @@ def snapkv_importance(q_observe: torch.Tensor, keys: torch.Tensor, observe_posit
     logits = q_observe.float() @ expanded.transpose(-1, -2) * sm_scale  # [b, Hq, w, N]
     causal = torch.arange(n)[None, :] > observe_positions[:, None]  # [w, N]
     logits = logits.masked_fill(causal, -math.inf)
-    scores = torch.softmax(logits, dim=-1).sum(-2)  # [b, Hq, N]
-    if pool != "none" and kernel > 1:
-        flat = scores.reshape(batch * q_heads, 1, n)
-        if pool == "max":
-            flat = torch.nn.functional.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
-        else:
-            flat = torch.nn.functional.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2,
-                                                  count_include_pad=False)
-        scores = flat.reshape(batch, q_heads, n)
+    scores = pool_scores(torch.softmax(logits, dim=-1).sum(-2), pool, kernel)  # [b, Hq, N]
     grouped = scores.reshape(batch, kv_heads, group, n)
     if gqa == "mean":
         return grouped.mean(2)

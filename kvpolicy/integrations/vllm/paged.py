@@ -255,17 +255,7 @@ def block_importance(fmt: PageFormat, keys: torch.Tensor,
         return R.keynorm_importance(keys)
     if fmt.score == "recent":
         return R.recent_importance(m, heads, bs)
-    scores = mass.float()
-    if fmt.pool != "none" and fmt.pool_kernel > 1:
-        k = fmt.pool_kernel
-        flat = scores.reshape(m * heads, 1, bs)
-        if fmt.pool == "max":
-            flat = torch.nn.functional.max_pool1d(flat, k, stride=1, padding=k // 2)
-        else:
-            flat = torch.nn.functional.avg_pool1d(flat, k, stride=1, padding=k // 2,
-                                                  count_include_pad=False)
-        scores = flat[..., :bs].reshape(m, heads, bs)
-    return scores
+    return R.pool_scores(mass.float(), fmt.pool, fmt.pool_kernel)
 
 
 def select_tokens(importance: torch.Tensor, page: LayerPage) -> tuple[torch.Tensor, torch.Tensor]:
