@@ -8,10 +8,11 @@ TPOT, measured on this machine's CPU. Results: bench/results/vllm_cpu.json (labe
 (the second: prompts longer than aggressive's 2,048-token window, so blocks seal and evict).
 
 Each configuration runs in its own process (vLLM loads plugins once per process). Timings are
-wall-clock over whole `LLM.generate` calls (engine overhead included), medians of --repeats:
-TTFT = one request, max_tokens=1; TPOT = (one request with 1 + n tokens − TTFT) / n; prefill
-throughput = batch × prompt / (batch with max_tokens=1); decode throughput = batch × n /
-(batch with 1 + n tokens − batch with 1). The policy's attention is kvpolicy's PyTorch path
+wall-clock engine steps (`LLMEngine.add_request` then `step()` until done; scheduling and
+sampling included): TTFT = the steps until one request's first token; TPOT = the median decode
+step of that request; prefill throughput = batch × prompt / the steps until every request of
+the batch has its first token; decode throughput = batch / the median later step (all requests
+decoding). Medians over --repeats. The policy's attention is kvpolicy's PyTorch path
 (dequantize, then SDPA, one request at a time), vLLM's baseline its C++ CPU kernel.
 """
 
@@ -45,25 +46,43 @@ def worker(args) -> dict:
     prompts = [{"prompt_token_ids": [(7 * i + 13 * t) % 30000 + 200 for t in range(args.prompt)]}
                for i in range(args.batch)]
 
-    def timed(batch: int, tokens: int) -> float:
-        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-        times = []
-        for _ in range(args.repeats):
-            started = time.perf_counter()
-            llm.generate(prompts[:batch], params, use_tqdm=False)
-            times.append(time.perf_counter() - started)
-        return statistics.median(times)
+    engine = llm.llm_engine
+    serial = iter(range(1 << 30))
 
-    timed(1, 2)  # warm-up
-    ttft = timed(1, 1)
-    single = timed(1, 1 + args.decode)
-    batch_prefill = timed(args.batch, 1)
-    batch_full = timed(args.batch, 1 + args.decode)
+    def stepped(batch: int, tokens: int) -> tuple[float, list[float]]:
+        """Runs `batch` requests of 1 + `tokens` tokens step by step: (seconds until every
+        request has its first token, then each later step's seconds)."""
+        params = SamplingParams(temperature=0.0, max_tokens=1 + tokens, ignore_eos=True)
+        waiting = set()
+        for prompt in prompts[:batch]:
+            request_id = f"r{next(serial)}"
+            engine.add_request(request_id, prompt, params)
+            waiting.add(request_id)
+        first, later = 0.0, []
+        while engine.has_unfinished_requests():
+            started = time.perf_counter()
+            outputs = engine.step()
+            seconds = time.perf_counter() - started
+            if waiting:
+                first += seconds
+                waiting -= {o.request_id for o in outputs if o.outputs and o.outputs[0].token_ids}
+            else:
+                later.append(seconds)
+        return first, later
+
+    def median_of(batch: int) -> tuple[float, float]:
+        """Medians over --repeats of (time to every first token, one decode step)."""
+        runs = [stepped(batch, args.decode) for _ in range(args.repeats)]
+        return (statistics.median(r[0] for r in runs),
+                statistics.median(s for r in runs for s in r[1]))
+
+    stepped(1, 2)  # warm-up
+    ttft, tpot = median_of(1)
+    batch_prefill, batch_step = median_of(args.batch)
     cache = llm.llm_engine.vllm_config.cache_config
     return {"capacity_tokens": cache.num_gpu_blocks * args.block_size, "ttft_s": ttft,
-            "tpot_s": (single - ttft) / args.decode,
-            "prefill_tokens_per_s": args.batch * args.prompt / batch_prefill,
-            "decode_tokens_per_s": args.batch * args.decode / (batch_full - batch_prefill)}
+            "tpot_s": tpot, "prefill_tokens_per_s": args.batch * args.prompt / batch_prefill,
+            "decode_tokens_per_s": args.batch / batch_step}
 
 
 def _commit() -> str | None:
