@@ -267,13 +267,11 @@ def main() -> None:
         return format(row[key], spec) if row.get(key) is not None else "-"
 
     for r in rows:
-        def fmt(key, spec, r=r):
-            return cell(r, key, spec)
         print(f"{r['model']:14} {r['policy']:13} {r['batch']:>3} {r['context']:>6} "
-              f"{fmt('rel_err', '.1e'):>8} {fmt('decode_us', '.1f'):>10} "
-              f"{fmt('sdpa_us', '.1f'):>9} {fmt('speedup', '.2f'):>9} "
-              f"{fmt('byte_ratio', '.2f'):>8} {fmt('decode_tbps', '.2f'):>6} "
-              f"{fmt('write_tbps', '.2f'):>10}")
+              f"{cell(r, 'rel_err', '.1e'):>8} {cell(r, 'decode_us', '.1f'):>10} "
+              f"{cell(r, 'sdpa_us', '.1f'):>9} {cell(r, 'speedup', '.2f'):>9} "
+              f"{cell(r, 'byte_ratio', '.2f'):>8} {cell(r, 'decode_tbps', '.2f'):>6} "
+              f"{cell(r, 'write_tbps', '.2f'):>10}")
     print(f"({name}; written to {out})")
 
 

@@ -198,6 +198,29 @@ class FakeEngine:
         return [out[query_start[i]:query_start[i + 1]] for i in range(len(chunks))]
 
 
+def run_interleaved(engine, lengths, rows, data, arrived, expected, atol):
+    """Drives requests through the engine, a whole prompt and then one token per step, and
+    checks every chunk's output against `expected(name, q, start, end)`. lengths: name →
+    (prompt, final length); data: name → (keys, values, queries); arrived(name, step, pos) says
+    whether a request is scheduled yet. → tokens processed per request."""
+    pos = {r: 0 for r in lengths}
+    for step in range(10_000):
+        chunks, names = [], []
+        for r, (prompt, final) in lengths.items():
+            if pos[r] < final and arrived(r, step, pos):
+                size = prompt if pos[r] == 0 else 1
+                k, v, q = (t[pos[r]:pos[r] + size] for t in data[r])
+                chunks.append((rows[r], pos[r], q, k, v))
+                names.append(r)
+        if not chunks:
+            break
+        for r, out, (_, start, q, k, _) in zip(names, engine.step(chunks), chunks):
+            torch.testing.assert_close(out, expected(r, q, start, start + len(k)), atol=atol,
+                                       rtol=1e-5)
+            pos[r] += len(k)
+    return pos
+
+
 def quantized_blocks(fmt, keys, values):
     """Every whole block of a sequence [T, H, D] through the reference's pack and unpack."""
     bs, layout = fmt.block_size, fmt.layers[0].body
@@ -237,24 +260,10 @@ def test_two_interleaved_requests_match_the_rule_step_by_step(window):
     data = {r: (torch.randn(n, heads, d) * 2, torch.randn(n, heads, d), torch.randn(n, q_heads, d))
             for r, (_, n) in lengths.items()}
     quantized = {r: quantized_blocks(fmt, k, v) for r, (k, v, _) in data.items()}
-    pos = {r: 0 for r in lengths}
-    for step in range(200):
-        chunks, names = [], []
-        for r, (prompt, final) in lengths.items():
-            if pos[r] >= final or (r == "b" and step < 3):  # b arrives later
-                continue
-            size = prompt if pos[r] == 0 else 1
-            k, v, q = (t[pos[r]:pos[r] + size] for t in data[r])
-            chunks.append((rows[r], pos[r], q, k, v))
-            names.append(r)
-        if not chunks:
-            break
-        outs = engine.step(chunks)
-        for r, out, (_, start, q, k, _) in zip(names, outs, chunks):
-            want = expected_attention(fmt, data[r][0], data[r][1], quantized[r], q, start,
-                                      start + len(k), 0.125)
-            torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5)
-            pos[r] += len(k)
+    pos = run_interleaved(
+        engine, lengths, rows, data, lambda r, step, pos: r == "a" or step >= 3,  # b later
+        lambda r, q, start, end: expected_attention(fmt, data[r][0], data[r][1], quantized[r],
+                                                    q, start, end, 0.125), atol=2e-5)
     assert pos == {"a": 150, "b": 120}
 
 
@@ -356,22 +365,10 @@ def test_retention_matches_the_rule_step_by_step(write_policy, window, sinks):
     rows = {"a": [12, 40, 3, 27, 8], "b": [5, 60, 19, 2]}
     data = {r: (torch.randn(n, heads, d) * torch.rand(n, heads, 1) * 3, torch.randn(n, heads, d),
                 torch.randn(n, q_heads, d)) for r, (_, n) in lengths.items()}
-    pos = {r: 0 for r in lengths}
-    while True:
-        chunks, names = [], []
-        for r, (prompt, final) in lengths.items():
-            if pos[r] < final and (r == "a" or pos["a"] >= 160):  # b arrives later
-                size = prompt if pos[r] == 0 else 1
-                k, v, q = (t[pos[r]:pos[r] + size] for t in data[r])
-                chunks.append((rows[r], pos[r], q, k, v))
-                names.append(r)
-        if not chunks:
-            break
-        for r, out, (_, start, q, k, _) in zip(names, engine.step(chunks), chunks):
-            want = expected_with_retention(fmt, data[r][0], data[r][1], q, start,
-                                           start + len(k), 0.125)
-            torch.testing.assert_close(out, want, atol=3e-5, rtol=1e-5)
-            pos[r] += len(k)
+    pos = run_interleaved(
+        engine, lengths, rows, data, lambda r, step, pos: r == "a" or pos["a"] >= 160,
+        lambda r, q, start, end: expected_with_retention(fmt, data[r][0], data[r][1], q, start,
+                                                         end, 0.125), atol=3e-5)
     assert pos == {"a": 300, "b": 230}
 
 

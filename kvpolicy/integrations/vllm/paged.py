@@ -452,6 +452,7 @@ class StepMetadata:
     token_offset: torch.Tensor  # [num_actual_tokens] offset in its block
     seal_blocks: torch.Tensor  # [k] blocks sealed in this step, and their staging slots
     seal_slots: torch.Tensor
+    past_sealed_now: list[bool]  # per request: does its past hold a block sealed in this step?
 
     @property
     def starts(self) -> list[int]:
@@ -467,6 +468,8 @@ def step_metadata(table: staging.StagingTable, query_start: list[int], seq_lens:
     requests = [staging.RequestStep(row, end - (query_start[i + 1] - query_start[i]), end)
                 for i, (row, end) in enumerate(zip(block_rows, seq_lens))]
     plan = table.plan(requests)
+    past_sealed_now = [any(table.sealed(j, r.end) and not table.sealed(j, r.start)
+                           for j in range(r.start // bs)) for r in requests]
     slots = slot_mapping.to(torch.int64)
     stage = torch.tensor([plan.stage_of_block[int(b)] for b in (slots // bs).tolist()],
                          dtype=torch.int64)
@@ -475,7 +478,8 @@ def step_metadata(table: staging.StagingTable, query_start: list[int], seq_lens:
                         request_slots=plan.request_slots, token_slot=stage,
                         token_offset=slots % bs,
                         seal_blocks=torch.tensor(plan.seal_blocks, dtype=torch.int64),
-                        seal_slots=torch.tensor(plan.seal_slots, dtype=torch.int64))
+                        seal_slots=torch.tensor(plan.seal_slots, dtype=torch.int64),
+                        past_sealed_now=past_sealed_now)
 
 
 def write_step(staging_buffer: torch.Tensor, mass: torch.Tensor | None, key: torch.Tensor,
@@ -526,9 +530,7 @@ def attend_step(pages: torch.Tensor, staging_buffer: torch.Tensor, mass: torch.T
     for i in range(len(md.seq_lens)):
         attend_request(i, starts[i], record=True)
     seal()
-    bs = fmt.block_size
     for i, seq_len in enumerate(md.seq_lens):
-        if any(fmt.sealed(j, seq_len) and not fmt.sealed(j, starts[i])
-               for j in range(starts[i] // bs)):
+        if md.past_sealed_now[i]:
             attend_request(i, seq_len, record=False)
     return output
