@@ -12,10 +12,40 @@ them at once.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
 Severity = Literal["error", "warning", "note"]
+
+# A diagnostic echoes the user's text; it must never carry raw control characters to a terminal
+# (an ESC sequence in a comment could clear it) nor a line of unbounded length.
+MAX_EXCERPT = 120  # characters of a source line shown around the caret
+MAX_WORD = 40  # characters of a user's word quoted in a message
+MAX_MESSAGE = 600  # characters of one message line
+
+
+def _invisible(char: str) -> bool:
+    """Control and format characters (C0/C1 controls, bidi overrides, zero-width joiners)."""
+    return unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp")
+
+
+def printable(text: str) -> str:
+    """`text` with every control or format character written as an escape (`\\x1b`,
+    `\\u202e`) and capped at MAX_MESSAGE characters: safe to print on any terminal."""
+    if len(text) > MAX_MESSAGE:
+        text = text[:MAX_MESSAGE - 1] + "…"
+    if not any(_invisible(c) for c in text):
+        return text
+    return "".join(c.encode("unicode_escape").decode("ascii") if _invisible(c) else c
+                   for c in text)
+
+
+def quoted(word: str) -> str:
+    """A user's word for a message: escaped like `printable`, shortened past MAX_WORD."""
+    if len(word) > MAX_WORD:
+        word = word[:MAX_WORD - 4] + "…"
+    return printable(word)
 
 
 @dataclass(frozen=True)
@@ -67,7 +97,7 @@ class Diagnostic:
     path: str | None = None  # for problems with a file but no position (cannot read it)
 
     def render(self) -> str:
-        lines = [f"{self._where()}{self.severity}: {self.message}"]
+        lines = [printable(f"{self._where()}{self.severity}: {self.message}")]
         if self.span is not None:
             lines.extend(_excerpt(self.span))
         for note in self.notes:
@@ -86,14 +116,20 @@ def _excerpt(span: Span) -> list[str]:
     text = span.source.line_text(span.line)
     if not text.strip():
         return []
-    # Tabs are shown as single spaces so that the caret lines up with the column.
-    shown = text.replace("\t", " ")
+    # One character shown per character of the line, so that the caret lines up with the
+    # column: tabs as spaces, control and format characters as U+FFFD.
+    shown = "".join(" " if c == "\t" else "\ufffd" if _invisible(c) else c for c in text)
     start = max(span.column - 1, 0)
     if span.end_line == span.line:
         width = max(span.end_column - span.column, 1)
     else:
         width = max(len(shown) - start, 1)
-    width = min(width, max(len(shown) - start, 1))
+    width = min(width, max(len(shown) - start, 1), MAX_EXCERPT // 2)
+    if len(shown) > MAX_EXCERPT:  # a long line: a window around the caret, cut ends marked
+        first = max(0, min(start - MAX_EXCERPT // 3, len(shown) - MAX_EXCERPT))
+        last = first + MAX_EXCERPT
+        shown = ("…" if first else "") + shown[first:last] + ("…" if last < len(shown) else "")
+        start = start - first + (1 if first else 0)
     return ["    " + shown, "    " + " " * start + "^" + "~" * (width - 1)]
 
 

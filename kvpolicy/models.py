@@ -7,10 +7,14 @@ hidden_size / num_attention_heads, max_position_embeddings).
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from kvpolicy.diagnostics import quoted
+from kvpolicy.files import FileProblem, human_size, read_limited, shown_path
 
 # The dtype of the cache's full-precision regions (and of the uncompressed baseline). Planning
 # presets are 16-bit; the CPU runtime may keep an fp32 model's cache in fp32 (exact mode).
@@ -81,9 +85,24 @@ def _normalise(name: str) -> str:
     return key
 
 
+# What a model config may say, so that checking and planning stay bounded in time and memory
+# (a plan is per layer) and every count fits the int32 fields of the storage format. The deepest
+# and widest public decoder LLMs are well inside these (Llama-3.1-405B: 126 layers, 128 heads,
+# head_dim 128; context windows up to a few million tokens). docs/language.md lists them.
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 1024
+MAX_POSITIONS = 2**31 - 1  # token positions are int32 (docs/format.md)
+MAX_CONFIG_BYTES = 4 * 1024 * 1024  # a config.json is a few KiB
+MAX_NAME = 100  # characters of a model's name kept from its config
+
+
 def resolve_model(spec: str, relative_to: str | os.PathLike[str] | None = None) -> ModelShape:
     """A preset name (`qwen2.5-7b`, also `Qwen/Qwen2.5-7B-Instruct`), or a path to a config.json
     or to a model directory holding one (relative paths are tried against `relative_to` too)."""
+    if isinstance(spec, ModelShape):
+        return spec
+    spec = os.fspath(spec)
     key = _normalise(spec)
     if key in PRESETS:
         return PRESETS[key]
@@ -91,54 +110,97 @@ def resolve_model(spec: str, relative_to: str | os.PathLike[str] | None = None) 
     if relative_to is not None and not Path(spec).is_absolute():
         candidates.append(Path(relative_to) / spec)
     for candidate in candidates:
-        if candidate.is_dir() and (candidate / "config.json").is_file():
+        try:
+            is_dir, is_file = candidate.is_dir(), candidate.exists() and not candidate.is_dir()
+        except (OSError, ValueError):
+            continue
+        if is_dir:
+            if not (candidate / "config.json").is_file():
+                raise ModelError(f"model directory {shown_path(candidate)} has no config.json")
             return load_config(candidate / "config.json")
-        if candidate.is_file():
+        if is_file:
             return load_config(candidate)
-    import difflib
     close = difflib.get_close_matches(key, PRESETS, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise ModelError(f"unknown model '{spec}'{hint} (presets: {', '.join(PRESETS)}; or give a "
-                     "path to a config.json or a model directory)")
+    raise ModelError(f"unknown model '{quoted(spec)}'{hint} (presets: {', '.join(PRESETS)}; or "
+                     "give a path to a config.json or a model directory)")
 
 
 def load_config(path: str | os.PathLike[str]) -> ModelShape:
+    shown = shown_path(path)
     try:
-        with open(path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read model config {path}: {exc}") from None
+        data = read_limited(path, MAX_CONFIG_BYTES)
+    except FileProblem as exc:
+        if exc.too_large is not None:
+            raise ModelError(f"model config {shown} is {human_size(exc.too_large)}; a "
+                             f"config.json may be at most {MAX_CONFIG_BYTES // (1024 * 1024)} "
+                             "MiB") from None
+        raise ModelError(f"cannot read model config {shown}: {exc.reason}") from None
+    try:
+        config = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ModelError(f"cannot read model config {shown}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"cannot read model config {shown}: not valid JSON (line {exc.lineno}, "
+                         f"column {exc.colno}: {exc.msg})") from None
+    except RecursionError:
+        raise ModelError(f"cannot read model config {shown}: nested too deeply") from None
     if not isinstance(config, dict):
-        raise ModelError(f"model config {path} is not a JSON object")
-    name = str(config.get("_name_or_path") or Path(path).resolve().parent.name)
+        raise ModelError(f"model config {shown} is not a JSON object")
+    try:
+        folder = Path(path).resolve().parent.name
+    except (OSError, RuntimeError):
+        folder = ""
+    name = config.get("_name_or_path")
+    name = name if isinstance(name, str) and name.strip() else folder or "model"
     return shape_from_config(config, name=name, source=os.fspath(path))
 
 
 def shape_from_config(config: dict, name: str, source: str,
                       kv_dtype: str | None = None) -> ModelShape:
-    """A ModelShape from a Hugging Face config dict. kv_dtype: the cache dtype (default: the
-    config's 16-bit dtype, else bfloat16)."""
-    path = source
-    config = config.get("text_config", config)  # multimodal configs nest the language model
+    """A ModelShape from a Hugging Face config dict, within the limits above (ModelError says
+    which value is out of range). kv_dtype: the cache dtype (default: the config's 16-bit dtype,
+    else bfloat16)."""
+    path = shown_path(source)
+    nested = config.get("text_config", config)  # multimodal configs nest the language model
+    if nested is not config and not isinstance(nested, dict):
+        raise ModelError(f"model config {path}: 'text_config' must be a JSON object")
+    config = nested
 
-    def number(key: str, default: int | None = None) -> int:
+    def number(key: str, maximum: int, default: int | None = None) -> int:
         value = config.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            shown = quoted(repr(value))
             raise ModelError(f"model config {path}: '{key}' must be a positive integer, "
-                             f"got {value!r}")
+                             f"got {shown}")
+        if value > maximum:
+            raise ModelError(f"model config {path}: '{key}' is {value}; kvpolicy supports at "
+                             f"most {maximum:,}")
         return value
 
-    layers = number("num_hidden_layers")
-    q_heads = number("num_attention_heads")
-    kv_heads = number("num_key_value_heads", q_heads)
-    head_dim = config.get("head_dim") or number("hidden_size") // q_heads
-    head_dim = number("head_dim", head_dim) if "head_dim" in config else head_dim
+    layers = number("num_hidden_layers", MAX_LAYERS)
+    q_heads = number("num_attention_heads", MAX_HEADS)
+    kv_heads = number("num_key_value_heads", MAX_HEADS, q_heads)
+    if config.get("head_dim") is not None:
+        head_dim = number("head_dim", MAX_HEAD_DIM)
+    else:
+        hidden = number("hidden_size", MAX_HEAD_DIM * MAX_HEADS)
+        if hidden % q_heads:
+            raise ModelError(f"model config {path}: hidden_size {hidden} is not a multiple of "
+                             f"{q_heads} attention heads, and there is no 'head_dim'")
+        head_dim = hidden // q_heads
+        if head_dim > MAX_HEAD_DIM:
+            raise ModelError(f"model config {path}: head_dim (hidden_size / "
+                             f"num_attention_heads) is {head_dim}; kvpolicy supports at most "
+                             f"{MAX_HEAD_DIM}")
     if q_heads % kv_heads:
         raise ModelError(f"model config {path}: {q_heads} query heads are not a multiple of "
                          f"{kv_heads} KV heads")
+    max_context = number("max_position_embeddings", MAX_POSITIONS, 32768)
     if kv_dtype is None:
-        dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+        dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
         kv_dtype = dtype if dtype in ("float16", "bfloat16") else "bfloat16"
+    name = name if len(name) <= MAX_NAME else name[:MAX_NAME - 1] + "…"
     return ModelShape(name=name, num_layers=layers, num_q_heads=q_heads, num_kv_heads=kv_heads,
-                      head_dim=int(head_dim), max_context=number("max_position_embeddings", 32768),
-                      kv_dtype=kv_dtype, source=source)
+                      head_dim=head_dim, max_context=max_context, kv_dtype=kv_dtype,
+                      source=source)

@@ -13,8 +13,8 @@ def _number(draw, value: int) -> str:
     return draw(st.sampled_from(forms))
 
 
-def _ratio(draw) -> str:
-    percent = draw(st.integers(1, 100))
+def _ratio(draw, least: int = 0) -> str:
+    percent = draw(st.integers(least, 100))
     return draw(st.sampled_from([f"{percent}%", f"{percent / 100:g}"]))
 
 
@@ -43,16 +43,23 @@ def policies(draw):
     blocks = draw(st.integers(0, 2))
     if blocks:
         unit = 128  # an override's keys may quantize with any inherited group up to 128
+    window = sinks = 0
     if draw(st.booleans()):
-        statements.append(f"keep window {_number(draw, unit * draw(st.integers(0, 8)))}")
+        window = unit * draw(st.integers(0, 8))
+        statements.append(f"keep window {_number(draw, window)}")
     if draw(st.booleans()):
-        statements.append(f"keep sinks {_number(draw, draw(st.integers(0, 64)))}")
-    if draw(st.booleans()):
-        statements.append(f"retain {_ratio(draw)}")
-    anchors = draw(st.lists(st.one_of(st.integers(0, 40), st.just("last")), unique=True,
+        sinks = draw(st.integers(0, 64))
+        statements.append(f"keep sinks {_number(draw, sinks)}")
+    least = 0 if window or sinks else 1  # a policy must keep some token (docs/language.md)
+    retain = draw(st.booleans())
+    if retain:
+        statements.append(f"retain {_ratio(draw, least)}")
+    depth = st.integers(0, 100).map(lambda p: f"{p}%")  # a share of the model's depth
+    anchors = draw(st.lists(st.one_of(st.integers(0, 40), st.just("last"), depth), unique=True,
                             max_size=4))
     if anchors:
-        statements.append("retain " + ", ".join(f"layer {a} {_ratio(draw)}" for a in anchors))
+        statements.append("retain " + ", ".join(f"layer {a} {_ratio(draw, 0 if retain else least)}"
+                                                for a in anchors))
         kinds = ["linear", "step"] + (["pyramid"] if len(anchors) >= 2 else [])
         if draw(st.booleans()):
             statements.append(f"interpolate {draw(st.sampled_from(kinds))}")
@@ -87,7 +94,8 @@ def policies(draw):
     if draw(st.booleans()):
         statements.append('model "qwen2.5-7b"')
     for _ in range(blocks):
-        ranges = draw(st.lists(st.sampled_from(["0", "1..3", "last", "2..last", "5"]),
+        ranges = draw(st.lists(st.sampled_from(["0", "1..3", "last", "2..last", "5", "50%..last",
+                                                "0%..10%", "90%"]),
                                min_size=1, max_size=3))
         limit = guard_bits if guard_bits is not None else 17
         bits = draw(st.sampled_from([b for b in widths if b < limit]))

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from kvpolicy.diagnostics import Diagnostic, PolicyError
+from kvpolicy.diagnostics import Diagnostic, PolicyError, printable
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 70
 
@@ -29,7 +29,7 @@ class Reporter:
 
     def fail(self, message: str) -> None:
         self.errors += 1
-        print(f"kvpolicy: error: {message}", file=sys.stderr)
+        print(printable(f"kvpolicy: error: {message}"), file=sys.stderr)
 
     def summary(self, what: str) -> str:
         def count(n: int, word: str) -> str:

@@ -43,10 +43,12 @@ class Ratio:
 
 @dataclass(frozen=True)
 class LayerRef:
-    """A layer index, or `last` (number is None)."""
+    """A layer index (`14`), a share of the model's depth (`50%`, percent True), or `last`
+    (number is None)."""
 
     number: Num | None
     span: Span
+    percent: bool = False
 
 
 @dataclass(frozen=True)

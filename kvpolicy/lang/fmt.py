@@ -180,7 +180,9 @@ def _ratio(ratio: ast.Ratio) -> str:
 
 
 def _layer_ref(ref: ast.LayerRef) -> str:
-    return "last" if ref.number is None else number(ref.number)
+    if ref.number is None:
+        return "last"
+    return number(ref.number) + ("%" if ref.percent else "")
 
 
 def _layer_range(layer_range: ast.LayerRange) -> str:

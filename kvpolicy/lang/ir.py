@@ -3,14 +3,15 @@
 `kvpolicy.lang.lower` builds a `Policy` from the AST after every check has passed; the planner
 (`kvpolicy.plan`) is its only reader. Spans are kept (excluded from equality) so that checks that
 need a model — a layer index beyond the model's last layer — can still point at the text.
-Layer references are resolved against a model only at plan time: `LAST` is -1.
+Layer references are resolved against a model only at plan time: `LAST` is -1, and a share of
+the model's depth (`layer 50%`) is a `Depth`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, Union
 
 from kvpolicy.diagnostics import Span
 
@@ -25,6 +26,16 @@ FULL_PRECISION_BITS = 16
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
 LAST = -1  # a layer reference to the model's last layer
 
+
+@dataclass(frozen=True)
+class Depth:
+    """`layer 50%`: the layer at this share of the model's depth, counted from layer 0 (0%) to
+    the last layer (100%): index = round_half_up(fraction × (num_layers − 1))."""
+
+    fraction: float
+
+
+LayerRef = Union[int, Depth]  # an index, LAST, or a share of the depth
 
 
 def _span():
@@ -104,7 +115,7 @@ class Cluster:
 
 @dataclass(frozen=True)
 class Anchor:
-    layer: int  # LAST (-1) for the last layer
+    layer: LayerRef  # an index, LAST (-1) for the last layer, or a Depth
     ratio: float
     span: Span | None = _span()
 
@@ -113,8 +124,8 @@ class Anchor:
 class LayerSelection:
     """Inclusive layer range; `stop` None for a single layer. Either end may be LAST."""
 
-    start: int
-    stop: int | None = None
+    start: LayerRef
+    stop: LayerRef | None = None
     span: Span | None = _span()
 
 
@@ -184,13 +195,20 @@ def _build(cls, data):
     return None if data is None else cls(**data)
 
 
+def _layer_ref(data) -> LayerRef | None:
+    return Depth(**data) if isinstance(data, dict) else data
+
+
 def policy_from_json(data: dict) -> Policy:
     fields = {key: value for key, value in data.items() if key not in _NESTED}
     for key, cls in _NESTED.items():
         fields[key] = _build(cls, data.get(key))
-    fields["anchors"] = tuple(Anchor(**a) for a in data.get("anchors", ()))
+    fields["anchors"] = tuple(Anchor(_layer_ref(a["layer"]), a["ratio"])
+                              for a in data.get("anchors", ()))
     fields["layers"] = tuple(
-        LayerOverride(layers=tuple(LayerSelection(**s) for s in o["layers"]),
+        LayerOverride(layers=tuple(LayerSelection(_layer_ref(s["start"]),
+                                                  _layer_ref(s.get("stop")))
+                                   for s in o["layers"]),
                       keys=_build(QuantFormat, o.get("keys")),
                       values=_build(QuantFormat, o.get("values")),
                       guard=_build(Guard, o.get("guard")))

@@ -20,7 +20,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kvpolicy.diagnostics import Diagnostic, Diagnostics, PolicyError, Source, Span, note
+from kvpolicy.diagnostics import (Diagnostic, Diagnostics, PolicyError, Source, Span, note,
+                                  quoted)
+from kvpolicy import files
 from kvpolicy.lang import ast, ir, vocabulary as vocab
 from kvpolicy.lang.parser import parse_source
 from kvpolicy.lang.source import read_source
@@ -32,6 +34,7 @@ MIN_GROUP, MAX_GROUP = 8, 1024
 MAX_CLUSTERS = 65536
 MAX_OBSERVE = 65536
 MAX_POOL_KERNEL = 255
+MAX_LAYER_INDEX = 65535
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,10 @@ class _Lowering:
         if tree is None:
             return None
         draft = _Draft(_defaults(tree.name.text), {}, [], header=tree.name.span)
+        if not tree.name.text.isascii():
+            self.d.error(f"policy name '{quoted(tree.name.text)}' is not ASCII"
+                         f"{vocab.non_ascii_note(tree.name.text)}; a name is ASCII letters, "
+                         "digits, '_' and '-'", tree.name.span)
         if tree.extends is not None:
             parent = self._parent(tree, source, path, chain)
             if parent is None:
@@ -153,11 +160,18 @@ class _Lowering:
                 chain: tuple[Path, ...]) -> _Draft | None:
         extends = tree.extends
         assert extends is not None
-        here = path.resolve()
-        target = (path.parent / extends.path).resolve()
         shown = os.path.normpath(os.path.join(os.path.dirname(source.path), extends.path))
         if not extends.path:
             self.d.error("`extends` needs a path to a .kvp file", extends.span)
+            return None
+        try:
+            here = path.resolve()
+            target = (path.parent / extends.path).resolve()
+            is_dir, exists = target.is_dir(), target.exists()
+        except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a symlink loop
+            why = files.reason(exc) if isinstance(exc, OSError) else "a symbolic link loop"
+            self.d.error(f"cannot read the extended policy '{quoted(shown)}': {why}",
+                         extends.span)
             return None
         if target in chain or target == here:
             cycle = " → ".join([*(p.name for p in chain), here.name, target.name])
@@ -167,14 +181,19 @@ class _Lowering:
             self.d.error(f"`extends` chains may be at most {MAX_EXTENDS_DEPTH} files deep",
                          extends.span)
             return None
-        if not target.is_file():
-            self.d.error(f"cannot find the extended policy '{shown}'", extends.span)
+        if is_dir:
+            self.d.error(f"the extended policy '{quoted(shown)}' is a directory; `extends` names "
+                         "a .kvp file", extends.span)
+            return None
+        if not exists:
+            self.d.error(f"cannot find the extended policy '{quoted(shown)}'", extends.span)
             return None
         errors_before = len([d for d in self.d.items if d.severity == "error"])
         parent = self.lower_file(target, shown, chain + (here,))
         errors_after = len([d for d in self.d.items if d.severity == "error"])
         if parent is None or errors_after > errors_before:
-            self.d.error(f"the extended policy '{shown}' has errors (listed above)", extends.span)
+            self.d.error(f"the extended policy '{quoted(shown)}' has errors (listed above)",
+                         extends.span)
             return None
         parent.extends = (shown, *parent.extends)
         return parent
@@ -295,8 +314,9 @@ class _Statements:
             name = arg.name.text
             if name not in allowed:
                 takes = f"takes {vocab.one_of(allowed)}" if allowed else "takes no arguments"
-                self.d.error(f"score {method} has no argument '{name}' ({takes})"
-                             + (vocab.suggest(name, allowed) if allowed else ""), arg.name.span)
+                self.d.error(f"score {method} has no argument '{quoted(name)}' ({takes})"
+                             + (vocab.suggest(name, allowed) if allowed else "")
+                             + vocab.non_ascii_note(name), arg.name.span)
                 ok = False
                 continue
             if name in seen:
@@ -388,8 +408,12 @@ class _Statements:
             stop = numbers.layer(layer_range.end) if layer_range.end is not None else None
             if start is None or (layer_range.end is not None and stop is None):
                 ok = False
-            elif (stop is not None and start != ir.LAST and stop != ir.LAST and stop < start):
-                self.d.error(f"layer range {start}..{stop} runs backwards", layer_range.span)
+            elif (isinstance(start, int) and isinstance(stop, int) and start != ir.LAST
+                  and stop != ir.LAST and stop < start) or (
+                    isinstance(start, ir.Depth) and isinstance(stop, ir.Depth)
+                    and stop.fraction < start.fraction):
+                self.d.error(f"layer range {_show_layer(layer_range.start)}.."
+                             f"{_show_layer(layer_range.end)} runs backwards", layer_range.span)
                 ok = False
         first: dict[type, ast.Stmt] = {}
         for stmt in block.statements:
@@ -529,10 +553,18 @@ class _Numbers:
             return None
         return ratio.value
 
-    def layer(self, ref: ast.LayerRef) -> int | None:
+    def layer(self, ref: ast.LayerRef) -> ir.LayerRef | None:
         if ref.number is None:
             return ir.LAST
-        return self.whole(ref.number, "layer", 0, 65535)
+        if ref.percent:
+            share = self.ratio(ast.Ratio(ref.number, True, ref.span), "layer")
+            return None if share is None else ir.Depth(share)
+        if self._finite(ref.number, "layer") and not ref.number.value.is_integer():
+            self.d.error(f"layer must be a whole number, not {_shown(ref.number)}; for a share "
+                         f"of the model's depth write a percentage (`layer 50%`)",
+                         ref.number.span)
+            return None
+        return self.whole(ref.number, "layer", 0, MAX_LAYER_INDEX)
 
 
 class _Words:
@@ -542,21 +574,25 @@ class _Words:
     def pick(self, word: ast.Word, choices, what: str) -> str | None:
         if word.text in choices:
             return word.text
-        self.d.error(f"unknown {what} '{word.text}'{vocab.suggest(word.text, choices)} "
-                     f"(one of {vocab.one_of(choices)})", word.span)
+        self.d.error(f"unknown {what} '{quoted(word.text)}'{vocab.suggest(word.text, choices)} "
+                     f"(one of {vocab.one_of(choices)}){vocab.non_ascii_note(word.text)}",
+                     word.span)
         return None
 
     def width(self, word: ast.Word, role: str) -> int | None:
         if word.text in vocab.WIDTHS:
             return vocab.WIDTHS[word.text]
         hint = vocab.suggest(word.text, vocab.WIDTHS, vocab.WIDTH_ALIASES)
-        self.d.error(f"unsupported {role} bit-width '{word.text}'{hint} (supported: "
-                     f"{vocab.one_of(vocab.WIDTHS)})", word.span)
+        self.d.error(f"unsupported {role} bit-width '{quoted(word.text)}'{hint} (supported: "
+                     f"{vocab.one_of(vocab.WIDTHS)}){vocab.non_ascii_note(word.text)}",
+                     word.span)
         return None
 
 
 def _show_layer(ref: ast.LayerRef) -> str:
-    return "last" if ref.number is None else ref.number.text
+    if ref.number is None:
+        return "last"
+    return _shown(ref.number) + ("%" if ref.percent else "")
 
 
 # ---- finishing: overrides and the checks that involve several statements --------------------
@@ -612,6 +648,14 @@ def _cross_checks(d: Diagnostics, policy: ir.Policy, draft: _Draft) -> None:
         if span is not None and span.path == policy.path:
             d.warning(message, span)
 
+    # a cache must hold something: with no sinks, window or centroids the budget is all there is
+    keeps_nothing = policy.retain == 0 or (policy.retain is None and policy.anchors and all(
+        anchor.ratio == 0 for anchor in policy.anchors))
+    if keeps_nothing and policy.sinks == 0 and policy.window == 0 and policy.cluster is None:
+        budget = "retain 0%" if policy.retain == 0 else "every anchor at 0%"
+        d.error(f"the policy keeps no token: {budget}, with no `keep sinks`, no `keep window` and "
+                "no `cluster evicted`; keep a window (e.g. `keep window 64`) or retain more than "
+                "0%", spans.get("retain") or spans.get("anchors") or header)
     # interpolation needs anchors, and some kinds need several
     if "interpolate" in spans:
         where = spans["interpolate"]

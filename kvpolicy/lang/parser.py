@@ -9,15 +9,14 @@ reach the semantic checks.
 
 from __future__ import annotations
 
-import difflib
 import functools
 from dataclasses import dataclass
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from kvpolicy import _resources
-from kvpolicy.diagnostics import Diagnostic, Source, Span, note
-from kvpolicy.lang import ast
+from kvpolicy.diagnostics import Diagnostic, Source, Span, note, quoted
+from kvpolicy.lang import ast, vocabulary as vocab
 
 MAX_SYNTAX_ERRORS = 20
 
@@ -206,7 +205,8 @@ def _describe(exc: UnexpectedInput, source: Source) -> Diagnostic:
             message = f"unexpected character {char!r}"
         return Diagnostic("error", message, span)
     assert isinstance(exc, UnexpectedToken)
-    message = _match_example(exc) or _unexpected_token_message(exc)
+    message = (_misplaced_message(exc, source) or _match_example(exc)
+               or _unexpected_token_message(exc))
     notes = ()
     if exc.token.type == "$END":
         opened = _open_brace(exc)
@@ -234,6 +234,51 @@ def _error_span(exc: UnexpectedInput, source: Source) -> Span:
     return Span.point(source, line, column)
 
 
+def _misplaced_message(exc: UnexpectedToken, source: Source) -> str | None:
+    """Mistakes whose token the generic messages would misname: a misspelt `policy`, a policy
+    name that is not a word, a `layers` block inside another."""
+    token = exc.token
+    expected = _expected(exc)
+    is_word = token.type == "NAME" or token.value in _keyword_texts().values()
+    if "POLICY" in expected and is_word and token.type != "POLICY":
+        if vocab.closest(str(token.value), ["policy"]):
+            return (f"unknown word {_show_token(token)}; did you mean 'policy'? A file holds "
+                    "`policy NAME { … }`" + vocab.non_ascii_note(str(token.value)))
+    if _previous_type(exc) == "POLICY" and token.type not in ("NAME", "LBRACE", "$END"):
+        written = _word_at(source, token)
+        if token.type == "NUMBER" or written[:1].isdigit():
+            return (f"a policy name starts with a letter or '_', not a digit: '{quoted(written)}' "
+                    "(a name is letters, digits, '_' and '-')")
+        if token.type == "STRING":
+            return "a policy name is a bare word, not a quoted string: `policy NAME { … }`"
+    if token.type == "LAYERS" and "KEEP" in expected and "LAYERS" not in expected:
+        return "override blocks cannot nest; list every layer in one `layers …` header"
+    return None
+
+
+def _expected(exc: UnexpectedToken) -> set[str]:
+    try:
+        # `accepts` replays the parser per terminal: exact, unlike LALR's merged `expected`.
+        expected = set(exc.accepts or exc.expected)
+    except Exception:
+        expected = set(exc.expected)
+    return expected - {"WS", "COMMENT"}
+
+
+def _previous_type(exc: UnexpectedToken) -> str | None:
+    values = getattr(getattr(exc.interactive_parser, "parser_state", None), "value_stack", None)
+    if values and isinstance(values[-1], Token):
+        return values[-1].type
+    return None
+
+
+def _word_at(source: Source, token: Token) -> str:
+    """The run of non-space characters the source has where `token` starts."""
+    line = source.line_text(token.line)
+    rest = line[token.column - 1:]
+    return rest.split(None, 1)[0] if rest.strip() else str(token.value)
+
+
 def _match_example(exc: UnexpectedInput) -> str | None:
     if getattr(exc, "state", None) is None:
         return None
@@ -245,12 +290,7 @@ def _match_example(exc: UnexpectedInput) -> str | None:
 
 def _unexpected_token_message(exc: UnexpectedToken) -> str:
     token = exc.token
-    try:
-        # `accepts` replays the parser per terminal: exact, unlike LALR's merged `expected`.
-        expected = set(exc.accepts or exc.expected)
-    except Exception:
-        expected = set(exc.expected)
-    expected -= {"WS", "COMMENT"}
+    expected = _expected(exc)
     keywords = _keyword_texts()
     found = _show_token(token)
     expected_words = sorted(keywords[n] for n in expected
@@ -258,14 +298,14 @@ def _unexpected_token_message(exc: UnexpectedToken) -> str:
     is_word = token.type == "NAME" or token.value in keywords.values()
     suggestion = None
     if is_word and expected_words:
-        close = difflib.get_close_matches(token.value, expected_words, n=1, cutoff=0.6)
-        suggestion = close[0] if close else None
+        suggestion = vocab.closest(str(token.value), expected_words)
 
     if "KEEP" in expected and is_word:
         message = f"unknown statement {found}"
+        hint = vocab.non_ascii_note(str(token.value))
         if suggestion:
-            return f"{message}; did you mean '{suggestion}'?"
-        return f"{message}; a statement starts with one of: {', '.join(expected_words)}"
+            return f"{message}; did you mean '{suggestion}'?{hint}"
+        return f"{message}; a statement starts with one of: {', '.join(expected_words)}{hint}"
     if token.type == "$END" and "RBRACE" in expected:
         return "unexpected end of file: a '}' is missing"
     if expected == {"NUMBER"}:
@@ -279,7 +319,7 @@ def _unexpected_token_message(exc: UnexpectedToken) -> str:
 def _show_token(token: Token) -> str:
     if token.type in ("_NL", "$END"):
         return _TERMINAL_NAMES[token.type]
-    return repr(str(token.value))
+    return f"'{quoted(str(token.value))}'"
 
 
 def _show_expected(expected: set[str]) -> str:
@@ -352,9 +392,9 @@ class _Builder:
         return ast.Ratio(self.num(number), percent is not None, self.span(tree))
 
     def layer_ref(self, tree: Tree) -> ast.LayerRef:
-        (token,) = tree.children
+        token, *percent = tree.children
         number = self.num(token) if token.type == "NUMBER" else None
-        return ast.LayerRef(number, self.span(tree))
+        return ast.LayerRef(number, self.span(tree), percent=bool(percent and percent[0]))
 
     @staticmethod
     def _items(tree: Tree) -> list:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from kvpolicy.diagnostics import Diagnostic, PolicyError, Source, Span
+from kvpolicy.files import FileProblem, human_size, read_limited, shown_path
 
 # A policy is a few dozen lines; 64 KiB leaves room for long override lists while bounding the
 # parser's time (~4 µs per byte measured for Lark's LALR parser on this grammar).
@@ -17,23 +18,20 @@ MAX_POLICY_BYTES = 64 * 1024
 
 
 def read_source(path: str | os.PathLike[str], shown_as: str | None = None) -> Source:
-    shown = shown_as if shown_as is not None else os.fspath(path)
+    shown = shown_as if shown_as is not None else shown_path(path)
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_POLICY_BYTES + 1)
-            size = os.fstat(handle.fileno()).st_size
-    except IsADirectoryError:
-        raise PolicyError([Diagnostic("error", "is a directory, not a policy file",
-                                      path=shown)]) from None
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise PolicyError([Diagnostic("error", f"cannot read policy file: {reason}",
-                                      path=shown)]) from None
-    if len(data) > MAX_POLICY_BYTES:
-        size = max(size, len(data))
-        message = (f"file is {_human_size(size)}; a policy file may be at most "
-                   f"{MAX_POLICY_BYTES // 1024} KiB")
-        raise PolicyError([Diagnostic("error", message, Span.of_file(Source(shown, "")))])
+        data = read_limited(path, MAX_POLICY_BYTES)
+    except FileProblem as exc:
+        if exc.too_large is not None:
+            message = (f"file is {human_size(exc.too_large)}; a policy file may be at most "
+                       f"{MAX_POLICY_BYTES // 1024} KiB")
+            raise PolicyError([Diagnostic("error", message,
+                                          Span.of_file(Source(shown, "")))]) from None
+        if exc.reason.startswith("is a directory"):
+            message = "is a directory, not a policy file"
+        else:
+            message = f"cannot read policy file: {exc.reason}"
+        raise PolicyError([Diagnostic("error", message, path=shown)]) from None
     return decode_source(shown, data)
 
 
@@ -61,9 +59,3 @@ def _refuse_at(shown: str, data: bytes, offset: int, message: str):
     shown_text = data.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
     source = Source(shown, shown_text)
     raise PolicyError([Diagnostic("error", message, Span.point(source, line, column))])
-
-
-def _human_size(size: int) -> str:
-    if size >= 1024 * 1024:
-        return f"{size / (1024 * 1024):.1f} MiB"
-    return f"{size / 1024:.1f} KiB"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import unicodedata
 from typing import Iterable
 
 # Bit-width words: the number of bits per stored value; 16 is the model's own 16-bit dtype.
@@ -23,12 +24,37 @@ GQA_REDUCTIONS = ("mean", "max", "sum")
 ADAPT_SCOPES = ("layers", "heads")
 
 
+def ascii_folded(word: str) -> str:
+    """`word` with accents removed (`rétain` → `retain`); other non-ASCII letters are dropped."""
+    decomposed = unicodedata.normalize("NFKD", word)
+    return decomposed.encode("ascii", "ignore").decode("ascii")
+
+
+def closest(word: str, choices: Iterable[str]) -> str | None:
+    """The choice `word` most likely misspells (accents ignored), or None."""
+    choices = list(choices)
+    lowered = word.lower()
+    folded = ascii_folded(lowered)
+    if folded != lowered and folded in choices:
+        return folded
+    close = difflib.get_close_matches(lowered, choices, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def non_ascii_note(word: str) -> str:
+    """" ('é' is not an ASCII letter; kvp words are ASCII)" for a word with such a letter."""
+    strange = next((c for c in word if not c.isascii()), None)
+    if strange is None:
+        return ""
+    return f" ('{strange}' is not an ASCII letter; kvp words are ASCII)"
+
+
 def suggest(word: str, choices: Iterable[str], aliases: dict[str, str] | None = None) -> str:
     """'; did you mean 'x'?' for the closest choice, or ''."""
     if aliases and word.lower() in aliases:
         return f"; did you mean '{aliases[word.lower()]}'?"
-    close = difflib.get_close_matches(word.lower(), list(choices), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
+    close = closest(word, choices)
+    return f"; did you mean '{close}'?" if close else ""
 
 
 def one_of(choices: Iterable[str]) -> str:

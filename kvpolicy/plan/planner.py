@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 
 from kvpolicy.diagnostics import Diagnostic, Diagnostics, note
-from kvpolicy.lang.ir import LAST, Guard, LayerSelection, Policy, QuantFormat
+from kvpolicy.lang.ir import LAST, Depth, Guard, LayerRef, LayerSelection, Policy, QuantFormat
 from kvpolicy.lang.lower import MAX_TOKENS
 from kvpolicy.models import ModelShape
 from kvpolicy import format as storage
@@ -129,7 +129,6 @@ def make_plan(policy: Policy, model: ModelShape, context: int) -> Plan:
     formats = _layer_formats(d, policy, model)
     d.raise_if_errors()
 
-
     sinks = min(policy.sinks, context)
     window = min(policy.window, context - sinks)
     floor = (sinks + window) / context
@@ -141,6 +140,14 @@ def make_plan(policy: Policy, model: ModelShape, context: int) -> Plan:
     for index, ratio in enumerate(schedule.ratios):
         keys, values, guard = formats[index]
         layers.append(_layer_plan(policy, model, context, index, ratio, keys, values, guard))
+    newest_only = [layer.layer for layer in layers if layer.sinks + layer.selected == 0
+                   and policy.window == 0 and layer.window == 1 and layer.evicted > 0]
+    if newest_only:
+        many = len(newest_only) > 1
+        d.warning(f"at context {context}, the budget of layer{'s' if many else ''} "
+                  f"{_ranges(newest_only)} rounds to no token; "
+                  f"{'each keeps' if many else 'it keeps'} only its most recent token (16-bit)",
+                  policy.retain_span)
     return Plan(policy, model, context, tuple(layers), _attributed(d.warnings, policy))
 
 
@@ -169,6 +176,8 @@ def _layer_plan(policy: Policy, model: ModelShape, context: int, index: int, rat
         window += middle - whole
     else:
         selected = min(whole, unit * _round_half_up(wanted / unit))
+    if sinks + window + selected == 0:  # never keep nothing: the newest token stays
+        window = 1
     guard_tokens = unit * _round_half_up(guard.fraction * selected / unit) if guard else 0
     guard_tokens = min(guard_tokens, selected)
     evicted = context - sinks - window - selected
@@ -228,9 +237,25 @@ def _round_half_up(x: float) -> int:
 
 # ---- resolving layer references against the model ------------------------------------------
 
-def _layer_index(d: Diagnostics, layer: int, model: ModelShape, span, what: str) -> int | None:
-    if layer == LAST:
-        return model.num_layers - 1
+def layer_index(layer: LayerRef, num_layers: int) -> int:
+    """The index a layer reference names in a model of `num_layers` layers (may be beyond it)."""
+    if isinstance(layer, Depth):
+        return _round_half_up(layer.fraction * (num_layers - 1))
+    return num_layers - 1 if layer == LAST else layer
+
+
+def show_layer(layer: LayerRef, model: ModelShape) -> str:
+    """How a message names a layer reference: `layer 14`, `layer 50% (14 of qwen2.5-7b)`."""
+    if isinstance(layer, Depth):
+        return (f"layer {100 * layer.fraction:g}% ({layer_index(layer, model.num_layers)} of "
+                f"{model.name})")
+    return f"layer {layer_index(layer, model.num_layers)}"
+
+
+def _layer_index(d: Diagnostics, layer: LayerRef, model: ModelShape, span,
+                 what: str) -> int | None:
+    if isinstance(layer, Depth) or layer == LAST:
+        return layer_index(layer, model.num_layers)
     if layer >= model.num_layers:
         d.error(f"{what} {layer} is beyond {model.name}'s last layer ({model.num_layers - 1}; "
                 f"layers count from 0, and `last` names the last one)", span)
@@ -246,7 +271,9 @@ def _resolve_anchors(d: Diagnostics, policy: Policy, model: ModelShape) -> list[
         if layer is None:
             continue
         if layer in resolved:
-            d.error(f"two anchors name layer {layer} of {model.name}", anchor.span,
+            depth = (f" (`layer {100 * anchor.layer.fraction:g}%` is the layer nearest that "
+                     "share of its depth)" if isinstance(anchor.layer, Depth) else "")
+            d.error(f"two anchors name layer {layer} of {model.name}{depth}", anchor.span,
                     note("the other anchor", resolved[layer]))
             continue
         resolved[layer] = anchor.span
@@ -285,6 +312,9 @@ def _layer_formats(d: Diagnostics, policy: Policy,
                 keys, values, guard = formats[layer]
                 formats[layer] = (override.keys or keys, override.values or values,
                                   override.guard or guard)
+    # `guard none` (and a guard of 0%) stores no guard tokens: such layers have no guard at all
+    formats = [(keys, values, guard if guard is not None and guard.fraction > 0 else None)
+               for keys, values, guard in formats]
     reported = set()
     for keys, values, _ in formats:
         for role, fmt in (("keys", keys), ("values", values)):

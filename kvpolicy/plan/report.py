@@ -50,7 +50,7 @@ def render_table(plan: Plan) -> str:
     ]
     header = (f"{'layer':>5}  {'retain':>7}  {'kept/head':>9}  {'sinks':>5}  {'window':>7}  "
               f"{'guard':>7}  {'body':>7}  {'evicted':>8}  {'centr.':>6}  {'keys':<14}  "
-              f"{'values':<14}  {'guard':<5}  {'MiB':>8}")
+              f"{'values':<14}  {'guard at':<8}  {'MiB':>8}")
     lines.append(header)
     for layer in plan.layers:
         lines.append(
@@ -58,7 +58,7 @@ def render_table(plan: Plan) -> str:
             f"{layer.sinks:>5,}  {layer.window:>7,}  {layer.guard_tokens:>7,}  "
             f"{layer.body_tokens:>7,}  {layer.evicted:>8,}  {layer.centroids:>6,}  "
             f"{format_label(layer.keys):<14}  {format_label(layer.values):<14}  "
-            f"{_guard_label(layer):<5}  {layer.bytes / MIB:>8.2f}")
+            f"{_guard_label(layer):<8}  {layer.bytes / MIB:>8.2f}")
     lines += [
         "",
         "Memory at this context (computed exactly from the storage format, docs/format.md; "
