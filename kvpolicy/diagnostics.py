@@ -30,9 +30,12 @@ def _invisible(char: str) -> bool:
     return unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp")
 
 
-def printable(text: str) -> str:
+def printable(text: str, lines: bool = False) -> str:
     """`text` with every control or format character written as an escape (`\\x1b`,
-    `\\u202e`) and capped at MAX_MESSAGE characters: safe to print on any terminal."""
+    `\\u202e`) and capped at MAX_MESSAGE characters: safe to print on any terminal.
+    `lines`: keep the text's line breaks (each line is made safe and capped on its own)."""
+    if lines:
+        return "\n".join(printable(line) for line in text.split("\n"))
     if len(text) > MAX_MESSAGE:
         text = text[:MAX_MESSAGE - 1] + "…"
     if not any(_invisible(c) for c in text):

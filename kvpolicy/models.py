@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvpolicy.diagnostics import quoted
+from kvpolicy.diagnostics import printable, quoted
 from kvpolicy.files import FileProblem, human_size, read_limited, shown_path
 
 # The dtype of the cache's full-precision regions (and of the uncompressed baseline). Planning
@@ -95,6 +95,31 @@ MAX_HEAD_DIM = 1024
 MAX_POSITIONS = 2**31 - 1  # token positions are int32 (docs/format.md)
 MAX_CONFIG_BYTES = 4 * 1024 * 1024  # a config.json is a few KiB
 MAX_NAME = 100  # characters of a model's name kept from its config
+
+
+def model_from_json(data) -> ModelShape:
+    """The ModelShape written by `ModelShape.to_json` (an artifact's manifest), checked like a
+    config: ModelError names the first value that is not a valid, supported shape."""
+    if not isinstance(data, dict):
+        raise ModelError("not a JSON object")
+    limits = {"num_layers": MAX_LAYERS, "num_q_heads": MAX_HEADS, "num_kv_heads": MAX_HEADS,
+              "head_dim": MAX_HEAD_DIM, "max_context": MAX_POSITIONS}
+    values = {}
+    for key, maximum in limits.items():
+        value = data.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+            raise ModelError(f"'{key}' must be an integer from 1 to {maximum:,}, got "
+                             f"{quoted(repr(value))}")
+        values[key] = value
+    if values["num_q_heads"] % values["num_kv_heads"]:
+        raise ModelError("query heads are not a multiple of KV heads")
+    if data.get("kv_dtype") not in KV_DTYPE_BYTES:
+        raise ModelError(f"'kv_dtype' must be one of {', '.join(KV_DTYPE_BYTES)}")
+    for key in ("name", "source"):
+        if not isinstance(data.get(key), str):
+            raise ModelError(f"'{key}' must be a string")
+    return ModelShape(name=data["name"], kv_dtype=data["kv_dtype"], source=data["source"],
+                      **values)
 
 
 def resolve_model(spec: str, relative_to: str | os.PathLike[str] | None = None) -> ModelShape:
@@ -200,7 +225,7 @@ def shape_from_config(config: dict, name: str, source: str,
     if kv_dtype is None:
         dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
         kv_dtype = dtype if dtype in ("float16", "bfloat16") else "bfloat16"
-    name = name if len(name) <= MAX_NAME else name[:MAX_NAME - 1] + "…"
+    name = printable(name if len(name) <= MAX_NAME else name[:MAX_NAME - 1] + "…")
     return ModelShape(name=name, num_layers=layers, num_q_heads=q_heads, num_kv_heads=kv_heads,
                       head_dim=head_dim, max_context=max_context, kv_dtype=kv_dtype,
                       source=source)

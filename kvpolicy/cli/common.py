@@ -11,7 +11,7 @@ from typing import Sequence
 
 from kvpolicy.diagnostics import Diagnostic, PolicyError, printable
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 70
+EXIT_OK, EXIT_ERROR, EXIT_INTERNAL = 0, 1, 70
 
 
 class Reporter:
@@ -29,7 +29,7 @@ class Reporter:
 
     def fail(self, message: str) -> None:
         self.errors += 1
-        print(printable(f"kvpolicy: error: {message}"), file=sys.stderr)
+        print(printable(f"kvpolicy: error: {message}", lines=True), file=sys.stderr)
 
     def summary(self, what: str) -> str:
         def count(n: int, word: str) -> str:
@@ -96,6 +96,23 @@ def write_atomically(path: Path, text: str) -> None:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def unwritable_directory(path: Path) -> str | None:
+    """Why results cannot be written into directory `path` (created if missing), or None."""
+    from kvpolicy.files import reason, shown_path
+    shown = shown_path(path)
+    try:
+        if path.exists() and not path.is_dir():
+            return f"cannot write results to {shown}: it exists and is a file, not a directory"
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            return f"cannot write results to {shown}: {shown_path(existing)} is a file"
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return f"cannot write results to {shown}: permission denied"
+    except OSError as exc:
+        return f"cannot write results to {shown}: {reason(exc)}"
+    return None
 
 
 # ---- argument parsing -----------------------------------------------------------------------

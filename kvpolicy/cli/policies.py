@@ -9,7 +9,8 @@ from pathlib import Path
 
 from kvpolicy.cli.common import (EXIT_ERROR, EXIT_OK, Reporter, model_for, plan_or_report,
                                  policy_and_model, write_atomically)
-from kvpolicy.diagnostics import PolicyError
+from kvpolicy.diagnostics import PolicyError, printable
+from kvpolicy.files import reason, shown_path
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -51,10 +52,16 @@ def cmd_fmt(args: argparse.Namespace) -> int:
             continue
         changed.append(path)
         if args.check:
-            print(f"{path}: not in canonical form (run `kvpolicy fmt {path}`)", file=sys.stderr)
+            print(printable(f"{path}: not in canonical form (run `kvpolicy fmt {path}`)"),
+                  file=sys.stderr)
         else:
-            write_atomically(Path(path), formatted)
-            print(f"formatted {path}", file=sys.stderr)
+            try:  # through a symbolic link, to the file it names
+                write_atomically(Path(path).resolve(), formatted)
+            except (OSError, RuntimeError) as exc:
+                why = reason(exc) if isinstance(exc, OSError) else "a symbolic link loop"
+                reporter.fail(f"cannot rewrite {shown_path(path)}: {why}")
+                continue
+            print(printable(f"formatted {path}"), file=sys.stderr)
     if reporter.errors:
         return EXIT_ERROR
     return EXIT_ERROR if args.check and changed else EXIT_OK
@@ -99,7 +106,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     state = f"{len(changed)} file{'s' * (len(changed) != 1)} written" if changed else \
         "unchanged"
-    print(f"compiled {policy.name} for {model.name} into {out} ({state})")
+    print(printable(f"compiled {policy.name} for {model.name} into {out} ({state})"))
     if args.sm90:
         from kvpolicy.compiler.hopper import check_artifact
         report = check_artifact(out)

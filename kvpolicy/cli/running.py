@@ -6,61 +6,199 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from kvpolicy.cli.common import EXIT_ERROR, EXIT_OK, Reporter, parse_context
-from kvpolicy.diagnostics import PolicyError
+from kvpolicy.cli.common import (EXIT_ERROR, EXIT_OK, Reporter, parse_context,
+                                 unwritable_directory)
+from kvpolicy.diagnostics import PolicyError, printable
+
+
+MAX_PROMPT_BYTES = 16 * 1024 * 1024  # --prompt-file: far beyond any model's context
+
+
+def policy_or_artifact(path: str, reporter: Reporter):
+    """(policy, compiled artifact or None) from a .kvp file or an artifact directory; None if it
+    cannot be used (reported)."""
+    from kvpolicy.compiler.artifact import ArtifactError, is_artifact, verify
+    from kvpolicy.lang.ir import policy_from_json
+    from kvpolicy.lang.lower import check_file
+    if is_artifact(path):
+        try:
+            manifest = verify(path)
+        except ArtifactError as exc:
+            reporter.fail(str(exc))
+            return None
+        return policy_from_json(manifest["policy"]["ir"]), path
+    result = check_file(path)
+    reporter.show(result.diagnostics)
+    return None if result.policy is None else (result.policy, None)
+
+
+def run_arguments_problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with `kvpolicy run`'s options on their own (before any model is read)."""
+    problems = []
+    given = [name for name, value in (("--prompt", args.prompt),
+                                      ("--prompt-file", args.prompt_file),
+                                      ("--needle", args.needle)) if value is not None]
+    if len(given) > 1:
+        problems.append(f"{' and '.join(given)} both give the prompt; use one")
+    elif not given:
+        problems.append("give a prompt with --prompt TEXT, --prompt-file FILE or --needle TOKENS")
+    if args.needle is not None and args.needle < 1:
+        problems.append(f"--needle {args.needle}: a needle prompt needs at least 1 token")
+    if args.depth is not None:
+        if not (0.0 <= args.depth <= 1.0):  # also NaN
+            problems.append(f"--depth {args.depth:g} is outside [0, 1] (0 puts the needle at "
+                            "the start of the haystack, 1 at its end)")
+        elif args.needle is None:
+            problems.append("--depth places the needle of --needle; it has no effect on "
+                            "--prompt or --prompt-file")
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens {args.max_new_tokens}: generate at least 1 token")
+    return problems
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kvpolicy.lang.lower import check_file
     reporter = Reporter()
-    result = check_file(args.file)
-    reporter.show(result.diagnostics)
-    if result.policy is None:
+    for problem in run_arguments_problems(args):
+        reporter.fail(problem)
+    if reporter.errors:
         return EXIT_ERROR
+    chosen = policy_or_artifact(args.file, reporter)
+    if chosen is None:
+        return EXIT_ERROR
+    policy, artifact = chosen
     prompt = args.prompt
     if args.prompt_file is not None:
+        from kvpolicy.files import FileProblem, read_limited, shown_path
         try:
-            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reporter.fail(f"cannot read {args.prompt_file}: {exc}")
+            prompt = read_limited(args.prompt_file, MAX_PROMPT_BYTES).decode("utf-8")
+        except FileProblem as exc:
+            reason = "larger than 16 MiB" if exc.too_large else exc.reason
+            reporter.fail(f"cannot read the prompt file {shown_path(args.prompt_file)}: {reason}")
             return EXIT_ERROR
-    if not prompt and args.needle is None:
-        reporter.fail("give a prompt with --prompt TEXT, --prompt-file FILE or --needle TOKENS")
+        except UnicodeDecodeError:
+            reporter.fail(f"the prompt file {shown_path(args.prompt_file)} is not UTF-8 text")
+            return EXIT_ERROR
+        if not prompt.strip():
+            reporter.fail(f"the prompt file {shown_path(args.prompt_file)} is empty")
+            return EXIT_ERROR
+    elif args.prompt is not None and not prompt.strip():
+        reporter.fail("--prompt is empty")
         return EXIT_ERROR
     try:
         from kvpolicy.eval.haystack import DataMissing, needle_sample
         from kvpolicy.hf import ModelLoadError, generate, load_model
+        from kvpolicy.hf.model import model_directory
     except ImportError as exc:
         reporter.fail(f"kvpolicy run needs the evaluation extras ({exc}); "
                       "pip install 'kvpolicy[eval]'")
         return EXIT_ERROR
+    from kvpolicy.compiler.artifact import ArtifactError, load, verify
+    from kvpolicy.models import ModelError, load_config
+    name = args.model or "smollm2-135m (embedded default)"
+    try:  # the model's shape first: cheap, and enough to refuse what cannot run on it
+        directory = model_directory(args.model)
+        shape = replace(load_config(directory / "config.json"), name=name,
+                        kv_dtype=args.cache_dtype)
+        if artifact is not None:
+            verify(artifact, model=shape)
+    except (ModelLoadError, ModelError, ArtifactError) as exc:
+        reporter.fail(str(exc))
+        return EXIT_ERROR
+    if args.needle is not None and args.needle > shape.max_context:
+        reporter.fail(f"--needle {args.needle:,} is beyond the model's context of "
+                      f"{shape.max_context:,} tokens ({name})")
+        return EXIT_ERROR
+    if args.max_new_tokens > shape.max_context:
+        reporter.fail(f"--max-new-tokens {args.max_new_tokens:,} is beyond the model's context "
+                      f"of {shape.max_context:,} tokens ({name})")
+        return EXIT_ERROR
+    compiled = None
     try:
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(directory)
+        run_shape = replace(_shape_of(model, args.cache_dtype), name=name)
+        if artifact is not None:
+            compiled = load(artifact, model=run_shape)
         needle = None
         if args.needle is not None:
-            needle = needle_sample(tokenizer, args.needle, args.depth, seed=0)
+            needle = needle_sample(tokenizer, args.needle, _depth(args), seed=0)
             prompt = needle.context + "\n" + needle.question
     except ImportError as exc:
         reporter.fail(f"kvpolicy run needs the evaluation extras ({exc}); "
                       "pip install 'kvpolicy[eval]'")
         return EXIT_ERROR
-    except (ModelLoadError, DataMissing) as exc:
+    except (ModelLoadError, DataMissing, ArtifactError) as exc:
         reporter.fail(str(exc))
         return EXIT_ERROR
-    name = args.model or "smollm2-135m (embedded default)"
-    if result.policy.model and args.model is None:
-        print(f"kvpolicy: the policy is written for {result.policy.model}; running it on {name}",
-              file=sys.stderr)
-    try:
-        run = generate(model, tokenizer, prompt, result.policy, args.max_new_tokens,
-                       cache_dtype=args.cache_dtype, backend=args.backend, chat=not args.raw)
-    except PolicyError as exc:
-        reporter.show(exc.diagnostics)
+    from kvpolicy.hf.generation import encode
+    ids = encode(tokenizer, prompt, chat=not args.raw)
+    if ids.shape[1] + args.max_new_tokens > shape.max_context:
+        reporter.fail(f"the prompt has {ids.shape[1]:,} tokens; with --max-new-tokens "
+                      f"{args.max_new_tokens} that is beyond the model's context of "
+                      f"{shape.max_context:,} tokens ({name})")
         return EXIT_ERROR
+    _note_model_difference(policy, run_shape, name)
+    runs = []
+    try:
+        runs.append(generate(model, tokenizer, ids, compiled or policy, args.max_new_tokens,
+                             cache_dtype=args.cache_dtype, backend=args.backend))
+        if args.baseline:
+            from kvpolicy.lang.ir import uncompressed
+            runs.append(generate(model, tokenizer, ids, uncompressed(), args.max_new_tokens,
+                                 cache_dtype=args.cache_dtype, backend="torch"))
+    except (PolicyError, ArtifactError) as exc:
+        if isinstance(exc, PolicyError):
+            reporter.show(exc.diagnostics)
+        else:
+            reporter.fail(str(exc))
+        return EXIT_ERROR
+    reporter.show(runs[0].plan.warnings)
+    _print_run(runs[0], policy.name, name, args, needle, device_name(model))
+    if args.baseline:
+        print()
+        _print_run(runs[1], "baseline (uncompressed, 16-bit)", name, args, needle,
+                   device_name(model))
+    return EXIT_OK
+
+
+def _depth(args) -> float:
+    return 0.5 if args.depth is None else args.depth
+
+
+def _shape_of(model, cache_dtype: str):
+    from kvpolicy.hf.cache import model_shape
+    return model_shape(model, cache_dtype)
+
+
+def _note_model_difference(policy, shape, name: str) -> None:
+    """The policy names a model (`model "…"`): say so when it runs on another shape."""
+    if not policy.model:
+        return
+    from kvpolicy.compiler.artifact import SHAPE_FIELDS, model_mismatches
+    from kvpolicy.models import ModelError, resolve_model
+    try:
+        written = resolve_model(policy.model, relative_to=Path(policy.path or ".").parent)
+        differs = bool(model_mismatches(written, shape, fields=SHAPE_FIELDS[:-1]))
+    except ModelError:
+        differs = True
+    if differs:
+        print(printable(f"kvpolicy: the policy is written for {policy.model}; running it on "
+                        f"{name}"), file=sys.stderr)
+
+
+def relative_size(ratio: float) -> str:
+    """'3.28x smaller than', 'the same size as', '1.05x larger than' (to two decimals)."""
+    if f"{ratio:.2f}" == "1.00":
+        return "the same size as"
+    if ratio > 1:
+        return f"{ratio:.2f}x smaller than"
+    return f"{1 / ratio:.2f}x larger than"
+
+
+def _print_run(run, label: str, name: str, args, needle, device: str) -> None:
     plan = run.plan
-    reporter.show(plan.warnings)
     measured = run.measured_bytes_after_compress
     final = run.cache.nbytes()["total"]
     total_tokens = run.prompt_tokens + len(run.token_ids)
@@ -70,19 +208,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     if needle is not None:
         found = "found" if needle.answer in run.text else "NOT found"
         print(f"needle at depth {needle.depth:g}: expected {needle.answer} ({found})")
-    print(f"model {name}; policy {result.policy.name}; cache dtype {args.cache_dtype}; "
-          f"attention backend {run.cache.backend} on {device_name(model)}")
+    print(f"model {name}; policy {label}; cache dtype {args.cache_dtype}; attention backend "
+          f"{run.cache.backend} on {device}")
     print(f"after the prompt ({run.prompt_tokens:,} tokens): measured {measured:,} bytes, "
           f"planned {plan.compressed_bytes:,} bytes, measured/planned "
-          f"{measured / plan.compressed_bytes:.4f}; {plan.compression_ratio:.2f}x smaller than "
-          f"the uncompressed cache ({plan.baseline_bytes:,} bytes)")
+          f"{measured / plan.compressed_bytes:.4f}; "
+          f"{relative_size(plan.baseline_bytes / measured)} the uncompressed cache "
+          f"({plan.baseline_bytes:,} bytes)")
     print(f"at the end ({total_tokens:,} tokens): measured {final:,} bytes, "
-          f"{baseline_final / final:.2f}x smaller than uncompressed; generated tokens are kept "
+          f"{relative_size(baseline_final / final)} uncompressed; generated tokens are kept "
           "(packed once a whole block leaves the window)")
     print(f"measured time: prefill {run.timings['prefill']:.2f} s, compress "
           f"{run.timings['compress']:.2f} s, decode {len(run.token_ids)} tokens "
           f"{run.timings['decode']:.2f} s")
-    return EXIT_OK
 
 
 QUICK = {"tasks": "niah_single,niah_multikey,vt,squad,ppl", "contexts": "3000", "samples": 3}
@@ -92,14 +230,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import hashlib
     reporter = Reporter()
     try:
-        from kvpolicy.eval.runner import EvalConfig, EvalPolicy, baseline_policy, run
+        from kvpolicy.eval.runner import (EvalConfig, EvalPolicy, baseline_policy, fit_problems,
+                                          run)
         from kvpolicy.eval.tasks import TASKS
         from kvpolicy.hf import ModelLoadError, load_model
     except ImportError as exc:
         reporter.fail(f"kvpolicy eval needs the evaluation extras ({exc}); "
                       "pip install 'kvpolicy[eval]'")
         return EXIT_ERROR
-    from kvpolicy.lang.lower import check_file
     tasks = (args.tasks or (QUICK["tasks"] if args.quick else ",".join(TASKS))).split(",")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -111,16 +249,50 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except argparse.ArgumentTypeError as exc:
         reporter.fail(str(exc))
         return EXIT_ERROR
-    samples = args.samples or (QUICK["samples"] if args.quick else 25)
+    samples = args.samples if args.samples is not None else (
+        QUICK["samples"] if args.quick else 25)
+    if samples < 1:
+        reporter.fail(f"--samples {samples}: evaluate at least 1 sample per task and context")
+        return EXIT_ERROR
+    from kvpolicy.compiler.artifact import ArtifactError, verify
+    from kvpolicy.hf.model import model_directory
+    from kvpolicy.models import ModelError, load_config
+    try:  # the model's shape before its weights: what does not fit is refused at once
+        directory = model_directory(args.model)
+        shape = load_config(directory / "config.json")
+    except (ModelLoadError, ModelError) as exc:
+        reporter.fail(str(exc))
+        return EXIT_ERROR
+    shape = replace(shape, name=args.model or "smollm2-135m", kv_dtype=args.cache_dtype)
+    beyond = [c for c in contexts if c > shape.max_context]
+    if beyond:
+        reporter.fail(f"--contexts {','.join(map(str, beyond))}: beyond the model's context of "
+                      f"{shape.max_context:,} tokens")
+        return EXIT_ERROR
     entries = [baseline_policy()]
     for path in args.files:
-        result = check_file(path)
-        reporter.show(result.diagnostics)
-        if result.policy is None:
+        chosen = policy_or_artifact(path, reporter)
+        if chosen is None:
             return EXIT_ERROR
-        entries.append(EvalPolicy(result.policy.name, result.policy, str(path)))
+        policy, artifact = chosen
+        if artifact is not None:
+            try:
+                verify(artifact, model=shape)
+            except ArtifactError as exc:
+                reporter.fail(str(exc))
+                return EXIT_ERROR
+        entries.append(EvalPolicy(policy.name, policy, str(path)))
+    problems = fit_problems(entries, shape, contexts)
+    if problems:
+        reporter.show(problems)
+        return EXIT_ERROR
+    if args.out is not None:
+        problem = unwritable_directory(Path(args.out))
+        if problem:
+            reporter.fail(problem)
+            return EXIT_ERROR
     try:
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(directory)
     except ModelLoadError as exc:
         reporter.fail(str(exc))
         return EXIT_ERROR

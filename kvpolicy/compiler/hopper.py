@@ -154,14 +154,13 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
 
 def check_artifact(directory: str | os.PathLike[str]) -> HopperReport:
     """Compiles every kernel of a built artifact for sm_90."""
-    from kvpolicy.compiler.loader import import_kernel_file
+    from kvpolicy.compiler.artifact import load
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    root = Path(directory)
-    manifest = json.loads((root / "manifest.json").read_text())
-    kv_dtype = {"bfloat16": "bf16", "float16": "fp16"}[manifest["model"]["kv_dtype"]]
+    compiled = load(directory)
+    kv_dtype = {"bfloat16": "bf16", "float16": "fp16"}[compiled.model.kv_dtype]
     usages = []
-    for kernel in manifest["kernels"]:
-        module = import_kernel_file(root / kernel["file"])
+    for kernel in compiled.manifest["kernels"]:
+        module = compiled.kernels[kernel["uri"]]
         for name in _KERNELS_BY_KIND[kernel["kind"]]:
             usages.append(compile_kernel(module, name, kernel["uri"], kv_dtype))
     return HopperReport(tuple(usages))
@@ -179,18 +178,21 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU", file=sys.stderr)
         return 2
-    from kvpolicy.compiler.loader import import_kernel_file
+    from kvpolicy.compiler.artifact import ArtifactError, load
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     seen, ok = set(), True
     for directory in args.artifacts:
-        root = Path(directory)
-        manifest = json.loads((root / "manifest.json").read_text())
-        kv_dtype = {"bfloat16": "bf16", "float16": "fp16"}[manifest["model"]["kv_dtype"]]
-        for kernel in manifest["kernels"]:
+        try:
+            compiled = load(directory)
+        except ArtifactError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        kv_dtype = {"bfloat16": "bf16", "float16": "fp16"}[compiled.model.kv_dtype]
+        for kernel in compiled.manifest["kernels"]:
             if (kernel["uri"], kv_dtype) in seen:
                 continue
             seen.add((kernel["uri"], kv_dtype))
-            module = import_kernel_file(root / kernel["file"])
+            module = compiled.kernels[kernel["uri"]]
             for name in _KERNELS_BY_KIND[kernel["kind"]]:
                 usage = compile_kernel(module, name, kernel["uri"], kv_dtype)
                 ok &= not usage.spills

@@ -28,8 +28,7 @@ import torch
 from kvpolicy.diagnostics import PolicyError
 from kvpolicy.eval.tasks import Sample, make_samples, score
 from kvpolicy.hf.cache import PolicyCache, attend_through
-from kvpolicy.lang.ir import Policy, Score, policy_to_json
-from kvpolicy.lang.lower import MAX_TOKENS
+from kvpolicy.lang.ir import Policy, Score, policy_to_json, uncompressed
 from kvpolicy.models import shape_from_config
 from kvpolicy.plan.planner import make_plan
 
@@ -187,11 +186,31 @@ def load_lines(path: Path) -> list[dict]:
     return lines
 
 
+def fit_problems(policies: list[EvalPolicy], shape, contexts: list[int]) -> list:
+    """Every diagnostic of planning each policy for the model at each context (and at the
+    model's maximum): checked before the first prefill, so a policy that does not fit the model
+    fails the run at once instead of every sample."""
+    problems = []
+    for entry in policies:
+        for context in sorted({*contexts, shape.max_context}):
+            try:
+                make_plan(entry.policy, shape, min(context, shape.max_context))
+            except PolicyError as exc:
+                problems.extend(d for d in exc.diagnostics if d not in problems)
+                break
+    return problems
+
+
 def run(config: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> Path:
     from kvpolicy.eval.report import write_outputs
     from kvpolicy.hf.model import load_model
     if model is None:
         model, tokenizer = load_model(config.model)
+    shape = shape_from_config(model.config.to_dict(), name=config.model or "smollm2-135m",
+                              source="transformers", kv_dtype=config.cache_dtype)
+    problems = fit_problems(config.policies, shape, config.contexts)
+    if problems:
+        raise PolicyError(problems)
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
     lines_path = config.out / "samples.jsonl"
@@ -199,8 +218,6 @@ def run(config: EvalConfig, model=None, tokenizer=None, progress: bool = True) -
     with open(lines_path, "w", encoding="utf-8") as handle:  # drop a half-written last line
         handle.writelines(json.dumps(line) + "\n" for line in lines)
     done = {_key(line) for line in lines}
-    shape = shape_from_config(model.config.to_dict(), name=config.model or "smollm2-135m",
-                              source="transformers", kv_dtype=config.cache_dtype)
     observe = max(p.policy.score.observe for p in config.policies)
     work = [(context, task, index) for context in config.contexts for task in config.tasks
             for index in range(config.samples)]
@@ -258,7 +275,7 @@ def _bar(total: int, done: int, enabled: bool):
 def baseline_policy() -> EvalPolicy:
     """The uncompressed cache: every token kept in the 16-bit window (plain tensors, no blocks),
     so its attention is as cheap as an ordinary cache's."""
-    return EvalPolicy(BASELINE, Policy(name=BASELINE, window=MAX_TOKENS), "")
+    return EvalPolicy(BASELINE, uncompressed(BASELINE), "")
 
 
 def with_name(entry: EvalPolicy, name: str) -> EvalPolicy:

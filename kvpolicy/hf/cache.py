@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import threading
-from pathlib import Path
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -167,19 +166,19 @@ class PolicyCache(Cache):
     on a GPU, torch otherwise)."""
 
     def __init__(self, policy, model, cache_dtype: str = "bfloat16", backend: str = "auto"):
+        from kvpolicy.compiler.artifact import CompiledPolicy, check_model, is_artifact, load
+        self.shape: ModelShape = model_shape(model, cache_dtype)
         self.kernels = None
         if isinstance(policy, Policy):
             self.policy = policy
-        elif Path(policy).is_dir():
-            from kvpolicy.compiler.artifact import load
-            self.kernels = load(policy)
+        elif isinstance(policy, CompiledPolicy):  # loaded elsewhere: still only for its model
+            check_model(policy, self.shape, what=f"the model at hand ({self.shape.name})")
+            self.kernels, self.policy = policy, policy.policy
+        elif is_artifact(policy):
+            self.kernels = load(policy, model=self.shape)
             self.policy = self.kernels.policy
         else:
             self.policy = load_policy(policy)
-        config = model.config
-        self.shape: ModelShape = shape_from_config(
-            config.to_dict(), name=getattr(config, "_name_or_path", "") or "model",
-            source="transformers", kv_dtype=cache_dtype)
         device = next(model.parameters()).device
         if backend == "auto":
             backend = "triton" if device.type == "cuda" else "torch"
@@ -232,6 +231,13 @@ class PolicyCache(Cache):
         """Bytes held per layer and in total, counted from the tensors (after compress())."""
         per_layer = [layer.nbytes() for layer in self.layers]
         return {"layers": per_layer, "total": sum(per_layer)}
+
+
+def model_shape(model, cache_dtype: str = "bfloat16") -> ModelShape:
+    """The shape of a transformers model, with the cache's full-precision dtype."""
+    config = model.config
+    return shape_from_config(config.to_dict(), name=getattr(config, "_name_or_path", "") or
+                             "model", source="transformers", kv_dtype=cache_dtype)
 
 
 def _kernel_packer(compiled):

@@ -67,21 +67,57 @@ def default_model_dir() -> Path:
     return target
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def model_directory(spec: str | os.PathLike[str] | None = None) -> Path:
+    """The local model directory `spec` names, checked before anything is loaded: None or
+    "smollm2-135m" (the embedded default), a model directory, or the config.json inside one.
+    ModelLoadError says what is missing (models are never downloaded)."""
+    from kvpolicy.files import shown_path
+    from kvpolicy.models import PRESETS, _normalise
+    if spec is None or str(spec).lower() in (DEFAULT_MODEL, "smollm2-135m-instruct"):
+        return default_model_dir()
+    shown = shown_path(spec)
+    path = Path(spec)
+    try:
+        if path.is_file() and path.name.endswith(".json"):
+            path = path.parent  # the config.json of a model directory
+        is_dir = path.is_dir()
+    except OSError as exc:
+        from kvpolicy.files import reason
+        raise ModelLoadError(f"cannot use the model {shown}: {reason(exc)}") from None
+    if not is_dir:
+        if _normalise(str(spec)) in PRESETS:
+            raise ModelLoadError(
+                f"'{shown}' is a preset shape (for plan and compile), not weights: running needs "
+                f"a local Hugging Face model directory with weights, or the embedded "
+                f"'{DEFAULT_MODEL}' (models are never downloaded)")
+        raise ModelLoadError(f"{shown} is not a local Hugging Face model directory (no such "
+                             "directory); models are never downloaded here")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{shown} is not a Hugging Face model directory: it has no "
+                             "config.json")
+    if not any(any(path.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        raise ModelLoadError(f"{shown} has a config.json but no weights (no *.safetensors or "
+                             "*.bin file); models are never downloaded here")
+    return path
+
+
 def load_model(spec: str | os.PathLike[str] | None = None, dtype: str = "float32"):
-    """(model, tokenizer) in eval mode on the CPU. spec: None or "smollm2-135m" for the embedded
-    default, or a local Hugging Face model directory. fp32 by default: on these CPUs bf16 matmul
-    is ~3x slower (NOTES.md)."""
+    """(model, tokenizer) in eval mode on the CPU. spec: as `model_directory`. fp32 by default:
+    on these CPUs bf16 matmul is ~3x slower (NOTES.md)."""
     _require("transformers", "transformers")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    if spec is None or str(spec).lower() in (DEFAULT_MODEL, "smollm2-135m-instruct"):
-        directory = default_model_dir()
-    else:
-        directory = Path(spec)
-        if not (directory / "config.json").is_file():
-            raise ModelLoadError(f"{spec} is not a local Hugging Face model directory (no "
-                                 "config.json); models are never downloaded here")
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype))
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    directory = model_directory(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except Exception as exc:  # transformers raises many kinds; the user needs one line
+        from kvpolicy.files import shown_path
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise ModelLoadError(f"cannot load the model in {shown_path(directory)}: "
+                             f"{type(exc).__name__}: {first}") from None
     model.eval()
     return model, tokenizer

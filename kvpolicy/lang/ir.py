@@ -171,6 +171,12 @@ class Policy:
         return any(a.ratio < 1.0 for a in self.anchors)
 
 
+def uncompressed(name: str = "baseline") -> Policy:
+    """The uncompressed cache as a policy: every token kept in the 16-bit window (plain tensors,
+    no blocks), what `kvpolicy run --baseline` and `kvpolicy eval` compare against."""
+    return Policy(name=name, window=2**31 - 1)
+
+
 # ---- serialization (artifacts store the checked policy, not its source) ---------------------
 
 _NESTED = {"keys": QuantFormat, "values": QuantFormat, "guard": Guard, "score": Score,

@@ -10,6 +10,8 @@ reach the semantic checks.
 from __future__ import annotations
 
 import functools
+import re
+import unicodedata
 from dataclasses import dataclass
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
@@ -197,23 +199,38 @@ def _skip_to_statement_end(lexer_state) -> None:
 
 def _describe(exc: UnexpectedInput, source: Source) -> Diagnostic:
     span = _error_span(exc, source)
+    notes = _invisible_note(source, span.line)
     if isinstance(exc, UnexpectedCharacters):
         char = source.text[exc.pos_in_stream] if exc.pos_in_stream < len(source.text) else ""
+        before = source.line_text(span.line)[:span.column - 1]
         if char == '"':
             message = "unterminated string; a string ends on the line where it starts"
+        elif re.search(r"(^|\s)policy\s+$", before):
+            message = (f"a policy name starts with a letter or '_', not {char!r} (a name is "
+                       "letters, digits, '_' and '-')")
         else:
             message = f"unexpected character {char!r}"
-        return Diagnostic("error", message, span)
+        return Diagnostic("error", message, span, notes)
     assert isinstance(exc, UnexpectedToken)
     message = (_misplaced_message(exc, source) or _match_example(exc)
                or _unexpected_token_message(exc))
-    notes = ()
     if exc.token.type == "$END":
         opened = _open_brace(exc)
         if opened is not None:
-            notes = (note("the block opened here is not closed", Span.point(
+            notes += (note("the block opened here is not closed", Span.point(
                 source, opened.line, opened.column)),)
     return Diagnostic("error", message, span, notes)
+
+
+def _invisible_note(source: Source, line: int) -> tuple[Diagnostic, ...]:
+    """A note when the line holds a character that does not show (a zero-width joiner, a bidi
+    override, a control character): the likeliest cause of a mistake that looks impossible."""
+    text = source.line_text(line)
+    for column, char in enumerate(text, start=1):
+        if char != "\t" and unicodedata.category(char) in ("Cc", "Cf"):
+            return (note(f"line {line} holds an invisible character, U+{ord(char):04X}, at "
+                         f"column {column}"),)
+    return ()
 
 
 def _error_span(exc: UnexpectedInput, source: Source) -> Span:

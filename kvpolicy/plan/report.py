@@ -5,6 +5,7 @@ The JSON schema is documented in docs/plan-schema.md; bump `SCHEMA` when a field
 
 from __future__ import annotations
 
+from kvpolicy.diagnostics import printable
 from kvpolicy.format import BlockLayout
 from kvpolicy.lang.ir import QuantFormat
 from kvpolicy.plan.planner import LayerPlan, Plan
@@ -39,7 +40,7 @@ def _guard_label(layer: LayerPlan) -> str:
 def render_table(plan: Plan) -> str:
     model, policy, context = plan.model, plan.policy, plan.context
     lines = [
-        f"policy   {policy.name}" + (f"  ({policy.path})" if policy.path else ""),
+        f"policy   {policy.name}" + (f"  ({printable(policy.path)})" if policy.path else ""),
         f"model    {model.name}: {model.num_layers} layers, {model.num_q_heads} query / "
         f"{model.num_kv_heads} KV heads, head_dim {model.head_dim}, {model.kv_dtype} cache",
         f"context  {context:,} tokens",

@@ -10,7 +10,8 @@ import math
 import os
 from dataclasses import dataclass
 
-from kvpolicy.compiler.artifact import ArtifactError, compiled_for, verify
+from kvpolicy.compiler.artifact import (SHAPE_FIELDS, ArtifactError, compiled_for,
+                                       model_mismatches, verify)
 from kvpolicy.format import DTYPE_BYTES
 from kvpolicy.integrations.vllm.paged import (
     PageFormat,
@@ -78,11 +79,9 @@ def load_settings(artifact: str, vllm_config) -> Settings:
     except ArtifactError as exc:
         raise UnsupportedConfiguration([str(exc)]) from None
     model = compiled_for(manifest)
-    for field in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim"):
-        if getattr(model, field) != getattr(engine_model, field):
-            reasons.append(f"artifact {artifact} was compiled for {model.name} with "
-                           f"{field} {getattr(model, field)}, but the engine's model "
-                           f"({model_config.model}) has {getattr(engine_model, field)}")
+    # the dtype is compared below: only 16-bit regions depend on it in pages
+    reasons += [f"artifact {artifact} was {mismatch}" for mismatch in model_mismatches(
+        model, engine_model, fields=SHAPE_FIELDS[:-1])]
     policy = policy_from_json(manifest["policy"]["ir"])
     cache = vllm_config.cache_config
     if cache.enable_prefix_caching:
