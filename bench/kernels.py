@@ -57,7 +57,7 @@ def load_artifact(policy: str, model_name: str, directory: Path):
     if not (out / "manifest.json").exists():
         compile_policy(load_policy(ROOT / "policies" / f"{policy}.kvp"),
                        resolve_model(model_name), out)
-    return load(out)
+    return load(out, model=model_name)  # refused unless compiled for this model's shape
 
 
 def pack_region(kernels, layout, batch: int, heads: int, count: int, device, generator):

@@ -5,11 +5,14 @@ with the 16-bit baseline in the same KV memory.
     KVPOLICY_ARTIFACT=build/kivi python examples/vllm_offline.py
 
 Each configuration runs in its own process (vLLM loads plugins once per process, and the
-baseline must not see the plugin). Options: --model DIR (default: the embedded SmolLM2-135M
-safetensors copy), --kv-bytes (fixed KV-cache memory, default 64 MiB), --max-tokens, --dtype,
---block-size, --max-model-len, --prompts-json (a file with a list of token-id lists), --needle
-TOKENS (one needle-in-a-haystack prompt of about TOKENS tokens instead of the short prompts, long
-enough for blocks to leave the window, be sealed and lose their evicted tokens):
+baseline must not see the plugin). By default the prompt is one needle-in-a-haystack prompt long
+enough for the artifact's policy to seal blocks into packed pages — its sinks and window plus
+four blocks and a margin, at least 1,000 tokens (--max-model-len grows to fit it) — so what the
+run shows was read back from packed pages, and it prints how many blocks were sealed. Options:
+--model DIR (default: the embedded SmolLM2-135M safetensors copy), --kv-bytes (fixed KV-cache
+memory, default 64 MiB), --max-tokens, --dtype, --block-size, --max-model-len, --needle TOKENS
+(another length), --depth, --short (four short prompts instead, which stay in the full-precision
+window: no block is sealed), --prompts-json (a file with a list of token-id lists):
 
     kvpolicy compile policies/aggressive.kvp --model smollm2-135m -o build/aggressive
     KVPOLICY_ARTIFACT=build/aggressive python examples/vllm_offline.py --block-size 256 \
@@ -79,6 +82,14 @@ def needle_prompt(args) -> tuple[str, str]:
     return path, needle.answer
 
 
+def sealing_length(artifact: str, block_size: int) -> int:
+    """A prompt length (tokens) at which the artifact's policy seals at least four blocks."""
+    from kvpolicy.compiler.artifact import verify
+    from kvpolicy.lang.ir import policy_from_json
+    policy = policy_from_json(verify(artifact)["policy"]["ir"])
+    return max(1000, policy.sinks + policy.window + 4 * block_size + 200)
+
+
 def run_in_subprocess(artifact: str | None, args) -> dict:
     env = dict(os.environ)
     env.pop("KVPOLICY_ARTIFACT", None)
@@ -111,6 +122,8 @@ def main() -> None:
                         help="let vLLM torch.compile the model (minutes on a small CPU)")
     parser.add_argument("--prompts-json", default=None)
     parser.add_argument("--needle", type=int, default=None, metavar="TOKENS")
+    parser.add_argument("--short", action="store_true",
+                        help="four short prompts (they never leave the window: nothing sealed)")
     parser.add_argument("--depth", type=float, default=0.5, help="where the needle sits (0..1)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -125,6 +138,10 @@ def main() -> None:
         raise SystemExit("set KVPOLICY_ARTIFACT to a compiled policy (kvpolicy compile "
                          "policies/kivi.kvp --model smollm2-135m -o build/kivi)")
     answer = None
+    if args.needle is None and not args.short and args.prompts_json is None:
+        args.needle = sealing_length(artifact, args.block_size)
+        needed = -(-(args.needle + args.max_tokens + 256) // args.block_size) * args.block_size
+        args.max_model_len = max(args.max_model_len, needed)
     if args.needle is not None:
         args.prompts_json, answer = needle_prompt(args)
     baseline = run_in_subprocess(None, args)
@@ -138,8 +155,8 @@ def main() -> None:
             found = "found" if answer in text else "NOT found"
             print(f"{name}: {text!r} (needle {found})")
     sealed = policy["sealed_blocks_per_layer"]
-    if sealed:
-        print(f"blocks sealed into packed pages (per layer, all requests): {max(sealed)}")
+    print(f"blocks sealed into packed pages (per layer, all requests): "
+          f"{max(sealed) if sealed else 0}")
     ratio = policy["capacity_tokens"] / baseline["capacity_tokens"]
     print(f"\nvLLM KV capacity in {args.kv_bytes:,} bytes (measured, as vLLM reports it): "
           f"baseline {baseline['capacity_tokens']:,} tokens, {artifact} "

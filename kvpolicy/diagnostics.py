@@ -44,6 +44,14 @@ def printable(text: str, lines: bool = False) -> str:
                    for c in text)
 
 
+def elided(text: str, limit: int = 160) -> str:
+    """`text` with its middle replaced by '…' past `limit` characters (paths in messages)."""
+    if len(text) <= limit:
+        return text
+    keep = limit // 2 - 1
+    return text[:keep] + "…" + text[-keep:]
+
+
 def quoted(word: str) -> str:
     """A user's word for a message: escaped like `printable`, shortened past MAX_WORD."""
     if len(word) > MAX_WORD:
@@ -80,7 +88,7 @@ class Span:
         return self.source.path
 
     def __str__(self) -> str:
-        return f"{self.source.path}:{self.line}:{self.column}"
+        return f"{elided(self.source.path)}:{self.line}:{self.column}"
 
     @classmethod
     def point(cls, source: Source, line: int, column: int) -> "Span":
@@ -111,7 +119,7 @@ class Diagnostic:
         if self.span is not None:
             return f"{self.span}: "
         if self.path is not None:
-            return f"{self.path}: "
+            return f"{elided(self.path)}: "
         return ""
 
 

@@ -13,7 +13,7 @@ import errno
 import os
 import stat
 
-from kvpolicy.diagnostics import printable
+from kvpolicy.diagnostics import elided, printable
 
 MAX_SHOWN_PATH = 160  # characters of a path repeated in a message
 
@@ -36,10 +36,7 @@ def shown_path(path: str | os.PathLike[str]) -> str:
     text = os.fspath(path)
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    if len(text) > MAX_SHOWN_PATH:
-        keep = MAX_SHOWN_PATH // 2 - 1
-        text = text[:keep] + "…" + text[-keep:]
-    return printable(text)
+    return printable(elided(text, MAX_SHOWN_PATH))
 
 
 def reason(exc: OSError) -> str:

@@ -44,13 +44,20 @@ def words_per_token(bits: int, head_dim: int) -> int:
     return bits * ceil(head_dim / 32)
 
 
-def block_tokens(keys: QuantFormat, values: QuantFormat) -> int:
+def block_tokens(keys: QuantFormat, values: QuantFormat, head_dim: int, kv_dtype: str,
+                 positions: bool) -> int:
     """Tokens per block: whole per-channel groups of both formats, and at least 16 tokens when
-    anything is quantized (so sections stay aligned); 1 when both are 16-bit."""
+    anything is quantized (so sections stay aligned). When both are 16-bit: the fewest tokens
+    (1, 2, 4, 8 or 16) whose block needs no padding — 1 without positions, 4 with them for
+    every head_dim (4·D·2 + 4 bytes a token is a multiple of 4, not of 16)."""
     tokens = lcm(keys.token_group, values.token_group)
     if keys.quantized or values.quantized:
-        tokens = lcm(tokens, MIN_QUANTIZED_BLOCK)
-    return tokens
+        return lcm(tokens, MIN_QUANTIZED_BLOCK)
+    for candidate in (1, 2, 4, 8, 16):
+        layout = block_layout(keys, values, head_dim, kv_dtype, positions, candidate)
+        if layout.nbytes == sum(section.nbytes for section in layout.sections):
+            return candidate
+    return 1
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,8 @@ def _aligned(offset: int) -> int:
 
 def block_layout(keys: QuantFormat, values: QuantFormat, head_dim: int, kv_dtype: str,
                  positions: bool, tokens: int | None = None) -> BlockLayout:
-    tokens = block_tokens(keys, values) if tokens is None else tokens
+    if tokens is None:
+        tokens = block_tokens(keys, values, head_dim, kv_dtype, positions)
     planned: list[tuple[str, tuple[int, ...], str]] = []
     for role, fmt in (("key", keys), ("value", values)):
         if fmt.quantized:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +168,218 @@ def test_compile_errors_are_located_and_write_nothing(tmp_path):
     assert "bad.kvp:1:53: error: layer 40 is beyond qwen2.5-7b's last layer" in result.stderr
     assert not (tmp_path / "out").exists()
     assert os.listdir(tmp_path) == ["bad.kvp"]
+
+
+# ---- the whole artifact is verified (issue 12, item 1) -------------------------------------------
+
+def _edit(value, path=""):
+    """A different value of the same kind (the first leaf of a container is changed)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, list):
+        return [_edit(value[0])] + value[1:] if value else [1]
+    if isinstance(value, dict):
+        key = sorted(value)[0]
+        return dict(value, **{key: _edit(value[key])})
+    return 1
+
+
+def _write_manifest(directory, manifest, digest=False):
+    if digest:
+        manifest = dict(manifest, manifest_sha256=artifact.manifest_digest(manifest))
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+
+TOP_LEVEL = ["files", "format", "kernels", "kvpolicy_version", "launch", "layers",
+             "manifest_sha256", "model", "plan_at_max_context", "policy", "template_sha256"]
+
+
+def test_the_manifest_has_the_fields_the_tampering_tests_edit(built):
+    assert sorted(json.loads((built / "manifest.json").read_text())) == TOP_LEVEL
+
+
+@pytest.mark.parametrize("field", TOP_LEVEL)
+@pytest.mark.parametrize("digest", [False, True], ids=["edited", "edited-and-redigested"])
+def test_a_tampered_manifest_field_is_refused_with_the_reason(built, field, digest):
+    manifest = json.loads((built / "manifest.json").read_text())
+    manifest[field] = _edit(manifest[field])
+    _write_manifest(built, manifest, digest=digest and field != "manifest_sha256")
+    with pytest.raises(ArtifactError) as caught:
+        kvpolicy.load(built)
+    message = str(caught.value)
+    assert f"refusing artifact {built}" in message or "manifest" in message, message
+    assert "manifest" in message or "recompile" in message or "kernels/" in message, message
+
+
+@pytest.mark.parametrize("path, value", [
+    (("policy", "ir", "keys", "bits"), 3),
+    (("policy", "ir", "retain"), 0.5),
+    (("model", "head_dim"), 128),
+    (("model", "num_layers"), 28),
+    (("launch", "num_splits"), 1),
+    (("policy", "source_sha256"), "0" * 64),
+    (("plan_at_max_context", "compressed_bytes"), 1),
+    (("layers", 0, "decode"), "decode_other"),
+])
+def test_edits_the_runtime_would_act_on_are_refused(built, path, value):
+    manifest = json.loads((built / "manifest.json").read_text())
+    node = manifest
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    _write_manifest(built, manifest)
+    with pytest.raises(ArtifactError, match="manifest.json was modified"):
+        kvpolicy.load(built)
+    if path[-1] != "source_sha256":  # provenance only: what the runtime never reads
+        _write_manifest(built, manifest, digest=True)  # a careful forger: still refused
+        with pytest.raises(ArtifactError, match="is not what compiling its policy for its "
+                           "model gives"):
+            kvpolicy.load(built)
+
+
+def test_every_file_is_covered_and_nothing_else_may_be_there(built):
+    (built / "report.txt").write_text((built / "report.txt").read_text() + " ")
+    with pytest.raises(ArtifactError, match="report.txt was modified"):
+        artifact.verify(built)
+    shutil.copy(built / "manifest.json", built / "stray.json")
+    (built / "kernels" / "__pycache__").mkdir()
+    (built / "kernels" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"\0" * 16)
+    with pytest.raises(ArtifactError) as caught:
+        artifact.verify(built)
+    for name in ("stray.json", "kernels/__pycache__/x.cpython-311.pyc"):
+        assert f"{name} is not listed in the manifest" in str(caught.value)
+
+
+def test_kernels_are_imported_from_the_verified_bytes(built, monkeypatch):
+    from kvpolicy.compiler import loader
+    seen = []
+    real = loader.import_kernel_source
+    monkeypatch.setattr(loader, "import_kernel_source",
+                        lambda path, data: seen.append(data) or real(path, data))
+    compiled = kvpolicy.load(built)
+    manifest = compiled.manifest
+    assert sorted(artifact._sha256(d) for d in seen) == sorted(k["sha256"]
+                                                              for k in manifest["kernels"])
+
+
+def test_a_manifest_from_another_format_or_not_json_is_refused(built, tmp_path):
+    manifest = json.loads((built / "manifest.json").read_text())
+    _write_manifest(built, dict(manifest, format="kvpolicy.artifact/1"))
+    with pytest.raises(ArtifactError, match="compiled by an older kvpolicy; recompile it"):
+        kvpolicy.load(built)
+    (built / "manifest.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        kvpolicy.load(built)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArtifactError, match="it is a file, not a directory"):
+        kvpolicy.load(tmp_path / "file")
+    with pytest.raises(ArtifactError, match="no such artifact directory"):
+        kvpolicy.load(tmp_path / "missing")
+
+
+# ---- only on the model it was compiled for (item 2) ----------------------------------------------
+
+def test_load_takes_the_model_as_users_name_it(built, tmp_path):
+    config = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+              "hidden_size": 576, "max_position_embeddings": 8192, "torch_dtype": "bfloat16"}
+    (tmp_path / "smol").mkdir()
+    (tmp_path / "smol" / "config.json").write_text(json.dumps(config))
+    for model in ("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", SMOL,
+                  str(tmp_path / "smol"), str(tmp_path / "smol" / "config.json")):
+        assert kvpolicy.load(built, model=model).model.num_layers == 30
+    with pytest.raises(ArtifactError) as caught:
+        kvpolicy.load(built, model="qwen2.5-7b")
+    for field in ("num_layers 30, but the model (qwen2.5-7b) has 28", "num_q_heads 9",
+                  "num_kv_heads 3", "head_dim 64"):
+        assert field in str(caught.value)
+    with pytest.raises(ArtifactError, match="unknown model 'qwen9'"):
+        kvpolicy.load(built, model="qwen9")
+
+
+# ---- output directories (item 7) -----------------------------------------------------------------
+
+def test_compile_onto_a_file_names_the_users_path(tmp_path):
+    target = tmp_path / "taken"
+    target.write_text("mine")
+    result = run_cli("compile", "policies/kivi.kvp", "--model", "smollm2-135m", "-o", str(target))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"cannot write the artifact to {target}: it exists and is a file" in result.stderr
+    under = run_cli("compile", "policies/kivi.kvp", "--model", "smollm2-135m", "-o",
+                    str(target / "out"))
+    assert under.returncode == 1 and f"cannot write the artifact to {target / 'out'}" in \
+        under.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"] and target.read_text() == "mine"
+
+
+def _as_nobody():
+    """A command prefix that runs as an unprivileged user (root ignores file modes)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: file modes cannot be tested")
+    return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def test_compile_into_a_read_only_directory_names_it_and_leaves_nothing(tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    import tempfile
+    locked = Path(tempfile.mkdtemp(prefix="kvpolicy-locked-"))  # pytest's tmp is root-only
+    os.chmod(locked, 0o555)
+    try:
+        done = subprocess.run(
+            [*_as_nobody(), sys.executable, "-m", "kvpolicy", "compile",
+             str(ROOT / "policies" / "kivi.kvp"), "--model", "smollm2-135m", "-o",
+             str(locked / "deep" / "out")],
+            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            cwd=tmp_path, timeout=600)
+        left = list(locked.iterdir())
+    finally:
+        os.chmod(locked, 0o755)
+        shutil.rmtree(locked)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"cannot write the artifact to {locked / 'deep' / 'out'}: permission denied" in \
+        done.stderr
+    assert ".staging" not in done.stderr and left == []
+
+
+def test_recompiling_over_read_only_parts_leaves_no_old_copy(tmp_path):
+    out = tmp_path / "art"
+    compile_policy(kvpolicy.load_policy(POLICIES / "kivi.kvp"), SMOL, out)
+    os.chmod(out / "kernels", 0o555)
+    compile_policy(kvpolicy.load_policy(POLICIES / "aggressive.kvp"), SMOL, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+    assert kvpolicy.load(out).policy.name == "aggressive"
+
+
+def test_an_interrupted_swap_puts_the_old_artifact_back(tmp_path, monkeypatch):
+    out = tmp_path / "art"
+    compile_policy(kvpolicy.load_policy(POLICIES / "kivi.kvp"), SMOL, out)
+    before = tree(out)
+    renames = []
+    real = os.rename
+
+    def interrupted(source, target):
+        renames.append(target)
+        if len(renames) == 2:  # between moving the old directory away and the new one in
+            raise KeyboardInterrupt
+        real(source, target)
+    monkeypatch.setattr(artifact.os, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compile_policy(kvpolicy.load_policy(POLICIES / "aggressive.kvp"), SMOL, out)
+    monkeypatch.undo()
+    assert tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_compile_through_a_symbolic_link_writes_where_it_points(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    compile_policy(kvpolicy.load_policy(POLICIES / "kivi.kvp"), SMOL, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]

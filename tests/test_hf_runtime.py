@@ -280,3 +280,65 @@ def test_compiled_kernels_run_inside_the_model(tmp_path, monkeypatch):
                                 cache_dtype="bfloat16", backend="torch")
     assert (compiled - plain).abs().max() <= 2e-2 * plain.abs().max()
     assert cache.bytes_after_compress == cache.plan.compressed_bytes
+
+
+# ---- an artifact only on its own model; run's arguments (issue 12, items 2 and 5) ----------------
+
+@pytest.fixture(scope="module")
+def kivi_artifacts(tmp_path_factory):
+    from kvpolicy.compiler.artifact import compile_policy
+    from kvpolicy.models import PRESETS
+    root = tmp_path_factory.mktemp("artifacts")
+    for name in ("qwen2.5-7b", "smollm2-135m"):
+        compile_policy(load_policy(POLICIES / "kivi.kvp"), PRESETS[name], root / name)
+    return root / "qwen2.5-7b", root / "smollm2-135m"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_artifact_is_used_only_on_the_model_it_was_compiled_for(smol, kivi_artifacts,
+                                                                   backend):
+    import kvpolicy
+    from kvpolicy.compiler.artifact import ArtifactError
+    model, tokenizer = smol
+    qwen, _ = kivi_artifacts
+    for policy in (qwen, kvpolicy.load(qwen)):
+        with pytest.raises(ArtifactError) as caught:
+            generate(model, tokenizer, "Hello", policy, max_new_tokens=1, backend=backend)
+        message = str(caught.value)
+        for difference in ("num_layers 28, but the model", "num_q_heads 28", "num_kv_heads 4",
+                           "head_dim 128"):
+            assert difference in message, message
+
+
+def test_an_artifact_for_the_model_runs_like_its_policy(smol, kivi_artifacts):
+    model, tokenizer = smol
+    _, own = kivi_artifacts
+    ids = ids_of(tokenizer, PROMPT)
+    from_artifact = generate(model, tokenizer, ids, own, max_new_tokens=4, backend="torch")
+    from_file = generate(model, tokenizer, ids, POLICIES / "kivi.kvp", max_new_tokens=4,
+                         backend="torch")
+    assert from_artifact.token_ids == from_file.token_ids
+    assert from_artifact.measured_bytes_after_compress == from_artifact.planned_bytes
+
+
+def test_run_takes_an_artifact_and_runs_the_baseline_beside_it(kivi_artifacts):
+    qwen, own = kivi_artifacts
+    result = run_cli("run", str(own), "--prompt", "The capital of France is",
+                     "--max-new-tokens", "4", "--baseline")
+    assert result.returncode == 0, result.stderr
+    assert "policy kivi;" in result.stdout
+    assert "policy baseline (uncompressed, 16-bit)" in result.stdout
+    assert "the same size as the uncompressed cache" in result.stdout  # not "1.00x smaller"
+    assert "written for" not in result.stderr  # kivi names no model
+    refused = run_cli("run", str(qwen), "--prompt", "The capital of France is")
+    assert refused.returncode == 1 and "compiled for qwen2.5-7b with num_layers 28" in \
+        refused.stderr
+    assert "Loading weights" not in refused.stderr  # refused before the weights are read
+
+
+def test_the_written_for_note_only_when_the_models_differ(write_policy):
+    path = write_policy('policy own { model "smollm2-135m"; keep window 32; keys int4 }\n')
+    result = run_cli("run", str(path), "--prompt", "The capital of France is",
+                     "--max-new-tokens", "2")
+    assert result.returncode == 0, result.stderr
+    assert "written for" not in result.stderr

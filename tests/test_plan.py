@@ -123,6 +123,10 @@ def _block(keys, values, head_dim: int, positions: bool, tokens: int = 0) -> tup
         tokens = math.lcm(*[f.group if f.axis == "channel" else 1 for f in quantized], 1)
         if quantized:
             tokens = math.lcm(tokens, 16)
+        else:  # 16-bit: the fewest tokens (of 1, 2, 4, 8, 16) that leave no padding
+            per_token = 2 * head_dim * 2 + (4 if positions else 0)
+            tokens = next((t for t in (1, 2, 4, 8, 16)
+                           if head_dim * 2 * t % 16 == 0 and per_token * t % 16 == 0), 1)
     sections = [tokens * (math.ceil(head_dim / 32) * 4 * f.bits if f.bits < 16 else head_dim * 2)
                 for f in (keys, values)]
     if positions:
@@ -177,3 +181,31 @@ def test_plan_bytes_equal_independent_recomputation(text, model, context):
         assert layer.bytes == expected
     assert plan.compressed_bytes == sum(layer.bytes for layer in plan.layers)
     assert plan.baseline_bytes == 2 * model.num_layers * heads * head_dim * 2 * context
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_policies_spend_no_byte_on_padding(path):
+    # docs/format.md: blocks are sized so that no shipped policy pays for alignment on any preset
+    # (16-bit blocks with positions hold 4 tokens: 4 x 260 bytes = 1,040, a multiple of 16)
+    policy = load_policy(path)
+    for model in PRESETS.values():
+        for context in (1000, 4096, model.max_context):
+            assert make_plan(policy, model, context).bytes_by_kind()["padding"] == 0
+
+
+def test_guard_none_in_a_layers_block_is_no_guard_in_the_table_and_the_json():
+    policy = policy_of("""policy p {
+        keep window 64; retain 50%; keys int2; values int2
+        guard 25% of retained at int8
+        layers last { guard none }
+    }""")
+    plan = make_plan(policy, SMOL, 4096)
+    document = to_json(plan)
+    assert document["layers"][0]["guard_bits"] == 8
+    assert document["layers"][-1]["guard_bits"] is None  # docs/plan-schema.md: null, not 16
+    assert plan.layers[-1].guard is None and plan.layers[-1].guard_tokens == 0
+    lines = render_table(plan).splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("layer"))
+    assert header.split().count("guard") == 2 and "guard at" in header  # tokens, then storage
+    assert lines[lines.index(header) + len(plan.layers)].split()[-2] == "-"
+    assert lines[lines.index(header) + 1].split()[-2] == "int8"

@@ -118,9 +118,17 @@ def test_block_sections_are_aligned_and_sum_to_the_plan():
 
 
 def test_block_size_is_whole_groups_and_at_least_16_tokens_when_quantized():
-    assert block_tokens(QuantFormat(2, 64, "channel"), QuantFormat(2, 32, "token")) == 64
-    assert block_tokens(QuantFormat(4, 8, "token"), QuantFormat(4, 8, "token")) == 16
-    assert block_tokens(QuantFormat(), QuantFormat()) == 1
+    assert block_tokens(QuantFormat(2, 64, "channel"), QuantFormat(2, 32, "token"), 64,
+                        "bfloat16", True) == 64
+    assert block_tokens(QuantFormat(4, 8, "token"), QuantFormat(4, 8, "token"), 64, "bfloat16",
+                        True) == 16
+    assert block_tokens(QuantFormat(), QuantFormat(), 64, "bfloat16", positions=False) == 1
+    # 16-bit with positions: 260 bytes a token; 4 tokens fill 1,040 bytes, no padding
+    for head_dim in (64, 80, 128, 65):
+        tokens = block_tokens(QuantFormat(), QuantFormat(), head_dim, "bfloat16", True)
+        layout = block_layout(QuantFormat(), QuantFormat(), head_dim, "bfloat16", True, tokens)
+        assert layout.bytes_by_kind()["padding"] == 0 and tokens <= 16, (head_dim, tokens)
+    assert block_tokens(QuantFormat(), QuantFormat(), 64, "bfloat16", True) == 4
 
 
 def test_reference_attention_is_exact_attention_over_all_regions():

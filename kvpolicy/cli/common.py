@@ -12,6 +12,7 @@ from typing import Sequence
 from kvpolicy.diagnostics import Diagnostic, PolicyError, printable
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERNAL = 0, 1, 70
+MAX_TOKENS = 2**31 - 1  # kvpolicy.lang.lower.MAX_TOKENS, without importing the front end
 
 
 class Reporter:
@@ -128,4 +129,7 @@ def parse_context(text: str) -> int:
             raise argparse.ArgumentTypeError(f"not a number of tokens: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError("context must be at least 1 token")
+    if value > MAX_TOKENS:
+        raise argparse.ArgumentTypeError(f"context must be at most {MAX_TOKENS:,} tokens "
+                                         "(token positions are int32)")
     return value

@@ -238,14 +238,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         reporter.fail(f"kvpolicy eval needs the evaluation extras ({exc}); "
                       "pip install 'kvpolicy[eval]'")
         return EXIT_ERROR
+    if args.tasks is not None and not args.tasks.strip():
+        reporter.fail("--tasks is empty; tasks: " + ", ".join(TASKS))
+        return EXIT_ERROR
     tasks = (args.tasks or (QUICK["tasks"] if args.quick else ",".join(TASKS))).split(",")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         reporter.fail(f"unknown task(s) {', '.join(unknown)}; tasks: {', '.join(TASKS)}")
         return EXIT_ERROR
     try:
-        contexts = [parse_context(c) for c in (args.contexts or (QUICK["contexts"] if args.quick
-                                                            else "2048,4096")).split(",")]
+        contexts = [parse_context(c) for c in (
+            args.contexts if args.contexts is not None else
+            QUICK["contexts"] if args.quick else "2048,4096").split(",")]
     except argparse.ArgumentTypeError as exc:
         reporter.fail(str(exc))
         return EXIT_ERROR

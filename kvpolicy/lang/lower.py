@@ -170,7 +170,7 @@ class _Lowering:
             is_dir, exists = target.is_dir(), target.exists()
         except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a symlink loop
             why = files.reason(exc) if isinstance(exc, OSError) else "a symbolic link loop"
-            self.d.error(f"cannot read the extended policy '{quoted(shown)}': {why}",
+            self.d.error(f"cannot read the extended policy '{files.shown_path(shown)}': {why}",
                          extends.span)
             return None
         if target in chain or target == here:
@@ -182,17 +182,17 @@ class _Lowering:
                          extends.span)
             return None
         if is_dir:
-            self.d.error(f"the extended policy '{quoted(shown)}' is a directory; `extends` names "
+            self.d.error(f"the extended policy '{files.shown_path(shown)}' is a directory; `extends` names "
                          "a .kvp file", extends.span)
             return None
         if not exists:
-            self.d.error(f"cannot find the extended policy '{quoted(shown)}'", extends.span)
+            self.d.error(f"cannot find the extended policy '{files.shown_path(shown)}'", extends.span)
             return None
         errors_before = len([d for d in self.d.items if d.severity == "error"])
         parent = self.lower_file(target, shown, chain + (here,))
         errors_after = len([d for d in self.d.items if d.severity == "error"])
         if parent is None or errors_after > errors_before:
-            self.d.error(f"the extended policy '{quoted(shown)}' has errors (listed above)",
+            self.d.error(f"the extended policy '{files.shown_path(shown)}' has errors (listed above)",
                          extends.span)
             return None
         parent.extends = (shown, *parent.extends)

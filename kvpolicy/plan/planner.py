@@ -15,8 +15,9 @@ For each layer and KV head, the N tokens split into regions:
               (k centroid slots in every layer that evicts at least one token)
 
 A token unit is one storage block (`kvpolicy.format.block_tokens`): whole per-channel groups of the
-layer's key and value formats, and at least 16 tokens when anything is quantized (1 when nothing
-is). Rounding is half-up.
+layer's key and value formats, and at least 16 tokens when anything is quantized (when nothing is:
+1 token, or 4 with positions, so that blocks need no padding). Rounding is half-up. A layer whose
+sinks, window and selected tokens would come to none keeps its most recent token in the window.
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ def _attributed(warnings, policy: Policy) -> tuple[Diagnostic, ...]:
 
 def _layer_plan(policy: Policy, model: ModelShape, context: int, index: int, ratio: float,
                 keys: QuantFormat, values: QuantFormat, guard: Guard | None) -> LayerPlan:
-    unit = storage.block_tokens(keys, values)
+    unit = storage.block_tokens(keys, values, model.head_dim, model.kv_dtype,
+                                needs_positions(policy))
     sinks = min(policy.sinks, context)
     window = min(policy.window, context - sinks)
     middle = context - sinks - window
@@ -214,8 +216,8 @@ def block_layouts(policy: Policy, model: ModelShape, keys: QuantFormat, values: 
     """The guard and body block layouts of a layer stored as (keys, values, guard). Guards use
     the body's groups and block size at the guard's bits. Blocks carry positions when the policy
     needs them, unless `positions` says otherwise."""
-    tokens = storage.block_tokens(keys, values)
     positions = needs_positions(policy) if positions is None else positions
+    tokens = storage.block_tokens(keys, values, model.head_dim, model.kv_dtype, positions)
     body = storage.block_layout(keys, values, model.head_dim, model.kv_dtype, positions, tokens)
     bits = guard.bits if guard is not None and guard.fraction > 0 else None
     guard_layout = storage.block_layout(keys.with_bits(bits) if bits else keys,

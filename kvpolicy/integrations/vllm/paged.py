@@ -185,7 +185,7 @@ def page_format(policy: Policy, model: ModelShape, block_size: int,
     pages = []
     ratios = block_retain_ratios(policy, model)
     for index, (keys, values, guard) in enumerate(layer_formats(policy, model)):
-        unit = block_tokens(keys, values)
+        unit = block_tokens(keys, values, model.head_dim, model.kv_dtype, positions=False)
         if block_size % unit:
             reasons.append(f"layer {index}: block size {block_size} is not a multiple of the "
                            f"format's {unit}-token unit (per-channel groups need whole blocks; "
