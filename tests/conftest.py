@@ -24,6 +24,18 @@ settings.register_profile("dev", max_examples=200, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
+# Modules that load a real model, start vLLM engines, compile for sm_90 or build a wheel: marked
+# `slow`, so `pytest -m "not slow"` is the fast tier (a few minutes); CI runs everything.
+SLOW_MODULES = {"test_vllm_engine", "test_vllm_serve", "test_hopper", "test_bench_kernels",
+                "test_eval", "test_hf_runtime", "test_wheel"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def write_policy(tmp_path):
     """Writes text to a .kvp file in a temporary directory and returns its path."""

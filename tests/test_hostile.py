@@ -389,9 +389,9 @@ def _compiled(root: Path, model: str) -> Path:
 
 case("run_artifact_for_another_model", "compiled for qwen2.5-7b with num_layers 28")(
     lambda root: ["run", str(_compiled(root, "qwen2.5-7b")), "--prompt", "hi"])
-case("run_artifact_for_another_cache_dtype", "kv_dtype bfloat16")(
+case("run_artifact_kernels_for_another_cache_dtype", "kv_dtype bfloat16")(
     lambda root: ["run", str(_compiled(root, "smollm2-135m")), "--prompt", "hi",
-                  "--cache-dtype", "float16"])
+                  "--cache-dtype", "float16", "--backend", "triton"])
 
 
 def _tampered(root: Path, how: str) -> Path:

@@ -197,3 +197,17 @@ def test_retention_in_pages_frees_memory_and_generates(smol_dir, tmp_path, light
         assert got[0] == full[0]
         assert len(got) == 12
     assert all(text.strip() for text in kept["outputs"])
+
+
+def test_the_readme_demo_reads_back_packed_pages_by_default(kivi):
+    """The README's vLLM command as typed (no options): its default prompt is long enough for
+    blocks to leave KIVI's window and be sealed into packed pages."""
+    import re
+    env = dict(os.environ, PYTHONPATH=str(ROOT), KVPOLICY_ARTIFACT=str(kivi))
+    done = subprocess.run([sys.executable, str(EXAMPLE)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sealed = re.search(r"blocks sealed into packed pages \(per layer, all requests\): (\d+)",
+                       done.stdout)
+    assert sealed and int(sealed[1]) >= 4, done.stdout
+    assert "needle prompt: " in done.stdout and "(5.33x)" in done.stdout

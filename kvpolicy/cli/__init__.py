@@ -4,11 +4,13 @@
     kvpolicy fmt FILE... [--check]    rewrite in canonical form, or only report what would change
     kvpolicy plan FILE [--json]       per-layer budgets, storage and exact bytes for a model
     kvpolicy compile FILE [-o DIR]    generate the policy's Triton kernels into a build directory
-    kvpolicy run FILE --prompt TEXT   generate on a real model with the policy; measured bytes
-    kvpolicy eval FILE...             measured quality, memory and time against the baseline
+    kvpolicy run POLICY --prompt TEXT generate on a real model with the policy (a .kvp file or
+                                      an artifact directory); measured bytes; --baseline beside it
+    kvpolicy eval POLICY...           measured quality, memory and time against the baseline
     kvpolicy models                   the built-in model shapes
 
-Diagnostics go to stderr as `file:line:col: error: …`; exit status 1 if there is an error.
+Diagnostics go to stderr as `file:line:col: error: …`, or name the path or option at fault; exit
+status 1 for any error in the input (the command line included), 70 for a bug in kvpolicy.
 Only `run` and `eval` import torch (kvpolicy/cli/running.py); the others start in well
 under a second.
 """

@@ -103,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         shape = replace(load_config(directory / "config.json"), name=name,
                         kv_dtype=args.cache_dtype)
         if artifact is not None:
-            verify(artifact, model=shape)
+            verify(artifact, model=shape, fields=_artifact_fields(args.backend))
     except (ModelLoadError, ModelError, ArtifactError) as exc:
         reporter.fail(str(exc))
         return EXIT_ERROR
@@ -120,7 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(directory)
         run_shape = replace(_shape_of(model, args.cache_dtype), name=name)
         if artifact is not None:
-            compiled = load(artifact, model=run_shape)
+            compiled = load(artifact, model=run_shape, fields=_artifact_fields(args.backend))
         needle = None
         if args.needle is not None:
             needle = needle_sample(tokenizer, args.needle, _depth(args), seed=0)
@@ -163,6 +163,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _artifact_fields(backend: str) -> tuple[str, ...]:
+    """What of the model an artifact must match: its kernels run (triton) → the cache dtype too."""
+    import torch
+    from kvpolicy.compiler.artifact import MODEL_FIELDS, SHAPE_FIELDS
+    kernels = backend == "triton" or (backend == "auto" and torch.cuda.is_available())
+    return SHAPE_FIELDS if kernels else MODEL_FIELDS
+
+
 def _depth(args) -> float:
     return 0.5 if args.depth is None else args.depth
 
@@ -176,11 +184,11 @@ def _note_model_difference(policy, shape, name: str) -> None:
     """The policy names a model (`model "…"`): say so when it runs on another shape."""
     if not policy.model:
         return
-    from kvpolicy.compiler.artifact import SHAPE_FIELDS, model_mismatches
+    from kvpolicy.compiler.artifact import MODEL_FIELDS, model_mismatches
     from kvpolicy.models import ModelError, resolve_model
     try:
         written = resolve_model(policy.model, relative_to=Path(policy.path or ".").parent)
-        differs = bool(model_mismatches(written, shape, fields=SHAPE_FIELDS[:-1]))
+        differs = bool(model_mismatches(written, shape, fields=MODEL_FIELDS))
     except ModelError:
         differs = True
     if differs:
@@ -258,7 +266,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if samples < 1:
         reporter.fail(f"--samples {samples}: evaluate at least 1 sample per task and context")
         return EXIT_ERROR
-    from kvpolicy.compiler.artifact import ArtifactError, verify
+    from kvpolicy.compiler.artifact import MODEL_FIELDS, ArtifactError, verify
     from kvpolicy.hf.model import model_directory
     from kvpolicy.models import ModelError, load_config
     try:  # the model's shape before its weights: what does not fit is refused at once
@@ -280,8 +288,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return EXIT_ERROR
         policy, artifact = chosen
         if artifact is not None:
-            try:
-                verify(artifact, model=shape)
+            try:  # eval attends with PyTorch: the artifact's policy, for this model
+                verify(artifact, model=shape, fields=MODEL_FIELDS)
             except ArtifactError as exc:
                 reporter.fail(str(exc))
                 return EXIT_ERROR

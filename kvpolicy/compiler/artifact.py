@@ -51,8 +51,11 @@ MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 MAX_FILE_BYTES = 16 * 1024 * 1024  # a rendered kernel is a few KiB
 # Launch parameters stored with the artifact; bench/ chooses per-spec values on a GPU.
 DEFAULT_LAUNCH = {"num_splits": 8, "block_t": 32}
-# The fields of a model shape that an artifact's kernels and plans depend on.
+# The fields of a model shape an artifact's kernels depend on: the model's (MODEL_FIELDS), and
+# the dtype of the cache's full-precision regions, which the kernels read and write. A runtime
+# that uses an artifact only for its policy (PyTorch attention) checks MODEL_FIELDS.
 SHAPE_FIELDS = ("num_layers", "num_q_heads", "num_kv_heads", "head_dim", "kv_dtype")
+MODEL_FIELDS = SHAPE_FIELDS[:-1]
 
 
 class ArtifactError(ValueError):
@@ -313,14 +316,16 @@ def is_artifact(path: str | os.PathLike[str]) -> bool:
         return False
 
 
-def verify(directory: str | os.PathLike[str], model=None) -> dict:
+def verify(directory: str | os.PathLike[str], model=None,
+           fields: tuple[str, ...] = SHAPE_FIELDS) -> dict:
     """Checks an artifact without importing anything; returns its manifest or raises
     ArtifactError listing every problem. `model` (a preset name, config.json, model directory or
-    ModelShape): also refuse unless the artifact was compiled for that model's shape."""
-    return _verified(Path(directory), model)[0]
+    ModelShape): also refuse unless the artifact was compiled for that model's shape (`fields`
+    of it)."""
+    return _verified(Path(directory), model, fields)[0]
 
 
-def _verified(root: Path, model) -> tuple[dict, dict[str, bytes]]:
+def _verified(root: Path, model, fields: tuple[str, ...]) -> tuple[dict, dict[str, bytes]]:
     """(manifest, the bytes of every kernel file as verified)."""
     shown = shown_path(root)
     wanted = _model_at_hand(model)
@@ -364,7 +369,7 @@ def _verified(root: Path, model) -> tuple[dict, dict[str, bytes]]:
     if comparable and policy is not None and compiled_model is not None:
         problems += _rebuild_differences(root, manifest, policy, compiled_model, files)
     if wanted is not None and compiled_model is not None:
-        problems += model_mismatches(compiled_model, wanted)
+        problems += model_mismatches(compiled_model, wanted, fields)
     if problems:
         raise ArtifactError(f"refusing artifact {shown}:\n  - " + "\n  - ".join(problems))
     return manifest, files
@@ -475,11 +480,12 @@ def model_mismatches(compiled: ModelShape, model: ModelShape,
             for field in fields if getattr(compiled, field) != getattr(model, field)]
 
 
-def check_model(compiled: "CompiledPolicy", model, what: str = "the model") -> None:
+def check_model(compiled: "CompiledPolicy", model, what: str = "the model",
+                fields: tuple[str, ...] = SHAPE_FIELDS) -> None:
     """ArtifactError listing every difference unless `model` (anything `resolve_model` takes, or
-    a ModelShape) has the shape `compiled` was built for."""
+    a ModelShape) has the shape `compiled` was built for (`fields` of it)."""
     shape = _model_at_hand(model)
-    problems = model_mismatches(compiled.model, shape)
+    problems = model_mismatches(compiled.model, shape, fields)
     if problems:
         raise ArtifactError(
             f"refusing artifact {shown_path(compiled.directory)} for {what}:\n  - "
@@ -492,13 +498,14 @@ def compiled_for(manifest: dict) -> ModelShape:
     return model_from_json(manifest["model"])
 
 
-def load(directory: str | os.PathLike[str], model=None) -> CompiledPolicy:
+def load(directory: str | os.PathLike[str], model=None,
+         fields: tuple[str, ...] = SHAPE_FIELDS) -> CompiledPolicy:
     """Verifies the artifact — and, if `model` is given (a preset name, a config.json path, a
-    model directory or a ModelShape), that it was compiled for that model's shape — then imports
-    its kernels from the bytes it verified. Needs torch and triton."""
+    model directory or a ModelShape), that it was compiled for that model's shape (`fields` of
+    it) — then imports its kernels from the bytes it verified. Needs torch and triton."""
     from kvpolicy.compiler.loader import import_kernel_source
     root = Path(directory)
-    manifest, files = _verified(root, model)
+    manifest, files = _verified(root, model, fields)
     kernels = {k["uri"]: import_kernel_source(root / k["file"], files[k["file"]])
                for k in manifest["kernels"]}
     layers = tuple(LayerKernels(**layer) for layer in manifest["layers"])

@@ -166,22 +166,26 @@ class PolicyCache(Cache):
     on a GPU, torch otherwise)."""
 
     def __init__(self, policy, model, cache_dtype: str = "bfloat16", backend: str = "auto"):
-        from kvpolicy.compiler.artifact import CompiledPolicy, check_model, is_artifact, load
+        from kvpolicy.compiler.artifact import (MODEL_FIELDS, SHAPE_FIELDS, CompiledPolicy,
+                                               check_model, is_artifact, load)
         self.shape: ModelShape = model_shape(model, cache_dtype)
+        device = next(model.parameters()).device
+        if backend == "auto":
+            backend = "triton" if device.type == "cuda" else "torch"
+        # An artifact only for its model; its kernels (triton) also only for its cache dtype.
+        fields = SHAPE_FIELDS if backend == "triton" else MODEL_FIELDS
+        what = f"the model at hand ({self.shape.name})"
         self.kernels = None
         if isinstance(policy, Policy):
             self.policy = policy
         elif isinstance(policy, CompiledPolicy):  # loaded elsewhere: still only for its model
-            check_model(policy, self.shape, what=f"the model at hand ({self.shape.name})")
+            check_model(policy, self.shape, what=what, fields=fields)
             self.kernels, self.policy = policy, policy.policy
         elif is_artifact(policy):
-            self.kernels = load(policy, model=self.shape)
+            self.kernels = load(policy, model=self.shape, fields=fields)
             self.policy = self.kernels.policy
         else:
             self.policy = load_policy(policy)
-        device = next(model.parameters()).device
-        if backend == "auto":
-            backend = "triton" if device.type == "cuda" else "torch"
         if backend == "triton" and self.kernels is None:
             self.kernels = _compile_to_cache(self.policy, self.shape)
         if backend == "torch":

@@ -10,7 +10,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from kvpolicy.compiler.artifact import (SHAPE_FIELDS, ArtifactError, compiled_for,
+from kvpolicy.compiler.artifact import (MODEL_FIELDS, ArtifactError, compiled_for,
                                        model_mismatches, verify)
 from kvpolicy.format import DTYPE_BYTES
 from kvpolicy.integrations.vllm.paged import (
@@ -81,7 +81,7 @@ def load_settings(artifact: str, vllm_config) -> Settings:
     model = compiled_for(manifest)
     # the dtype is compared below: only 16-bit regions depend on it in pages
     reasons += [f"artifact {artifact} was {mismatch}" for mismatch in model_mismatches(
-        model, engine_model, fields=SHAPE_FIELDS[:-1])]
+        model, engine_model, fields=MODEL_FIELDS)]
     policy = policy_from_json(manifest["policy"]["ir"])
     cache = vllm_config.cache_config
     if cache.enable_prefix_caching:
