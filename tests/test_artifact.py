@@ -283,6 +283,18 @@ def test_a_manifest_from_another_format_or_not_json_is_refused(built, tmp_path):
 
 # ---- only on the model it was compiled for (item 2) ----------------------------------------------
 
+def test_an_artifact_compiled_for_a_config_json_loads_anywhere(tmp_path):
+    config = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "hidden_size": 256, "max_position_embeddings": 512}
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    model = resolve_model(str(tmp_path / "model"))
+    compile_policy(kvpolicy.load_policy(POLICIES / "kivi.kvp"), model, tmp_path / "art")
+    shutil.move(tmp_path / "art", tmp_path / "moved")
+    assert kvpolicy.load(tmp_path / "moved", model=tmp_path / "model").model.num_layers == 2
+    assert str(tmp_path) not in (tmp_path / "moved" / "manifest.json").read_text()
+
+
 def test_load_takes_the_model_as_users_name_it(built, tmp_path):
     config = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
               "hidden_size": 576, "max_position_embeddings": 8192, "torch_dtype": "bfloat16"}

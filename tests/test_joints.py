@@ -11,11 +11,12 @@ from hypothesis import assume, given, strategies as st
 
 from conftest import SHIPPED, run_cli
 from strategies import policies
+from kvpolicy.compiler.artifact import build_files
 from kvpolicy.compiler.specs import specs_for
 from kvpolicy.diagnostics import PolicyError, Source
 from kvpolicy.integrations.vllm.paged import page_format
 from kvpolicy.lang.lower import check_source, load_policy
-from kvpolicy.models import PRESETS
+from kvpolicy.models import MAX_HEAD_DIM, MAX_POSITIONS, PRESETS, ModelShape
 from kvpolicy.plan.planner import make_plan
 from kvpolicy.plan.report import render_table, to_json
 
@@ -101,3 +102,29 @@ def test_a_budget_that_rounds_to_nothing_keeps_the_newest_token():
     assert all((layer.sinks, layer.window, layer.selected, layer.evicted) == (0, 1, 0, 19)
                for layer in plan.layers)
     assert any("rounds to no token" in warning.message for warning in plan.warnings)
+
+
+shapes = st.builds(
+    lambda layers, kv, group, head_dim, context, dtype: ModelShape(
+        "m", layers, kv * group, kv, head_dim, context, kv_dtype=dtype),
+    st.integers(1, 64), st.integers(1, 16), st.integers(1, 16),
+    st.one_of(st.sampled_from([64, 80, 96, 128, 256]), st.integers(1, MAX_HEAD_DIM)),
+    st.one_of(st.integers(1, 1 << 20), st.just(MAX_POSITIONS)),
+    st.sampled_from(["bfloat16", "float16"]))
+
+
+@given(policies(), shapes, st.data())
+def test_what_check_accepts_for_any_supported_model_compiles(text, model, data):
+    """Model shapes anywhere within the documented limits (docs/language.md): check with the
+    model (plan at its maximum) OK ⇒ plans at any context and the whole artifact renders."""
+    result = check_source(Source("t.kvp", text))
+    assume(result.policy is not None)
+    try:
+        make_plan(result.policy, model, model.max_context)
+    except PolicyError as exc:
+        assert exc.errors and all(error.span is not None for error in exc.errors)
+        return
+    for context in {1, model.max_context, data.draw(st.integers(1, model.max_context))}:
+        assert_plans(result.policy, model, context)
+    files = build_files(result.policy, model)
+    assert "manifest.json" in files and any(name.startswith("kernels/") for name in files)

@@ -108,6 +108,10 @@ def build_files(policy: Policy, model: ModelShape,
     """Every file of the artifact, rendered in memory: relative path → bytes. `provenance`
     defaults to the policy's own files (verify passes the manifest's, to rebuild it)."""
     provenance = provenance or Provenance.of(policy)
+    # A config's path is reduced to its file name: the artifact does not depend on where it was
+    # built, and verify rebuilds it from the manifest's model alone.
+    model = dataclasses.replace(model, source=model.source if model.source == "preset"
+                                else Path(model.source).name)
     compiled = specs_for(policy, model)
     files: dict[str, bytes] = {}
     kernels = []
@@ -131,8 +135,7 @@ def build_files(policy: Policy, model: ModelShape,
         "policy": {"name": policy.name, "file": provenance.file,
                    "extends": list(provenance.extends),
                    "source_sha256": provenance.source_sha256, "ir": policy_to_json(policy)},
-        "model": model.to_json() | {"source": model.source if model.source == "preset"
-                                    else Path(model.source).name},
+        "model": model.to_json(),
         "plan_at_max_context": plan_json,
         "layers": [vars(layer) for layer in compiled.layers],
         "kernels": kernels,
