@@ -12,6 +12,7 @@ them at once.
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
@@ -66,10 +67,13 @@ class Source:
     path: str
     text: str = field(repr=False)
 
+    @functools.cached_property
+    def _lines(self) -> list[str]:
+        return self.text.split("\n")  # once per source, not once per diagnostic
+
     def line_text(self, line: int) -> str:
-        lines = self.text.split("\n")
-        if 1 <= line <= len(lines):
-            return lines[line - 1].rstrip("\r")
+        if 1 <= line <= len(self._lines):
+            return self._lines[line - 1].rstrip("\r")
         return ""
 
 
@@ -127,20 +131,20 @@ def _excerpt(span: Span) -> list[str]:
     text = span.source.line_text(span.line)
     if not text.strip():
         return []
-    # One character shown per character of the line, so that the caret lines up with the
-    # column: tabs as spaces, control and format characters as U+FFFD.
-    shown = "".join(" " if c == "\t" else "\ufffd" if _invisible(c) else c for c in text)
     start = max(span.column - 1, 0)
     if span.end_line == span.line:
         width = max(span.end_column - span.column, 1)
     else:
-        width = max(len(shown) - start, 1)
-    width = min(width, max(len(shown) - start, 1), MAX_EXCERPT // 2)
-    if len(shown) > MAX_EXCERPT:  # a long line: a window around the caret, cut ends marked
-        first = max(0, min(start - MAX_EXCERPT // 3, len(shown) - MAX_EXCERPT))
+        width = max(len(text) - start, 1)
+    width = min(width, max(len(text) - start, 1), MAX_EXCERPT // 2)
+    if len(text) > MAX_EXCERPT:  # a long line: a window around the caret, cut ends marked
+        first = max(0, min(start - MAX_EXCERPT // 3, len(text) - MAX_EXCERPT))
         last = first + MAX_EXCERPT
-        shown = ("…" if first else "") + shown[first:last] + ("…" if last < len(shown) else "")
+        text = ("…" if first else "") + text[first:last] + ("…" if last < len(text) else "")
         start = start - first + (1 if first else 0)
+    # One character shown per character of the line, so that the caret lines up with the
+    # column: tabs as spaces, control and format characters as U+FFFD.
+    shown = "".join(" " if c == "\t" else "\ufffd" if _invisible(c) else c for c in text)
     return ["    " + shown, "    " + " " * start + "^" + "~" * (width - 1)]
 
 
@@ -159,20 +163,36 @@ class PolicyError(Exception):
         return "\n".join(d.render() for d in self.diagnostics)
 
 
+MAX_DIAGNOSTICS = 100  # per check: past this, one more error says the rest were not listed
+
+
 class Diagnostics:
-    """Collects diagnostics during a check, in the order they are found."""
+    """Collects diagnostics during a check, in the order they are found (at most
+    MAX_DIAGNOSTICS: a file of thousands of repeated mistakes is reported in bounded time)."""
 
     def __init__(self) -> None:
         self.items: list[Diagnostic] = []
+        self.dropped = 0
+
+    def _add(self, diagnostic: Diagnostic) -> None:
+        if len(self.items) < MAX_DIAGNOSTICS:
+            self.items.append(diagnostic)
+            return
+        if not self.dropped:
+            self.items.append(Diagnostic(
+                "error", f"too many problems: only the first {MAX_DIAGNOSTICS} are listed; fix "
+                "these and check again", diagnostic.span, path=diagnostic.path))
+        self.dropped += 1
 
     def error(self, message: str, span: Span | None, *notes: Diagnostic) -> None:
-        self.items.append(Diagnostic("error", message, span, tuple(notes)))
+        self._add(Diagnostic("error", message, span, tuple(notes)))
 
     def warning(self, message: str, span: Span | None, *notes: Diagnostic) -> None:
-        self.items.append(Diagnostic("warning", message, span, tuple(notes)))
+        self._add(Diagnostic("warning", message, span, tuple(notes)))
 
     def extend(self, diagnostics: Iterable[Diagnostic]) -> None:
-        self.items.extend(diagnostics)
+        for diagnostic in diagnostics:
+            self._add(diagnostic)
 
     @property
     def has_errors(self) -> bool:

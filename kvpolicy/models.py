@@ -170,6 +170,9 @@ def load_config(path: str | os.PathLike[str]) -> ModelShape:
                          f"column {exc.colno}: {exc.msg})") from None
     except RecursionError:
         raise ModelError(f"cannot read model config {shown}: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise ModelError(f"cannot read model config {shown}: not valid JSON "
+                         f"({str(exc)[:120]})") from None
     if not isinstance(config, dict):
         raise ModelError(f"model config {shown} is not a JSON object")
     try:

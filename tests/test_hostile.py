@@ -445,6 +445,31 @@ def _(root):
     return ["eval", KIVI, "--quick", "--out", str(root / "out")]
 
 
+# ---- found by an independent pass written from the docs alone ------------------------------------
+
+policy_case("layer_range_from_last_down", "policy t {\n    layers last..0 { keys int4 }\n}\n",
+            "runs backwards")
+policy_case("thousands_of_duplicates_on_one_line",
+            "policy t {\n" + "keep sinks 4;" * 4900 + "\n}\n", "too many problems")
+CONFIGS_FOUND = {"integer_of_5000_digits": (b'{"num_hidden_layers": 4, "num_attention_heads": 8, '
+                                            b'"hidden_size": 512, "max_position_embeddings": '
+                                            + b"9" * 5000 + b"}", "not valid JSON")}
+for name, (data, expect) in CONFIGS_FOUND.items():
+    case(f"config_{name}_at_model_statement", expect, located=True)(
+        lambda root, data=data: _config_at_model_statement(root, data))
+    case(f"config_{name}_by_option", expect)(
+        lambda root, data=data: _config_by_option(root, data))
+case("compile_empty_output", "-o/--output is empty")(
+    lambda root: ["compile", str(POLICIES / "kivi.kvp"), "--model", "smollm2-135m", "-o", ""])
+
+
+@case("run_artifact_with_a_stray_directory", "is not listed in the manifest")
+def _(root):
+    out = _compiled(root, "smollm2-135m")
+    (out / "notes").mkdir()
+    return ["run", str(out), "--prompt", "hi"]
+
+
 # ---- the property every case must have ------------------------------------------------------------
 
 LOCATED = re.compile(r"^(?P<path>[^\n]+?):(\d+):(\d+): error: ", re.M)
@@ -510,3 +535,4 @@ def test_pipes_are_never_waited_on(tmp_path):
     assert stat.S_ISFIFO(pipe.stat().st_mode)
     result = run_cli("check", str(pipe))  # no writer: read as empty at once, not a hang
     assert result.returncode == 1 and "empty policy file" in result.stderr
+

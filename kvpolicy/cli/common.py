@@ -120,13 +120,24 @@ def unwritable_directory(path: Path) -> str | None:
 
 
 def parse_context(text: str) -> int:
+    """Tokens: `4096`, `4,096`, `4_096`, `4k` (4,096), or a whole number written like the
+    language's numbers (`4e3`)."""
+    cleaned = text.strip().replace("_", "").replace(",", "")
     try:
-        value = int(text.replace("_", "").replace(",", ""))
-    except ValueError:
-        if text.lower().endswith("k") and text[:-1].isdigit():
-            value = int(text[:-1]) * 1024
+        if cleaned.lower().endswith("k") and cleaned[:-1].isdigit():
+            value = int(cleaned[:-1]) * 1024
+        elif cleaned.lstrip("-").isdigit() and cleaned.count("-") <= 1:
+            digits = cleaned.lstrip("-")
+            value = int(digits) if len(digits) <= 12 else MAX_TOKENS + 1  # beyond any limit
+            value = -value if cleaned.startswith("-") else value
         else:
-            raise argparse.ArgumentTypeError(f"not a number of tokens: {text!r}") from None
+            number = float(cleaned)
+            if not number.is_integer():
+                raise ValueError(cleaned)
+            value = int(number) if abs(number) <= MAX_TOKENS + 1 else MAX_TOKENS + 1
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"not a number of tokens: {printable(repr(text[:40]))}"
+                                         ) from None
     if value < 1:
         raise argparse.ArgumentTypeError("context must be at least 1 token")
     if value > MAX_TOKENS:

@@ -95,7 +95,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if chosen is None:
         return EXIT_ERROR
     policy, model = chosen
-    out = Path(args.output) if args.output else Path("build") / policy.name
+    if args.output is not None and not args.output.strip():
+        reporter.fail("-o/--output is empty; name the build directory (default: "
+                      f"build/{policy.name})")
+        return EXIT_ERROR
+    out = Path(args.output) if args.output is not None else Path("build") / policy.name
     try:
         changed = compile_policy(policy, model, out)
     except PolicyError as exc:

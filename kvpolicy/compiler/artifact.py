@@ -416,9 +416,11 @@ def _listed_files(root: Path, manifest: dict) -> tuple[dict[str, bytes], list[st
                             "manifest's)")
             continue
         verified[name] = data
+    directories = {str(parent) for name in listed for parent in Path(name).parents} - {"."}
     for path in sorted(root.rglob("*")):
         name = str(path.relative_to(root))
-        if name == MANIFEST or name in listed or (path.is_dir() and not path.is_symlink()):
+        if name == MANIFEST or name in listed or (name in directories and path.is_dir()
+                                                  and not path.is_symlink()):
             continue
         problems.append(f"{shown_path(name)} is not listed in the manifest (an artifact holds "
                         "only what `kvpolicy compile` wrote)")

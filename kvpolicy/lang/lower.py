@@ -415,6 +415,12 @@ class _Statements:
                 self.d.error(f"layer range {_show_layer(layer_range.start)}.."
                              f"{_show_layer(layer_range.end)} runs backwards", layer_range.span)
                 ok = False
+            elif start == ir.LAST and stop not in (None, ir.LAST, ir.Depth(1.0)):
+                # `last` is the highest layer of any model: `last..N` can only run backwards
+                self.d.error(f"layer range last..{_show_layer(layer_range.end)} runs backwards "
+                             f"(`last` is the last layer; write "
+                             f"{_show_layer(layer_range.end)}..last)", layer_range.span)
+                ok = False
         first: dict[type, ast.Stmt] = {}
         for stmt in block.statements:
             kind = type(stmt)
