@@ -395,3 +395,22 @@ def test_compile_through_a_symbolic_link_writes_where_it_points(tmp_path):
     compile_policy(kvpolicy.load_policy(POLICIES / "kivi.kvp"), SMOL, tmp_path / "link")
     assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "manifest.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_a_terminated_compile_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a `timeout`, a cancelled job) unwinds like Ctrl-C: no staging directory stays."""
+    import signal
+    from kvpolicy.cli import main
+    out = tmp_path / "art"
+    compile_policy(kvpolicy.load_policy(POLICIES / "kivi.kvp"), SMOL, out)
+    before = tree(out)
+
+    def terminated_mid_swap(staging, target):
+        os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(artifact, "_swap", terminated_mid_swap)
+    handler = signal.getsignal(signal.SIGTERM)
+    status = main(["compile", str(POLICIES / "aggressive.kvp"), "--model", "smollm2-135m",
+                   "-o", str(out)])
+    assert status == 128 + signal.SIGTERM
+    assert tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+    assert signal.getsignal(signal.SIGTERM) is handler  # main() puts the caller's back

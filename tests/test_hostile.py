@@ -463,6 +463,18 @@ case("compile_empty_output", "-o/--output is empty")(
     lambda root: ["compile", str(POLICIES / "kivi.kvp"), "--model", "smollm2-135m", "-o", ""])
 
 
+policy_case("combining_accent_in_a_word", "policy t {\n    re\u0301tain 5%\n}\n",
+            "did you mean 'retain'? (U+0301 is not an ASCII letter")
+policy_case("policy_name_of_5000_characters", f"policy {'a' * 5000} {{ retain 20% }}\n",
+            "a name may be at most 64")
+
+
+@case("run_policy_beyond_the_models_layers", "beyond smollm2-135m", located=True)
+def _(root):
+    (root / "p.kvp").write_text("policy deep { retain 20%; retain layer 40 5% }\n")
+    return ["run", str(root / "p.kvp"), "--prompt", "hi"]
+
+
 @case("run_artifact_with_a_stray_directory", "is not listed in the manifest")
 def _(root):
     out = _compiled(root, "smollm2-135m")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Sequence
 
@@ -142,10 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = _terminate_like_interrupt()
     try:
         return args.run(args)
     except KeyboardInterrupt:
         return 130
+    except _Terminated:
+        return 128 + signal.SIGTERM
     except BrokenPipeError:
         return EXIT_OK
     except PolicyError as exc:  # a stage raised instead of reporting; still located
@@ -158,6 +162,23 @@ def main(argv: Sequence[str] | None = None) -> int:
               + "\n(a bug in kvpolicy; rerun with KVPOLICY_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM (a `timeout`, a cancelled CI job): unwinds like Ctrl-C, so that what a command
+    was writing is cleaned up (compile's staging directory) instead of left behind."""
+
+
+def _terminate_like_interrupt():
+    def terminated(signum, frame):
+        raise _Terminated()
+    try:
+        return signal.signal(signal.SIGTERM, terminated)
+    except ValueError:  # not the main thread (main() called from a library): leave it alone
+        return None
 
 
 if __name__ == "__main__":

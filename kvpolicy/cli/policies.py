@@ -45,8 +45,9 @@ def cmd_fmt(args: argparse.Namespace) -> int:
             continue
         source = read_source(path)
         formatted = format_policy(parse_source(source).tree)
-        if args.stdout:
-            sys.stdout.write(formatted)
+        if args.stdout:  # the file's text; on a terminal, its control characters escaped
+            sys.stdout.write(printable(formatted, lines=True) if sys.stdout.isatty()
+                             else formatted)
             continue
         if formatted == source.text:
             continue

@@ -100,12 +100,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     name = args.model or "smollm2-135m (embedded default)"
     try:  # the model's shape first: cheap, and enough to refuse what cannot run on it
         directory = model_directory(args.model)
-        shape = replace(load_config(directory / "config.json"), name=name,
-                        kv_dtype=args.cache_dtype)
+        shape = replace(load_config(directory / "config.json"),
+                        name=args.model or "smollm2-135m", kv_dtype=args.cache_dtype)
         if artifact is not None:
             verify(artifact, model=shape, fields=_artifact_fields(args.backend))
     except (ModelLoadError, ModelError, ArtifactError) as exc:
         reporter.fail(str(exc))
+        return EXIT_ERROR
+    try:  # a policy that does not fit the model is refused before the weights are read
+        from kvpolicy.plan.planner import make_plan
+        make_plan(policy, shape, shape.max_context)
+    except PolicyError as exc:
+        reporter.show(exc.diagnostics)
         return EXIT_ERROR
     if args.needle is not None and args.needle > shape.max_context:
         reporter.fail(f"--needle {args.needle:,} is beyond the model's context of "
@@ -118,7 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     compiled = None
     try:
         model, tokenizer = load_model(directory)
-        run_shape = replace(_shape_of(model, args.cache_dtype), name=name)
+        run_shape = replace(_shape_of(model, args.cache_dtype), name=shape.name)
         if artifact is not None:
             compiled = load(artifact, model=run_shape, fields=_artifact_fields(args.backend))
         needle = None

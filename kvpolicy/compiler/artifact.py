@@ -352,8 +352,10 @@ def _verified(root: Path, model, fields: tuple[str, ...]) -> tuple[dict, dict[st
                             f"({type(exc).__name__})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
-        hint = (": it was compiled by an older kvpolicy; recompile it"
-                if isinstance(found, str) and found.startswith("kvpolicy.artifact/") else "")
+        older = isinstance(found, str) and found.startswith("kvpolicy.artifact/") and \
+            found.rsplit("/", 1)[1].isdigit() and int(found.rsplit("/", 1)[1]) < 2
+        hint = (": it was compiled by an older kvpolicy; recompile it" if older else
+                f" (its format is '{shown_path(str(found))}')")
         raise ArtifactError(f"{shown}/{MANIFEST} is not a {FORMAT} manifest{hint}")
     problems = []
     if manifest.get("kvpolicy_version") != __version__:

@@ -35,6 +35,7 @@ MAX_CLUSTERS = 65536
 MAX_OBSERVE = 65536
 MAX_POOL_KERNEL = 255
 MAX_LAYER_INDEX = 65535
+MAX_NAME = 64  # characters of a policy name
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,9 @@ class _Lowering:
             self.d.error(f"policy name '{quoted(tree.name.text)}' is not ASCII"
                          f"{vocab.non_ascii_note(tree.name.text)}; a name is ASCII letters, "
                          "digits, '_' and '-'", tree.name.span)
+        elif len(tree.name.text) > MAX_NAME:  # it names build directories and report lines
+            self.d.error(f"policy name '{quoted(tree.name.text)}' is {len(tree.name.text):,} "
+                         f"characters; a name may be at most {MAX_NAME}", tree.name.span)
         if tree.extends is not None:
             parent = self._parent(tree, source, path, chain)
             if parent is None:

@@ -23,8 +23,9 @@ def read_source(path: str | os.PathLike[str], shown_as: str | None = None) -> So
         data = read_limited(path, MAX_POLICY_BYTES)
     except FileProblem as exc:
         if exc.too_large is not None:
-            message = (f"file is {human_size(exc.too_large)}; a policy file may be at most "
-                       f"{MAX_POLICY_BYTES // 1024} KiB")
+            message = (f"file is {exc.too_large:,} bytes ({human_size(exc.too_large)}); a policy "
+                       f"file may be at most {MAX_POLICY_BYTES:,} bytes "
+                       f"({MAX_POLICY_BYTES // 1024} KiB)")
             raise PolicyError([Diagnostic("error", message,
                                           Span.of_file(Source(shown, "")))]) from None
         if exc.reason.startswith("is a directory"):

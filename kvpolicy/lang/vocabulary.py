@@ -46,7 +46,8 @@ def non_ascii_note(word: str) -> str:
     strange = next((c for c in word if not c.isascii()), None)
     if strange is None:
         return ""
-    return f" ('{strange}' is not an ASCII letter; kvp words are ASCII)"
+    shown = f"U+{ord(strange):04X}" if unicodedata.combining(strange) else f"'{strange}'"
+    return f" ({shown} is not an ASCII letter; kvp words are ASCII)"
 
 
 def suggest(word: str, choices: Iterable[str], aliases: dict[str, str] | None = None) -> str:
