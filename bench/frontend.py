@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from test_robustness import HOSTILE  # noqa: E402  (the same hostile inputs the tests use)
+sys.path.insert(0, str(ROOT / "bench"))
+from hostile_files import HOSTILE  # noqa: E402  (the same hostile inputs the tests use)
 
 RUNS = 5
 

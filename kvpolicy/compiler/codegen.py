@@ -12,7 +12,8 @@ import hashlib
 
 import jinja2
 
-from kvpolicy import __version__, _resources
+from kvpolicy import _resources
+from kvpolicy._version import __version__
 from kvpolicy.compiler.specs import (CombineSpec, DecodeSpec, KernelSpec, PackSpec, UnpackSpec,
                                      block_view, head_view)
 

@@ -12,7 +12,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from kvpolicy import __version__
+from kvpolicy._version import __version__
 from kvpolicy.eval.tasks import ACCURACY_TASKS
 
 SCHEMA = "kvpolicy.eval/1"

@@ -41,7 +41,6 @@ from kvpolicy.runtime.compressed import CompressedLayer
 from kvpolicy.runtime.reference import pack_blocks
 
 ATTENTION_NAME = "kvpolicy"
-_TORCH_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 _routing = threading.local()
 
 

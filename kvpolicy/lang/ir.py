@@ -23,7 +23,7 @@ Pooling = Literal["max", "avg", "none"]
 GqaReduce = Literal["mean", "max", "sum"]
 
 FULL_PRECISION_BITS = 16
-SUPPORTED_BITS = (2, 3, 4, 8, 16)
+MAX_TOKENS = 2**31 - 1  # the most tokens any count, window or context may name
 LAST = -1  # a layer reference to the model's last layer
 
 
@@ -71,12 +71,6 @@ class QuantFormat:
 
     def with_bits(self, bits: int) -> "QuantFormat":
         return replace(self, bits=bits)
-
-    def describe(self) -> str:
-        if not self.quantized:
-            return "fp16"
-        symmetry = "sym" if self.symmetric else "asym"
-        return f"int{self.bits}/g{self.group}/{self.axis}/{symmetry}"
 
 
 @dataclass(frozen=True)

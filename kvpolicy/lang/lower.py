@@ -28,7 +28,6 @@ from kvpolicy.lang.parser import parse_source
 from kvpolicy.lang.source import read_source
 
 # Token counts and positions are stored as int32 (docs/format.md), so no count may exceed this.
-MAX_TOKENS = 2**31 - 1
 MAX_EXTENDS_DEPTH = 16
 MIN_GROUP, MAX_GROUP = 8, 1024
 MAX_CLUSTERS = 65536
@@ -248,12 +247,12 @@ class _Statements:
         self._set("model", stmt.model, stmt.span)
 
     def _SinksStmt(self, stmt: ast.SinksStmt) -> None:
-        count = _Numbers(self.d).whole(stmt.count, "sinks", 0, MAX_TOKENS)
+        count = _Numbers(self.d).whole(stmt.count, "sinks", 0, ir.MAX_TOKENS)
         if count is not None:
             self._set("sinks", count, stmt.span)
 
     def _WindowStmt(self, stmt: ast.WindowStmt) -> None:
-        count = _Numbers(self.d).whole(stmt.count, "window", 0, MAX_TOKENS)
+        count = _Numbers(self.d).whole(stmt.count, "window", 0, ir.MAX_TOKENS)
         if count is not None:
             self._set("window", count, stmt.span)
 

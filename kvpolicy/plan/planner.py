@@ -26,8 +26,8 @@ import math
 from dataclasses import dataclass
 
 from kvpolicy.diagnostics import Diagnostic, Diagnostics, note
-from kvpolicy.lang.ir import LAST, Depth, Guard, LayerRef, LayerSelection, Policy, QuantFormat
-from kvpolicy.lang.lower import MAX_TOKENS
+from kvpolicy.lang.ir import (LAST, MAX_TOKENS, Depth, Guard, LayerRef, LayerSelection, Policy,
+                              QuantFormat)
 from kvpolicy.models import ModelShape
 from kvpolicy import format as storage
 from kvpolicy.plan.schedule import layer_shape, retain_schedule

@@ -246,8 +246,6 @@ def _stored(raw: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
 
 # ---- attention of one decode step over a compressed layer ---------------------------------
 
-REGIONS = ("sinks", "window", "centroids", "guard", "body")
-
 
 def slot_offsets(layer) -> dict[str, int]:
     """Where each region starts in the attention-mass output's slot axis."""
