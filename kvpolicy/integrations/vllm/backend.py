@@ -35,10 +35,14 @@ from kvpolicy.integrations.vllm import paged
 from kvpolicy.integrations.vllm.settings import Settings, load_settings
 from kvpolicy.integrations.vllm.staging import StagingTable
 
-logger = init_logger(__name__)
+# under vLLM's own logger, which vLLM's logging configures: the start-up report reaches the
+# server log
+logger = init_logger("vllm.kvpolicy")
 # layer index → blocks sealed in this process (what examples/vllm_offline.py reports; with
 # VLLM_ENABLE_V1_MULTIPROCESSING=0 the engine runs in the caller's process)
 SEALED_BLOCKS: collections.Counter[int] = collections.Counter()
+# staging: blocks whose slot was reclaimed (spilled) and brought back (restored), all steps
+STAGING_MOVES: collections.Counter[str] = collections.Counter()
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
 
@@ -114,8 +118,11 @@ class KVPolicyMetadataBuilder(AttentionMetadataBuilder[paged.StepMetadata]):
         seq_lens = m.seq_lens[:m.num_reqs].cpu().tolist()
         rows = [m.block_table_tensor[i, :-(-end // self.block_size)].cpu().tolist()
                 for i, end in enumerate(seq_lens)]
-        return paged.step_metadata(self.table, query_start, seq_lens, rows,
+        step = paged.step_metadata(self.table, query_start, seq_lens, rows,
                                    m.slot_mapping[:m.num_actual_tokens].cpu())
+        STAGING_MOVES["spilled"] += len(step.spills)
+        STAGING_MOVES["restored"] += len(step.restores)
+        return step
 
 
 class KVPolicyImpl(AttentionImpl):
@@ -148,6 +155,7 @@ class KVPolicyImpl(AttentionImpl):
         self.staging_blocks = s.staging_blocks
         self.staging: torch.Tensor | None = None
         self.mass: torch.Tensor | None = None  # attention received by staged tokens (snapkv)
+        self.spilled: dict = {}  # staged blocks whose slot was reclaimed (staging.py)
         self.layer_index: int | None = None
         self.kv_sharing_target_layer_name = None
 
@@ -177,7 +185,8 @@ class KVPolicyImpl(AttentionImpl):
             metadata = metadata.get(layer.layer_name)
         if metadata is None:
             return  # profiling and warm-up runs
-        paged.write_step(self._staging(key.dtype), self.mass, key, value, metadata)
+        paged.write_step(self._staging(key.dtype), self.mass, key, value, metadata,
+                         self.spilled)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: paged.StepMetadata | None,

@@ -21,6 +21,7 @@ cannot do.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -453,6 +454,9 @@ class StepMetadata:
     seal_blocks: torch.Tensor  # [k] blocks sealed in this step, and their staging slots
     seal_slots: torch.Tensor
     past_sealed_now: list[bool]  # per request: does its past hold a block sealed in this step?
+    spills: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # staging.StepPlan
+    restores: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    drops: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def starts(self) -> list[int]:
@@ -479,14 +483,37 @@ def step_metadata(table: staging.StagingTable, query_start: list[int], seq_lens:
                         token_offset=slots % bs,
                         seal_blocks=torch.tensor(plan.seal_blocks, dtype=torch.int64),
                         seal_slots=torch.tensor(plan.seal_slots, dtype=torch.int64),
-                        past_sealed_now=past_sealed_now)
+                        past_sealed_now=past_sealed_now, spills=plan.spills,
+                        restores=plan.restores, drops=plan.drops)
+
+
+def move_staged(staging_buffer: torch.Tensor, mass: torch.Tensor | None, spilled: dict,
+                md: StepMetadata) -> None:
+    """Applies the staging table's spills, restores and drops to one layer's staging: a block
+    whose slot was reclaimed keeps its staged tokens (and their attention mass) in `spilled`,
+    block → (tokens, mass), until a step needs it again or a new request takes it over."""
+    for block, slot in md.spills:
+        spilled[block] = (staging_buffer[slot].clone(),
+                          None if mass is None else mass[slot].clone())
+    for block, slot in md.restores:
+        tokens, received = spilled.pop(block)
+        staging_buffer[slot] = tokens
+        if mass is not None:
+            mass[slot] = received
+    for block in md.drops:
+        spilled.pop(block, None)
 
 
 def write_step(staging_buffer: torch.Tensor, mass: torch.Tensor | None, key: torch.Tensor,
-               value: torch.Tensor, md: StepMetadata) -> None:
-    """The step's write (vLLM's do_kv_cache_update): stage the new tokens at full precision.
-    Sealing waits for `attend_step`, so a block sealed in this step was first seen by this
-    step's queries."""
+               value: torch.Tensor, md: StepMetadata, spilled: dict | None = None) -> None:
+    """The step's write (vLLM's do_kv_cache_update): move spilled blocks (`move_staged`), then
+    stage the new tokens at full precision. Sealing waits for `attend_step`, so a block sealed in
+    this step was first seen by this step's queries."""
+    if md.spills or md.restores or md.drops:
+        if spilled is None:
+            raise ValueError("the staging table spilled blocks but this layer keeps no spill "
+                             "store")
+        move_staged(staging_buffer, mass, spilled, md)
     n = md.num_actual_tokens
     stage_tokens(staging_buffer, key[:n], value[:n], md.token_slot, md.token_offset, mass)
 

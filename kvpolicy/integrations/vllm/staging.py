@@ -8,10 +8,14 @@ therefore learns everything from what each step schedules:
 - every block that receives tokens and is not yet sealed gets a slot;
 - a block whose last token has left the window is sealed this step (packed by every layer),
   and its slot is free for the next step; the blocks holding the policy's sinks never seal;
-- slots of blocks that no step has touched for the longest time are reclaimed when the table is
-  full (a finished request's window). A request that vLLM keeps running but leaves unscheduled
-  while its slots are reclaimed would read garbage, so reclaiming a slot of a block still in
-  some request's block table is refused loudly: size the table with KVPOLICY_STAGING_BLOCKS.
+- when the table is full, the slot of the block that no step has touched for the longest time
+  is reclaimed. Its tokens are *spilled* (every layer copies them out of the slot) rather than
+  dropped: the backend cannot tell a finished request's window from a running request that a
+  step left unscheduled (a chunked prefill that took the step's whole token budget), and the
+  latter must not lose its staged tokens. When a spilled block is read or written again it is
+  restored into a free slot; when a new request takes the block over, its spilled copy is
+  dropped. Only more blocks in use in one step than the table has slots is refused
+  (KVPOLICY_STAGING_BLOCKS sizes the table).
 Prefix caching is refused at start-up: a block shared by two requests would be sealed by one
 while still in the other's window.
 """
@@ -50,6 +54,10 @@ class StepPlan:
     seal_blocks: list[int] = field(default_factory=list)  # packed this step, after writing
     seal_slots: list[int] = field(default_factory=list)
     request_slots: list[list[int]] = field(default_factory=list)  # per request, per block: slot
+    # applied by every layer before the step writes, in this order:
+    spills: list[tuple[int, int]] = field(default_factory=list)  # (block, slot): copy out
+    restores: list[tuple[int, int]] = field(default_factory=list)  # (block, slot): copy back in
+    drops: list[int] = field(default_factory=list)  # blocks whose spilled copy is stale
 
 
 class StagingTable:
@@ -61,6 +69,7 @@ class StagingTable:
         self.slot_of_block: dict[int, int] = {}
         self.last_step: dict[int, int] = {}  # block → the step that last touched it
         self.free = list(range(slots - 1, -1, -1))
+        self.spilled: set[int] = set()  # blocks whose staged tokens are held outside the table
         self.step = 0
 
     def sealed(self, block_index: int, seq_len: int) -> bool:
@@ -72,31 +81,34 @@ class StagingTable:
         if slot is not None:
             self.free.append(slot)
 
-    def _acquire(self, block: int, live: set[int]) -> int:
+    def _acquire(self, block: int, plan: "StepPlan") -> int:
         if not self.free:
             idle = [b for b in self.slot_of_block if self.last_step[b] < self.step]
             if not idle:
                 raise StagingFull(f"all {self.slots} staging blocks are in use this step; set "
                                   "KVPOLICY_STAGING_BLOCKS higher")
             oldest = min(idle, key=self.last_step.__getitem__)
-            if oldest in live:
-                raise StagingFull(f"the staging table ({self.slots} blocks) is full and its "
-                                  f"oldest entry (block {oldest}) belongs to a running request; "
-                                  "set KVPOLICY_STAGING_BLOCKS higher")
+            plan.spills.append((oldest, self.slot_of_block[oldest]))
+            self.spilled.add(oldest)
             self._release(oldest)
         slot = self.free.pop()
         self.slot_of_block[block] = slot
+        if block in self.spilled:
+            self.spilled.discard(block)
+            plan.restores.append((block, slot))
         return slot
 
     def plan(self, requests: list[RequestStep]) -> StepPlan:
         self.step += 1
         bs = self.block_size
-        live = {b for r in requests for b in r.blocks[:-(-r.end // bs)]}
+        plan = StepPlan(stage_of_block={})
         for r in requests:
             if r.start == 0:  # new or recomputed: anything its blocks held is stale
                 for block in r.blocks[:-(-r.end // bs)]:
                     self._release(block)
-        plan = StepPlan(stage_of_block={})
+                    if block in self.spilled:
+                        self.spilled.discard(block)
+                        plan.drops.append(block)
         for r in requests:
             first_written = r.start // bs
             row = []
@@ -107,10 +119,10 @@ class StagingTable:
                     continue
                 slot = self.slot_of_block.get(block)
                 if slot is None:
-                    if j * bs < r.start:  # it holds earlier tokens, which must be staged
+                    if j * bs < r.start and block not in self.spilled:
                         raise StagingFull(f"block {block} (index {j} of a request at "
                                           f"{r.start} tokens) lost its staged tokens")
-                    slot = self._acquire(block, live)
+                    slot = self._acquire(block, plan)
                 self.last_step[block] = self.step
                 plan.stage_of_block[block] = slot
                 row.append(slot)
