@@ -14,7 +14,7 @@ from strategies import policies
 from kvpolicy.compiler.artifact import build_files
 from kvpolicy.compiler.specs import specs_for
 from kvpolicy.diagnostics import PolicyError, Source
-from kvpolicy.integrations.vllm.paged import page_format
+from kvpolicy.plan.pages import page_format
 from kvpolicy.lang.lower import check_source, load_policy
 from kvpolicy.models import MAX_HEAD_DIM, MAX_POSITIONS, PRESETS, ModelShape
 from kvpolicy.plan.planner import make_plan

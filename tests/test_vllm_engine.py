@@ -25,7 +25,7 @@ from kvpolicy import load_policy  # noqa: E402
 from kvpolicy.compiler.artifact import compile_policy  # noqa: E402
 from kvpolicy.hf import generate, load_model  # noqa: E402
 from kvpolicy.hf.model import default_model_dir  # noqa: E402
-from kvpolicy.integrations.vllm.paged import page_format  # noqa: E402
+from kvpolicy.plan.pages import page_format  # noqa: E402
 from kvpolicy.integrations.vllm import offline  # noqa: E402
 from kvpolicy.integrations.vllm.offline import EngineFailed, EngineRun  # noqa: E402
 from kvpolicy.models import resolve_model  # noqa: E402

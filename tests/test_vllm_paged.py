@@ -13,9 +13,10 @@ import torch
 from conftest import POLICIES
 from kvpolicy import load_policy
 from kvpolicy.compiler.artifact import compile_policy
-from kvpolicy.integrations.vllm import paged
+from kvpolicy.plan import pages
+from kvpolicy.store import paged
 from kvpolicy.integrations.vllm.settings import load_settings
-from kvpolicy.integrations.vllm.staging import RequestStep, StagingFull, StagingTable
+from kvpolicy.store.staging import RequestStep, StagingFull, StagingTable
 from kvpolicy.models import resolve_model as get_model
 from kvpolicy.plan.planner import block_retain_ratios
 from kvpolicy.runtime import reference as R
@@ -25,8 +26,8 @@ SMOL = get_model("smollm2-135m")
 
 def kivi_format(block_size=32, window=None):
     policy = load_policy(POLICIES / "kivi.kvp")
-    fmt = paged.page_format(policy, SMOL, block_size)
-    return fmt if window is None else paged.PageFormat(**{**vars(fmt), "window": window})
+    fmt = pages.page_format(policy, SMOL, block_size)
+    return fmt if window is None else pages.PageFormat(**{**vars(fmt), "window": window})
 
 
 RETAINING = """policy retaining {{
@@ -43,7 +44,7 @@ RETAINING = """policy retaining {{
 def retaining_format(write_policy, score="keynorm", window=0, sinks=0, block_size=64):
     """Half of each 64-token block kept: 16 guards at int8 and 16 body tokens at int4."""
     policy = load_policy(write_policy(RETAINING.format(score=score, window=window, sinks=sinks)))
-    return paged.page_format(policy, SMOL, block_size)
+    return pages.page_format(policy, SMOL, block_size)
 
 
 def test_kivi_page_is_the_format_block_and_the_ratio_is_exact():
@@ -60,16 +61,16 @@ def test_kivi_page_is_the_format_block_and_the_ratio_is_exact():
 
 
 def test_a_block_size_off_the_format_unit_is_refused():
-    with pytest.raises(paged.UnsupportedConfiguration, match="not a multiple of the format's "
+    with pytest.raises(pages.UnsupportedConfiguration, match="not a multiple of the format's "
                        "32-token unit"):
-        paged.page_format(load_policy(POLICIES / "aggressive.kvp"), SMOL, 48)
+        pages.page_format(load_policy(POLICIES / "aggressive.kvp"), SMOL, 48)
 
 
 def test_aggressive_pages_keep_each_layers_share_of_a_block():
     """Stage 2: every sealed block keeps ceil(retain_l x block) tokens (whole 32-token format
     blocks), half of them int8 guards; the page is the largest layer's."""
     policy = load_policy(POLICIES / "aggressive.kvp")
-    fmt = paged.page_format(policy, SMOL, 256)
+    fmt = pages.page_format(policy, SMOL, 256)
     ratios = block_retain_ratios(policy, SMOL)
     assert sum(ratios) / len(ratios) == pytest.approx(0.18)  # the global ratio, no window floor
     for page, ratio in zip(fmt.layers, ratios):
@@ -83,8 +84,8 @@ def test_aggressive_pages_keep_each_layers_share_of_a_block():
     assert fmt.page_bytes < 0.6 * fmt.layers[0].nbytes  # layers share a block's bytes
     assert fmt.sink_blocks == 1 and fmt.needs_mass
     assert fmt.capacity_ratio == pytest.approx(256 * 2 * 64 * 2 / fmt.page_bytes)
-    notes = " ".join(paged.policy_notes(policy, 256))
-    for words in ("retention per sealed block", "no centroids", "keep sinks 4", "adapt"):
+    notes = " ".join(pages.policy_notes(policy, 256))
+    for words in ("retention in pages", "no centroids", "keep sinks 4", "adapt"):
         assert words in notes, notes
 
 
@@ -104,7 +105,7 @@ def test_layers_of_different_sizes_share_each_blocks_bytes(write_policy):
         values int2 group 32 per token
         layers 0..1 { keys int4 group 32 per channel }
     }"""))
-    fmt = paged.page_format(policy, SMOL, 32)
+    fmt = pages.page_format(policy, SMOL, 32)
     small, big = fmt.layer_bytes(5), fmt.layer_bytes(0)
     assert big > small and fmt.page_bytes == -(-(2 * big + 28 * small) // 30) < big
     assert 0 <= fmt.padding_bytes < 30 * 3
@@ -115,14 +116,14 @@ def test_layers_of_different_sizes_share_each_blocks_bytes(write_policy):
         paged.seal_blocks(views[layer], staging, torch.tensor([4, 1]), torch.tensor([0, 1]), fmt,
                           layer)
     for layer in (0, 1, 2, 29):
-        pages = paged.layer_pages(views[layer], fmt, layer)
+        held = paged.layer_pages(views[layer], fmt, layer)
         for block, slot in ((4, 0), (1, 1)):
             for h in range(3):
                 want = R.pack_blocks(staging[slot, h, :, 0], staging[slot, h, :, 1], None,
                                      fmt.layers[layer].body)
-                assert torch.equal(pages[block, h], want.reshape(-1))
+                assert torch.equal(held[block, h], want.reshape(-1))
     assert cache[[0, 2, 3, 5]].count_nonzero() == 0  # other blocks untouched
-    with pytest.raises(paged.UnsupportedConfiguration, match="BLHNC"):
+    with pytest.raises(pages.UnsupportedConfiguration, match="BLHNC"):
         paged.layer_pages(torch.zeros(6, 3, 1, fmt.page_bytes, dtype=torch.uint8), fmt, 1)
 
 
@@ -348,7 +349,7 @@ def test_a_sealed_page_holds_the_most_important_tokens_and_nothing_else(write_po
     _, views = model_cache(fmt, 5)
     paged.seal_blocks(views[0], staging, torch.tensor([4, 1]), torch.tensor([1, 0]), fmt, 0,
                       mass=mass)
-    pages = paged.layer_pages(views[0], fmt, 0)
+    held = paged.layer_pages(views[0], fmt, 0)
     for block, slot in ((4, 1), (1, 0)):
         for h in range(3):
             m = mass[slot, h].tolist()
@@ -356,22 +357,63 @@ def test_a_sealed_page_holds_the_most_important_tokens_and_nothing_else(write_po
             guards, body = kept_offsets(pooled, page)
             want = packed_page(page, staging[slot, h, :, 0], staging[slot, h, :, 1], guards,
                                body)
-            assert torch.equal(pages[block, h], want)
+            assert torch.equal(held[block, h], want)
 
 
-def expected_with_retention(fmt, keys, values, query, start, end, scale):
-    """The retention rule stated independently (keynorm importance): a block sealed by `end` and
-    wholly before `start` is its kept tokens, quantize-dequantized at their bits; the rest of the
-    past and the chunk itself are exact."""
+def test_blocks_sealed_together_are_selected_together(write_policy):
+    """Two blocks a request seals in one step are ranked as one 128-token span: when every
+    important token sits in the second block, it keeps them all (32 of its 64), the first block
+    keeps none, and the two pages hold the 32 guards and 32 body tokens densely, in position
+    order — the bytes of two per-block pages."""
+    torch.manual_seed(6)
+    fmt = retaining_format(write_policy, score="snapkv(pool = none)")
+    page = fmt.layers[0]
+    staging = torch.randn(2, 3, 64, 2, 64)
+    mass = torch.rand(2, 3, 64)
+    mass[1, :, 10:42] += 5.0  # slot 1 (the later block) holds the needle
+    _, views = model_cache(fmt, 5)
+    paged.seal_blocks(views[0], staging, torch.tensor([2, 3]), torch.tensor([0, 1]), fmt, 0,
+                      mass=mass, groups=[2])
+    held = paged.layer_pages(views[0], fmt, 0)
+    for h in range(3):
+        span_k = torch.cat([staging[0, h, :, 0], staging[1, h, :, 0]])
+        span_v = torch.cat([staging[0, h, :, 1], staging[1, h, :, 1]])
+        guards, body = kept_offsets(torch.cat([mass[0, h], mass[1, h]]).tolist(),
+                                    pages.LayerPage(page.guard, page.body, 32, 32))
+        assert guards == list(range(64 + 10, 64 + 42))  # all 32 from the second block
+        for i, block in enumerate((2, 3)):  # page i: the i-th 16 guards, the i-th 16 body tokens
+            want = packed_page(page, span_k, span_v, guards[16 * i:16 * (i + 1)],
+                               body[16 * i:16 * (i + 1)])
+            assert torch.equal(held[block, h], want)
+
+
+def expected_with_retention(fmt, keys, values, query, start, end, scale, prompt):
+    """The retention rule stated independently (keynorm importance). The blocks sealed when the
+    `prompt` was prefilled in one step form one group, every later block its own; a group's
+    kept tokens are the `selected x g` lowest-norm keys of its span, quantize-dequantized in
+    position order at their bits. Blocks sealed by `end` come from their pages unless they were
+    sealed in this step and some of them reach into the chunk; the rest of the past and the
+    chunk itself are exact."""
     bs, page = fmt.block_size, fmt.layers[0]
     heads = keys.shape[1]
+    first_group = [j for j in range(-(-prompt // bs)) if fmt.sealed(j, prompt)]
+    sealed_now = [j for j in range(-(-end // bs)) if fmt.sealed(j, end) and not fmt.sealed(j, start)]
+    straddles = any((j + 1) * bs > start for j in sealed_now)
     past_k, past_v = [[] for _ in range(heads)], [[] for _ in range(heads)]
     for j in range(-(-start // bs)):
+        group = first_group if j in first_group else [j]
         for h in range(heads):
-            if fmt.sealed(j, end) and (j + 1) * bs <= start:
-                k, v = keys[j * bs:(j + 1) * bs, h], values[j * bs:(j + 1) * bs, h]
-                guards, body = kept_offsets(-k.float().norm(dim=-1), page)
+            if fmt.sealed(j, end) and not (straddles and j in sealed_now):
+                if j != group[0]:
+                    continue  # the group's kept tokens were added with its first block
+                span = slice(group[0] * bs, (group[-1] + 1) * bs)
+                k, v = keys[span, h], values[span, h]
+                g = len(group)
+                guards, body = kept_offsets(-k.float().norm(dim=-1), pages.LayerPage(
+                    page.guard, page.body, g * page.guard_tokens, g * page.body_tokens))
                 for idx, layout in ((guards, page.guard), (body, page.body)):
+                    if not idx:
+                        continue
                     blocks = R.pack_blocks(k[idx], v[idx], None, layout)
                     kq, vq, _ = R.unpack_blocks(blocks, layout, len(idx))
                     past_k[h].append(kq)
@@ -408,14 +450,14 @@ def test_retention_matches_the_rule_step_by_step(write_policy, window, sinks):
     pos = run_interleaved(
         engine, lengths, rows, data, lambda r, step, pos: r == "a" or pos["a"] >= 160,
         lambda r, q, start, end: expected_with_retention(fmt, data[r][0], data[r][1], q, start,
-                                                         end, 0.125), atol=3e-5)
+                                                         end, 0.125, lengths[r][0]), atol=3e-5)
     assert pos == {"a": 300, "b": 230}
 
 
 def test_attention_mass_is_what_the_queries_gave_the_staged_tokens(write_policy):
-    """Nothing seals (window 208): after a prefill and decode steps, each staged token's mass is
-    the sum over the queries that saw it of their softmax weight, averaged over the query heads
-    of its KV head."""
+    """Nothing seals (window 208): after a 70-token prefill and decode steps, each staged token's
+    mass is the sum of the softmax weight it got from the prefill's last 32 queries (observe 32)
+    and from every decode query, averaged over the query heads of its KV head."""
     torch.manual_seed(3)
     fmt = retaining_format(write_policy, score="snapkv", window=208)
     engine = FakeEngine(fmt)
@@ -428,14 +470,17 @@ def test_attention_mass_is_what_the_queries_gave_the_staged_tokens(write_policy)
     logits = torch.einsum("qhd,khd->hqk", queries, keys.repeat_interleave(3, 1)) * 0.125
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     probs = torch.softmax(logits.masked_fill(~causal, -float("inf")), -1)  # [Hq, q, k]
-    want = probs.sum(1).reshape(3, 3, n).mean(1)  # [H, n]
+    counted = torch.zeros(n, dtype=torch.bool)
+    counted[70 - 32:] = True  # the prefill step's last 32 queries, then every decode query
+    want = probs[:, counted].sum(1).reshape(3, 3, n).mean(1)  # [H, n]
     got = torch.cat([engine.mass[engine.table.slot_of_block[b]] for b in row], 1)[:, :n]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_a_prompt_seals_its_old_blocks_by_its_own_attention(write_policy):
     """A 100-token prompt in one step with a 16-token window: block 0 seals in that step, keeping
-    the tokens the prompt's queries attended to most (max-pooled, kernel 7)."""
+    the tokens the prompt's last 32 queries (SnapKV's observation window) attended to most
+    (max-pooled, kernel 7)."""
     torch.manual_seed(4)
     fmt = retaining_format(write_policy, score="snapkv", window=16)
     engine = FakeEngine(fmt)
@@ -444,7 +489,7 @@ def test_a_prompt_seals_its_old_blocks_by_its_own_attention(write_policy):
     engine.step([([6, 1], 0, queries, keys, values)])
     logits = torch.einsum("qhd,khd->hqk", queries, keys.repeat_interleave(3, 1)) * 0.125
     causal = torch.ones(100, 100, dtype=torch.bool).tril()
-    mass = torch.softmax(logits.masked_fill(~causal, -float("inf")), -1).sum(1)
+    mass = torch.softmax(logits.masked_fill(~causal, -float("inf")), -1)[:, 100 - 32:].sum(1)
     mass = mass.reshape(3, 3, 100).mean(1)[:, :64]
     page = fmt.layers[0]
     for h in range(3):
@@ -485,7 +530,7 @@ def test_settings_for_a_supported_configuration(kivi_artifact):
 
 def test_settings_refuse_with_every_reason(kivi_artifact):
     other = get_model("qwen2.5-7b")
-    with pytest.raises(paged.UnsupportedConfiguration) as info:
+    with pytest.raises(pages.UnsupportedConfiguration) as info:
         load_settings(str(kivi_artifact), engine_config(model=other, block_size=24,
                                                         prefix_caching=True))
     text = str(info.value)
@@ -499,9 +544,9 @@ def test_settings_refuse_a_tampered_artifact(kivi_artifact):
     data = bytearray(kernel.read_bytes())
     data[10] ^= 1
     kernel.write_bytes(bytes(data))
-    with pytest.raises(paged.UnsupportedConfiguration, match="was modified"):
+    with pytest.raises(pages.UnsupportedConfiguration, match="was modified"):
         load_settings(str(kivi_artifact), engine_config())
-    with pytest.raises(paged.UnsupportedConfiguration, match="KVPOLICY_ARTIFACT is not set"):
+    with pytest.raises(pages.UnsupportedConfiguration, match="KVPOLICY_ARTIFACT is not set"):
         load_settings("", engine_config())
 
 
@@ -513,6 +558,6 @@ def test_settings_load_the_seed_policy_and_say_where_pages_differ(tmp_path):
     assert s.staging_blocks == 4 * (1 + 2048 // 256 + 2) + 1  # sinks' block, window, open block
     text = s.describe()
     assert f"{fmt.capacity_ratio:.2f}x" in text and "keep 32/" in text
-    for words in ("note: retention per sealed block", "note: cluster evicted k 20",
+    for words in ("note: retention in pages", "note: cluster evicted k 20",
                   "note: keep sinks 4", "note: adapt"):
         assert words in text, text

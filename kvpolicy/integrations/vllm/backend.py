@@ -31,9 +31,10 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from kvpolicy.integrations.vllm import paged
 from kvpolicy.integrations.vllm.settings import Settings, load_settings
-from kvpolicy.integrations.vllm.staging import StagingTable
+from kvpolicy.plan.pages import UnsupportedConfiguration
+from kvpolicy.store import paged
+from kvpolicy.store.staging import StagingTable
 
 # under vLLM's own logger, which vLLM's logging configures: the start-up report reaches the
 # server log
@@ -148,7 +149,7 @@ class KVPolicyImpl(AttentionImpl):
             reasons.append(f"kv_cache_dtype={kv_cache_dtype} (the policy decides storage; "
                            "leave it 'auto')")
         if reasons:
-            raise paged.UnsupportedConfiguration([f"the model uses {r}" for r in reasons])
+            raise UnsupportedConfiguration([f"the model uses {r}" for r in reasons])
         self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
         self.scale = float(scale)
         self.fmt = s.page_format
@@ -164,7 +165,7 @@ class KVPolicyImpl(AttentionImpl):
         if self.layer_index is None:
             match = _LAYER_INDEX.search(layer.layer_name)
             if match is None:
-                raise paged.UnsupportedConfiguration(
+                raise UnsupportedConfiguration(
                     [f"cannot tell the layer index of attention layer {layer.layer_name!r}"])
             self.layer_index = int(match.group(1))
         return self.layer_index

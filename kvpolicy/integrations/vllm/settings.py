@@ -13,12 +13,7 @@ from dataclasses import dataclass
 from kvpolicy.compiler.artifact import (MODEL_FIELDS, ArtifactError, compiled_for,
                                        model_mismatches, verify)
 from kvpolicy.format import DTYPE_BYTES
-from kvpolicy.integrations.vllm.paged import (
-    PageFormat,
-    UnsupportedConfiguration,
-    page_format,
-    policy_notes,
-)
+from kvpolicy.plan.pages import PageFormat, UnsupportedConfiguration, page_format, policy_notes
 from kvpolicy.lang.ir import Policy, policy_from_json
 from kvpolicy.models import ModelError, ModelShape, shape_from_config
 

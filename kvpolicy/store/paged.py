@@ -1,22 +1,22 @@
-"""A compiled policy in vLLM's paged KV cache: the page format and the compute, as plain
-functions of tensors (no vLLM import; the GPU machine, which has no vLLM, can test them).
+"""The compressed store: a compiled policy's KV cache in pages, as plain functions of tensors,
+engine-independent — vLLM's backend and the Hugging Face runtime's paged cache are adapters over
+it (neither imports the other, and neither re-states a rule that lives here).
 
-A vLLM block holds `block_size` tokens of every KV head of a layer. A block is *sealed* once it
-has left the policy's full-precision window: block j is sealed when the sequence reaches
-(j + 1) * block_size + window tokens. Until then its tokens live at full precision in a staging
-buffer outside vLLM's pool (`staging.StagingTable` decides which slot); the blocks holding the
-policy's sinks never seal. Sealing keeps `selected` of the block's tokens per KV head, chosen by
-importance (stage 2: retention; all of them when the policy evicts nothing), and packs them into
-the block's page: the most important `guard_tokens` at the guard's bits, then the rest in the
-layer's body format (`kvpolicy.format.BlockLayout`, whole format blocks of B tokens, no
-positions: keys carry RoPE already, and attention over the past does not depend on order).
-The page, and so vLLM's page size, is the selected tokens' packed bytes: evicted tokens never
-take pool memory.
-
-With block_size equal to the format's unit B and nothing evicted this is exactly the Hugging
-Face runtime's rule (the window holds between `window` and `window + B - 1` tokens), so both
-runtimes quantize the same tokens the same way. docs/vllm.md describes the design and what it
-cannot do.
+The page plan (`kvpolicy.plan.pages`) says which blocks are sealed and how many tokens each
+sealed page keeps per KV head. Until a block seals, its tokens live at full precision in a
+staging buffer (`staging.StagingTable` decides which slot). The store's rules:
+- importance (snapkv): the attention mass a staged token receives from the last `observe`
+  queries of every step that sees it (a prompt prefilled in one step: SnapKV's observation
+  window), reduced over the query heads of its KV group as the policy says; keynorm and recent
+  need no mass;
+- selection: the blocks a request seals in one step are selected *together*: their tokens are
+  pooled (snapkv) and ranked as one span, the `selected x g` most important kept (ties: the
+  earlier token), the most important `guard_tokens x g` of those are guards; guards and body
+  tokens are packed densely in position order into the g pages, each page holding its plan's
+  count. A needle's block can keep more than its share; the bytes are the per-block plan's;
+- sealing happens after a step's queries have attended (their mass counts), and a request whose
+  past holds a block sealed in this step attends again over the sealed pages.
+docs/vllm.md describes the design and what it cannot do.
 """
 
 from __future__ import annotations
@@ -27,190 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpolicy.format import DTYPE_BYTES, BlockLayout, block_tokens
-from kvpolicy.integrations.vllm import staging
-from kvpolicy.lang.ir import Policy
-from kvpolicy.models import ModelShape
-from kvpolicy.plan.planner import block_layouts, block_retain_ratios, layer_formats
+from kvpolicy.plan.pages import PageFormat, UnsupportedConfiguration
 from kvpolicy.runtime import reference as R
+from kvpolicy.store import staging
 
 QUERY_CHUNK = 512  # queries per softmax when attention mass is recorded (bounds its memory)
-
-
-class UnsupportedConfiguration(ValueError):
-    """The policy, model or engine settings cannot run in the vLLM backend; lists every reason."""
-
-    def __init__(self, reasons: list[str]):
-        self.reasons = list(reasons)
-        super().__init__("kvpolicy's vLLM backend cannot run this configuration:\n"
-                         + "\n".join(f"  - {r}" for r in self.reasons))
-
-
-@dataclass(frozen=True)
-class LayerPage:
-    """One layer's page for one KV head of one block: `guard_tokens` of the block's tokens at the
-    guard's bits, then `body_tokens` in the body format; the block's other tokens are evicted."""
-
-    guard: BlockLayout
-    body: BlockLayout
-    guard_tokens: int
-    body_tokens: int
-
-    @property
-    def selected(self) -> int:
-        return self.guard_tokens + self.body_tokens
-
-    @property
-    def guard_bytes(self) -> int:
-        return self.guard_tokens // self.guard.tokens * self.guard.nbytes
-
-    @property
-    def nbytes(self) -> int:
-        return self.guard_bytes + self.body_tokens // self.body.tokens * self.body.nbytes
-
-
-@dataclass(frozen=True)
-class PageFormat:
-    """How a model's pages are laid out. vLLM gives every layer the same page size, but lays a
-    block's pages of all layers side by side (the block-outermost BLHNC layout the backend asks
-    for), so the backend treats them as one run of `layers x H x page_bytes` bytes per block in
-    which layer l's pages ([H, layer_bytes(l)]) sit at `layer_offset(l)`: a layer that keeps more
-    tokens uses bytes a layer keeping fewer leaves free, and nothing pads to the largest layer.
-    page_bytes is the mean over layers, rounded up."""
-
-    block_size: int  # vLLM tokens per block
-    window: int  # the policy's full-precision window (tokens)
-    sink_blocks: int  # leading blocks that hold the policy's sinks: staged, never sealed
-    kv_heads: int
-    head_dim: int
-    dtype_bytes: int  # the model's KV dtype (staging and the baseline page)
-    layers: tuple[LayerPage, ...]  # per model layer
-    score: str = "snapkv"  # the policy's importance: snapkv (attention mass), keynorm, recent
-    pool: str = "max"  # snapkv's pooling along the block, and its kernel
-    pool_kernel: int = 7
-    gqa: str = "mean"  # how a KV head's query heads' attention mass is reduced
-
-    def layer_bytes(self, layer: int) -> int:
-        """Bytes one KV head of one block needs in `layer`."""
-        return self.layers[layer].nbytes
-
-    def layer_offset(self, layer: int, heads: int) -> int:
-        """Where `layer`'s pages of a block start in the block's run of bytes (`heads`: the KV
-        heads this rank holds)."""
-        return heads * sum(page.nbytes for page in self.layers[:layer])
-
-    def selects(self, layer: int) -> bool:
-        """Does sealing choose tokens by importance (eviction or guards) in `layer`?"""
-        page = self.layers[layer]
-        return page.selected < self.block_size or page.guard_tokens > 0
-
-    @property
-    def needs_mass(self) -> bool:
-        """Is attention mass recorded while tokens are staged (snapkv importance in use)?"""
-        return self.score == "snapkv" and any(self.selects(i) for i in range(len(self.layers)))
-
-    @property
-    def page_bytes(self) -> int:
-        """state_content_bytes published to vLLM: one KV head's share of a block, per layer
-        (the mean over layers, rounded up)."""
-        return -(-sum(page.nbytes for page in self.layers) // len(self.layers))
-
-    @property
-    def padding_bytes(self) -> int:
-        """Bytes per block (all layers and heads) left unused by the rounding of page_bytes."""
-        return self.kv_heads * (len(self.layers) * self.page_bytes
-                                - sum(page.nbytes for page in self.layers))
-
-    @property
-    def baseline_page_bytes(self) -> int:
-        """What vLLM's own page for one KV head holds: block_size keys and values, 16-bit."""
-        return self.block_size * 2 * self.head_dim * self.dtype_bytes
-
-    @property
-    def capacity_ratio(self) -> float:
-        """Tokens that fit in the same pool memory, relative to the 16-bit cache (exact)."""
-        return self.baseline_page_bytes / self.page_bytes
-
-    def staging_bytes(self, slots: int) -> int:
-        """Full-precision staging outside the pool, all layers: slots x layers x heads x block,
-        and the fp32 attention mass of staged tokens when snapkv importance is in use."""
-        per_slot = self.baseline_page_bytes + (self.block_size * 4 if self.needs_mass else 0)
-        return slots * len(self.layers) * per_slot * self.kv_heads
-
-    def sealed(self, block_index: int, seq_len: int) -> bool:
-        """Is block `block_index` of a sequence of `seq_len` tokens packed in its page?"""
-        return staging.sealed(block_index, seq_len, self.block_size, self.window,
-                              self.sink_blocks)
-
-    def to_json(self) -> dict:
-        return {"block_size": self.block_size, "window": self.window,
-                "sink_blocks": self.sink_blocks,
-                "selected_tokens_per_block": [p.selected for p in self.layers],
-                "guard_tokens_per_block": [p.guard_tokens for p in self.layers],
-                "page_bytes_per_kv_head": self.page_bytes,
-                "baseline_page_bytes_per_kv_head": self.baseline_page_bytes,
-                "capacity_ratio": self.capacity_ratio,
-                "padding_bytes_per_block": self.padding_bytes}
-
-
-def policy_notes(policy: Policy, block_size: int) -> list[str]:
-    """Where the pages realise the policy differently from the Hugging Face runtime (printed at
-    start-up; docs/vllm.md explains each)."""
-    notes = []
-    if policy.evicts:
-        notes.append("retention per sealed block: each layer keeps its retain ratio of every "
-                     f"sealed {block_size}-token block (rounded up to whole format blocks); the "
-                     "sinks' blocks and the window are kept on top of it")
-        if policy.score.method == "snapkv":
-            notes.append("importance = the attention mass a token received from every query "
-                         "while it was staged (at least the window's worth), not only the "
-                         f"last {policy.score.observe} queries")
-    if policy.adapt is not None and policy.evicts:
-        notes.append("adapt: budgets follow the per-layer schedule; a page has one size, so "
-                     "there is no redistribution across heads or layers by attention mass")
-    if policy.cluster is not None and policy.evicts:
-        notes.append(f"cluster evicted k {policy.cluster.k}: no centroids in pages; evicted "
-                     "tokens are dropped")
-    if policy.sinks:
-        notes.append(f"keep sinks {policy.sinks}: the first "
-                     f"{math.ceil(policy.sinks / block_size) * block_size} tokens (whole "
-                     "blocks) stay at full precision in staging")
-    return notes
-
-
-def page_format(policy: Policy, model: ModelShape, block_size: int,
-                dtype_bytes: int | None = None) -> PageFormat:
-    """The page format of `policy` on `model` with vLLM blocks of `block_size` tokens; raises
-    UnsupportedConfiguration listing every reason it cannot be built."""
-    reasons = []
-    pages = []
-    ratios = block_retain_ratios(policy, model)
-    for index, (keys, values, guard) in enumerate(layer_formats(policy, model)):
-        unit = block_tokens(keys, values, model.head_dim, model.kv_dtype, positions=False)
-        if block_size % unit:
-            reasons.append(f"layer {index}: block size {block_size} is not a multiple of the "
-                           f"format's {unit}-token unit (per-channel groups need whole blocks; "
-                           f"use --block-size {unit} or a multiple)")
-            continue
-        selected = block_size
-        if ratios[index] < 1.0:
-            selected = min(block_size, unit * max(1, math.ceil(ratios[index] * block_size / unit)))
-        guard_tokens = 0
-        if guard is not None and guard.fraction > 0:
-            guard_tokens = min(selected, unit * math.floor(guard.fraction * selected / unit + 0.5))
-        guard_layout, body_layout = block_layouts(policy, model, keys, values, guard,
-                                                  positions=False)
-        pages.append(LayerPage(guard=guard_layout, body=body_layout, guard_tokens=guard_tokens,
-                               body_tokens=selected - guard_tokens))
-    if reasons:
-        raise UnsupportedConfiguration(sorted(set(reasons), key=reasons.index))
-    score = policy.score
-    return PageFormat(block_size=block_size, window=policy.window,
-                      sink_blocks=math.ceil(policy.sinks / block_size),
-                      kv_heads=model.num_kv_heads, head_dim=model.head_dim,
-                      dtype_bytes=dtype_bytes or DTYPE_BYTES[model.kv_dtype],
-                      layers=tuple(pages), score=score.method, pool=score.pool,
-                      pool_kernel=score.pool_kernel, gqa=score.gqa)
 
 
 def layer_pages(pages: torch.Tensor, fmt: PageFormat, layer: int) -> torch.Tensor:
@@ -247,61 +68,78 @@ def stage_tokens(staging: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         mass[stage_slot, :, offset] = 0.0
 
 
-def block_importance(fmt: PageFormat, keys: torch.Tensor,
+def group_importance(fmt: PageFormat, tokens: torch.Tensor,
                      mass: torch.Tensor | None) -> torch.Tensor:
-    """Importance of each token of m staged blocks, higher kept first: keys [m, H, bs, D], mass
-    [m, H, bs] (attention received while staged; snapkv only) → [m, H, bs]."""
-    m, heads, bs, _ = keys.shape
+    """Importance of the tokens of g consecutive blocks of one request, as one span, higher kept
+    first: tokens [H, g * bs, 2, D] (staged keys and values), mass [H, g * bs] (snapkv: the
+    attention received while staged) → [H, g * bs]."""
+    heads, n = tokens.shape[0], tokens.shape[1]
     if fmt.score == "keynorm":
-        return R.keynorm_importance(keys)
+        return R.keynorm_importance(tokens[:, :, 0])
     if fmt.score == "recent":
-        return R.recent_importance(m, heads, bs)
+        return R.recent_importance(1, heads, n)[0]
     return R.pool_scores(mass.float(), fmt.pool, fmt.pool_kernel)
 
 
-def select_tokens(importance: torch.Tensor, page: LayerPage) -> tuple[torch.Tensor, torch.Tensor]:
-    """The in-block offsets a sealed page keeps: (guards, body), each [m, H, n] in ascending
-    order. The `selected` most important tokens are kept (ties: the earlier token), and the most
-    important `guard_tokens` of them are the guards."""
+def select_tokens(importance: torch.Tensor, selected: int,
+                  guards: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The offsets a group of sealed blocks keeps: (guards, body), [H, guards] and
+    [H, selected - guards], each in ascending order. The `selected` most important tokens are
+    kept (ties: the earlier token); the most important `guards` of them are the guards."""
     order = torch.argsort(importance, dim=-1, descending=True, stable=True)
-    keep = order[..., :page.selected]
-    return (keep[..., :page.guard_tokens].sort(-1).values,
-            keep[..., page.guard_tokens:].sort(-1).values)
+    keep = order[..., :selected]
+    return keep[..., :guards].sort(-1).values, keep[..., guards:].sort(-1).values
 
 
-def seal_blocks(pages: torch.Tensor, staging: torch.Tensor, blocks: torch.Tensor,
+def _seal_group(pages: torch.Tensor, staging_buffer: torch.Tensor, blocks: torch.Tensor,
+                slots: torch.Tensor, fmt: PageFormat, layer: int, packer, mass) -> None:
+    """One request's blocks sealed in one step (consecutive, in position order)."""
+    page = fmt.layers[layer]
+    g, heads, d, bs = blocks.numel(), pages.shape[1], fmt.head_dim, fmt.block_size
+    tokens = staging_buffer[slots]  # [g, H, bs, 2, D]
+    if not fmt.selects(layer):  # every token, in order, block by block
+        regions = [(tokens, page.body)]
+    else:
+        span = tokens.permute(1, 0, 2, 3, 4).reshape(heads, g * bs, 2, d)
+        received = None if mass is None else mass[slots].permute(1, 0, 2).reshape(heads, g * bs)
+        importance = group_importance(fmt, span, received)
+        regions = []
+        chosen = select_tokens(importance, g * page.selected, g * page.guard_tokens)
+        for offsets, per_page, layout in zip(chosen, (page.guard_tokens, page.body_tokens),
+                                             (page.guard, page.body)):
+            if per_page:  # dense: page i holds the i-th run of per_page kept tokens
+                picked = span.gather(1, offsets[..., None, None].expand(-1, -1, 2, d))
+                regions.append((picked.reshape(heads, g, per_page, 2, d).transpose(0, 1),
+                                layout))
+    packed = []
+    for chosen_tokens, layout in regions:  # [g, H, n, 2, D]; B divides n
+        n = chosen_tokens.shape[2]
+        part = packer(chosen_tokens[..., 0, :].reshape(g * heads * n, d),
+                      chosen_tokens[..., 1, :].reshape(g * heads * n, d), None, layout)
+        packed.append(part.reshape(g, heads, -1))
+    layer_pages(pages, fmt, layer)[blocks] = torch.cat(packed, -1)
+
+
+def seal_blocks(pages: torch.Tensor, staging_buffer: torch.Tensor, blocks: torch.Tensor,
                 slots: torch.Tensor, fmt: PageFormat, layer: int, packer=None,
-                mass: torch.Tensor | None = None) -> None:
+                mass: torch.Tensor | None = None, groups: list[int] | None = None) -> None:
     """Selects, quantizes and packs whole staged blocks into their pages.
 
     pages: the layer's view of the uint8 cache (`layer_pages`); blocks, slots [m] int64 (the
-    physical block and the staging slot holding its tokens); mass: the layer's attention-mass
-    buffer (snapkv importance). `packer(keys, values, positions, layout)` defaults to the PyTorch
-    reference; a compiled pack kernel has the same signature."""
+    physical block and the staging slot holding its tokens), grouped by request: `groups` gives
+    how many consecutive entries each request sealed (default: each block alone); mass: the
+    layer's attention-mass buffer (snapkv importance). `packer(keys, values, positions, layout)`
+    defaults to the PyTorch reference; a compiled pack kernel has the same signature."""
     if blocks.numel() == 0:
         return
     packer = packer or R.pack_blocks
-    page = fmt.layers[layer]
-    m, heads, d = blocks.numel(), pages.shape[1], fmt.head_dim  # heads of this TP rank
-    tokens = staging[slots]  # [m, H, block_size, 2, D]
-    if not fmt.selects(layer):  # every token, in order
-        regions = [(tokens, page.body)]
-    else:
-        importance = block_importance(fmt, tokens[..., 0, :],
-                                      None if mass is None else mass[slots])
-        regions = []
-        for offsets, layout in zip(select_tokens(importance, page), (page.guard, page.body)):
-            n = offsets.shape[-1]
-            if n:
-                index = offsets[..., None, None].expand(m, heads, n, 2, d)
-                regions.append((tokens.gather(2, index), layout))
-    packed = []
-    for chosen, layout in regions:  # [m, H, n, 2, D]; B divides n
-        n = chosen.shape[2]
-        part = packer(chosen[..., 0, :].reshape(m * heads * n, d),
-                      chosen[..., 1, :].reshape(m * heads * n, d), None, layout)
-        packed.append(part.reshape(m, heads, -1))
-    layer_pages(pages, fmt, layer)[blocks] = torch.cat(packed, -1)
+    first = 0
+    for count in (groups if groups is not None else [1] * blocks.numel()):
+        if count:
+            part = slice(first, first + count)
+            _seal_group(pages, staging_buffer, blocks[part], slots[part], fmt, layer, packer,
+                        mass)
+        first += count
 
 
 # ---- reading --------------------------------------------------------------------------------
@@ -347,12 +185,19 @@ def cached_tokens(pages: torch.Tensor, staging: torch.Tensor, block_row: list[in
     sequence's physical blocks; stage_slots: the staging slot of each (-1 when sealed in an
     earlier step). A sealed block that also holds tokens of the chunk (window 0, or chunked
     prefill) is read from its page only when the page keeps every token in order; when the
-    layer selects, its kept tokens might be the chunk's own, so its staged copy is read."""
+    layer selects, the blocks sealed in this step were selected together, so if any of them
+    reaches into the chunk, their pages may hold the chunk's own tokens: all of them are read
+    from their staged copies instead."""
     bs = fmt.block_size
     selects = fmt.selects(layer)
+    sealed_now = [j for j in range(len(block_row))
+                  if fmt.sealed(j, sealed_by) and not fmt.sealed(j, start)]
+    straddles = selects and any((j + 1) * bs > start for j in sealed_now)
 
     def from_page(j: int) -> bool:
-        return fmt.sealed(j, sealed_by) and (not selects or (j + 1) * bs <= start)
+        if not fmt.sealed(j, sealed_by):
+            return False
+        return not (straddles and j in sealed_now)
 
     keys, values, staged = [], [], []
     length = 0
@@ -385,7 +230,7 @@ def cached_tokens(pages: torch.Tensor, staging: torch.Tensor, block_row: list[in
 
 def attend(query: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor,
            new_keys: torch.Tensor, new_values: torch.Tensor, scale: float,
-           mass_reduce: str | None = None):
+           mass_reduce: str | None = None, observe: int | None = None):
     """Causal attention of a chunk of new tokens over the cached past and themselves.
 
     query [m, Hq, D]; past_* [H, p, D] (as cached); new_* [m, H, D] (full precision, as the
@@ -393,7 +238,7 @@ def attend(query: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tens
     queries of a KV head are stacked as rows (row g * m + i: group member g, token i), so K and V
     are read once, never copied per query head. With `mass_reduce` (mean / max / sum over a KV
     head's query heads) also returns the attention mass each of the p + m keys received from
-    the chunk's queries, [H, p + m]."""
+    the chunk's last `observe` queries (all of them when None), [H, p + m]."""
     m, q_heads, head_dim = query.shape
     kv_heads = past_keys.shape[0]
     group = q_heads // kv_heads
@@ -410,21 +255,20 @@ def attend(query: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tens
         return out.reshape(kv_heads, group, m, head_dim).permute(2, 0, 1, 3).reshape(
             m, q_heads, head_dim)
 
+    out = heads_last(torch.nn.functional.scaled_dot_product_attention(
+        q, keys, values, attn_mask=allowed, scale=scale))
     if mass_reduce is None:
-        return heads_last(torch.nn.functional.scaled_dot_product_attention(
-            q, keys, values, attn_mask=allowed, scale=scale))
-    rows = group * m
-    out = torch.empty(kv_heads, rows, head_dim)
+        return out
+    watched = m if observe is None else min(observe, m)
+    rows = (torch.arange(group)[:, None] * m + torch.arange(m - watched, m)[None, :]).flatten()
     mass = torch.zeros(kv_heads, group, p + m)
-    for first in range(0, rows, QUERY_CHUNK):
-        chunk = slice(first, min(rows, first + QUERY_CHUNK))
+    for first in range(0, rows.numel(), QUERY_CHUNK):
+        chunk = rows[first:first + QUERY_CHUNK]
         logits = (q[:, chunk] @ keys.transpose(1, 2)) * scale
         probs = torch.softmax(logits.masked_fill(~allowed[chunk], -math.inf), dim=-1)
-        out[:, chunk] = probs @ values
-        member = torch.arange(chunk.start, chunk.stop) // m
-        mass.index_add_(1, member, probs)
+        mass.index_add_(1, chunk // m, probs)
     reduced = {"mean": mass.mean(1), "max": mass.amax(1), "sum": mass.sum(1)}
-    return heads_last(out), reduced[mass_reduce]
+    return out, reduced[mass_reduce]
 
 
 def accumulate_mass(mass: torch.Tensor, past: Past, new_slots: torch.Tensor,
@@ -453,6 +297,7 @@ class StepMetadata:
     token_offset: torch.Tensor  # [num_actual_tokens] offset in its block
     seal_blocks: torch.Tensor  # [k] blocks sealed in this step, and their staging slots
     seal_slots: torch.Tensor
+    seal_groups: list[int]  # per request: how many consecutive seal entries are its own
     past_sealed_now: list[bool]  # per request: does its past hold a block sealed in this step?
     spills: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # staging.StepPlan
     restores: list[tuple[int, int]] = dataclasses.field(default_factory=list)
@@ -483,6 +328,7 @@ def step_metadata(table: staging.StagingTable, query_start: list[int], seq_lens:
                         token_offset=slots % bs,
                         seal_blocks=torch.tensor(plan.seal_blocks, dtype=torch.int64),
                         seal_slots=torch.tensor(plan.seal_slots, dtype=torch.int64),
+                        seal_groups=plan.seal_groups,
                         past_sealed_now=past_sealed_now, spills=plan.spills,
                         restores=plan.restores, drops=plan.drops)
 
@@ -535,14 +381,15 @@ def attend_step(pages: torch.Tensor, staging_buffer: torch.Tensor, mass: torch.T
 
     def seal() -> None:
         seal_blocks(pages, staging_buffer, md.seal_blocks, md.seal_slots, fmt, layer, packer,
-                    mass)
+                    mass, md.seal_groups)
 
     def attend_request(i: int, sealed_by: int, record: bool) -> None:
         first, last = md.query_start[i], md.query_start[i + 1]
         past = cached_tokens(pages, staging_buffer, md.block_rows[i], md.request_slots[i],
                              starts[i], sealed_by, fmt, layer)
         result = attend(query[first:last], past.keys, past.values, key[first:last],
-                        value[first:last], scale, mass_reduce=fmt.gqa if record else None)
+                        value[first:last], scale, mass_reduce=fmt.gqa if record else None,
+                        observe=fmt.observe)
         if record:
             result, received = result
             accumulate_mass(mass, past, md.token_slot[first:last], md.token_offset[first:last],

@@ -24,17 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvpolicy.plan.pages import sealed
+
 
 class StagingFull(RuntimeError):
     pass
-
-
-def sealed(block_index: int, seq_len: int, block_size: int, window: int,
-           sink_blocks: int = 0) -> bool:
-    """Is block `block_index` of a sequence of `seq_len` tokens packed in its page? It is once its
-    last token has left the full-precision window; the blocks holding the policy's sinks
-    (the first `sink_blocks`) never are: they stay staged at full precision."""
-    return block_index >= sink_blocks and (block_index + 1) * block_size + window <= seq_len
 
 
 @dataclass
@@ -53,6 +47,7 @@ class StepPlan:
     stage_of_block: dict[int, int]  # physical block → staging slot, for blocks written or read
     seal_blocks: list[int] = field(default_factory=list)  # packed this step, after writing
     seal_slots: list[int] = field(default_factory=list)
+    seal_groups: list[int] = field(default_factory=list)  # per request: its entries in seal_*
     request_slots: list[list[int]] = field(default_factory=list)  # per request, per block: slot
     # applied by every layer before the step writes, in this order:
     spills: list[tuple[int, int]] = field(default_factory=list)  # (block, slot): copy out
@@ -112,6 +107,7 @@ class StagingTable:
         for r in requests:
             first_written = r.start // bs
             row = []
+            plan.seal_groups.append(0)
             for j, block in enumerate(r.blocks[:-(-r.end // bs)]):
                 written = j >= first_written
                 if self.sealed(j, r.start) and not written:
@@ -129,6 +125,7 @@ class StagingTable:
                 if self.sealed(j, r.end):  # leaves the window this step
                     plan.seal_blocks.append(block)
                     plan.seal_slots.append(slot)
+                    plan.seal_groups[-1] += 1
             plan.request_slots.append(row)
         for block in plan.seal_blocks:  # free for the next step (this step still packs them)
             self._release(block)

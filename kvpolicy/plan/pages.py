@@ -1,0 +1,209 @@
+"""The page plan: how a policy's compressed cache is laid out in fixed-size blocks of tokens (the
+form paged engines — vLLM, and the Hugging Face runtime's paged store — hold it in).
+
+A block holds `block_size` tokens of every KV head of a layer. A block is *sealed* once it has
+left the policy's full-precision window: block j is sealed when the sequence reaches
+(j + 1) * block_size + window tokens; the blocks holding the policy's sinks never seal. A sealed
+block's page keeps `selected` of its tokens per KV head — the most important `guard_tokens` at
+the guard's bits, the rest in the layer's body format (`kvpolicy.format.BlockLayout`, whole
+format blocks, no positions: keys carry RoPE already, and attention over the past does not depend
+on order). Evicted tokens never take page memory. Which tokens a page keeps is the store's
+selection rule (kvpolicy.store). Front end: no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from kvpolicy.format import DTYPE_BYTES, BlockLayout, block_tokens
+from kvpolicy.lang.ir import Policy
+from kvpolicy.models import ModelShape
+from kvpolicy.plan.planner import block_layouts, block_retain_ratios, layer_formats
+
+
+def sealed(block_index: int, seq_len: int, block_size: int, window: int,
+           sink_blocks: int = 0) -> bool:
+    """Is block `block_index` of a sequence of `seq_len` tokens packed in its page? It is once its
+    last token has left the full-precision window; the blocks holding the policy's sinks
+    (the first `sink_blocks`) never are: they stay staged at full precision."""
+    return block_index >= sink_blocks and (block_index + 1) * block_size + window <= seq_len
+
+
+class UnsupportedConfiguration(ValueError):
+    """The policy, model or engine settings cannot run in the vLLM backend; lists every reason."""
+
+    def __init__(self, reasons: list[str]):
+        self.reasons = list(reasons)
+        super().__init__("kvpolicy's paged store cannot run this configuration:\n"
+                         + "\n".join(f"  - {r}" for r in self.reasons))
+
+
+@dataclass(frozen=True)
+class LayerPage:
+    """One layer's page for one KV head of one block: `guard_tokens` of the block's tokens at the
+    guard's bits, then `body_tokens` in the body format; the block's other tokens are evicted."""
+
+    guard: BlockLayout
+    body: BlockLayout
+    guard_tokens: int
+    body_tokens: int
+
+    @property
+    def selected(self) -> int:
+        return self.guard_tokens + self.body_tokens
+
+    @property
+    def guard_bytes(self) -> int:
+        return self.guard_tokens // self.guard.tokens * self.guard.nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.guard_bytes + self.body_tokens // self.body.tokens * self.body.nbytes
+
+
+@dataclass(frozen=True)
+class PageFormat:
+    """How a model's pages are laid out. vLLM gives every layer the same page size, but lays a
+    block's pages of all layers side by side (the block-outermost BLHNC layout the backend asks
+    for), so the backend treats them as one run of `layers x H x page_bytes` bytes per block in
+    which layer l's pages ([H, layer_bytes(l)]) sit at `layer_offset(l)`: a layer that keeps more
+    tokens uses bytes a layer keeping fewer leaves free, and nothing pads to the largest layer.
+    page_bytes is the mean over layers, rounded up."""
+
+    block_size: int  # vLLM tokens per block
+    window: int  # the policy's full-precision window (tokens)
+    sink_blocks: int  # leading blocks that hold the policy's sinks: staged, never sealed
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int  # the model's KV dtype (staging and the baseline page)
+    layers: tuple[LayerPage, ...]  # per model layer
+    score: str = "snapkv"  # the policy's importance: snapkv (attention mass), keynorm, recent
+    pool: str = "max"  # snapkv's pooling along the block, and its kernel
+    pool_kernel: int = 7
+    observe: int = 32  # snapkv: the last queries of each step whose attention counts
+    gqa: str = "mean"  # how a KV head's query heads' attention mass is reduced
+
+    def layer_bytes(self, layer: int) -> int:
+        """Bytes one KV head of one block needs in `layer`."""
+        return self.layers[layer].nbytes
+
+    def layer_offset(self, layer: int, heads: int) -> int:
+        """Where `layer`'s pages of a block start in the block's run of bytes (`heads`: the KV
+        heads this rank holds)."""
+        return heads * sum(page.nbytes for page in self.layers[:layer])
+
+    def selects(self, layer: int) -> bool:
+        """Does sealing choose tokens by importance (eviction or guards) in `layer`?"""
+        page = self.layers[layer]
+        return page.selected < self.block_size or page.guard_tokens > 0
+
+    @property
+    def needs_mass(self) -> bool:
+        """Is attention mass recorded while tokens are staged (snapkv importance in use)?"""
+        return self.score == "snapkv" and any(self.selects(i) for i in range(len(self.layers)))
+
+    @property
+    def page_bytes(self) -> int:
+        """state_content_bytes published to vLLM: one KV head's share of a block, per layer
+        (the mean over layers, rounded up)."""
+        return -(-sum(page.nbytes for page in self.layers) // len(self.layers))
+
+    @property
+    def padding_bytes(self) -> int:
+        """Bytes per block (all layers and heads) left unused by the rounding of page_bytes."""
+        return self.kv_heads * (len(self.layers) * self.page_bytes
+                                - sum(page.nbytes for page in self.layers))
+
+    @property
+    def baseline_page_bytes(self) -> int:
+        """What vLLM's own page for one KV head holds: block_size keys and values, 16-bit."""
+        return self.block_size * 2 * self.head_dim * self.dtype_bytes
+
+    @property
+    def capacity_ratio(self) -> float:
+        """Tokens that fit in the same pool memory, relative to the 16-bit cache (exact)."""
+        return self.baseline_page_bytes / self.page_bytes
+
+    def staging_bytes(self, slots: int) -> int:
+        """Full-precision staging outside the pool, all layers: slots x layers x heads x block,
+        and the fp32 attention mass of staged tokens when snapkv importance is in use."""
+        per_slot = self.baseline_page_bytes + (self.block_size * 4 if self.needs_mass else 0)
+        return slots * len(self.layers) * per_slot * self.kv_heads
+
+    def sealed(self, block_index: int, seq_len: int) -> bool:
+        """Is block `block_index` of a sequence of `seq_len` tokens packed in its page?"""
+        return sealed(block_index, seq_len, self.block_size, self.window, self.sink_blocks)
+
+    def to_json(self) -> dict:
+        return {"block_size": self.block_size, "window": self.window,
+                "sink_blocks": self.sink_blocks,
+                "selected_tokens_per_block": [p.selected for p in self.layers],
+                "guard_tokens_per_block": [p.guard_tokens for p in self.layers],
+                "page_bytes_per_kv_head": self.page_bytes,
+                "baseline_page_bytes_per_kv_head": self.baseline_page_bytes,
+                "capacity_ratio": self.capacity_ratio,
+                "padding_bytes_per_block": self.padding_bytes}
+
+
+def policy_notes(policy: Policy, block_size: int) -> list[str]:
+    """Where pages realise the policy differently from the whole-prompt (unpaged) Hugging Face
+    runtime: the one list of what cannot be paged, printed at start-up by every paged engine and
+    listed in docs/vllm.md."""
+    notes = []
+    if policy.evicts:
+        notes.append("retention in pages: each layer keeps its retain ratio of every sealed "
+                     f"{block_size}-token block (rounded up to whole format blocks); the blocks "
+                     "a request seals in one step are selected together, so one block can keep "
+                     "more than its share; the sinks' blocks and the window are kept on top")
+        if policy.score.method == "snapkv":
+            notes.append(f"importance = the attention mass a token received from the last "
+                         f"{policy.score.observe} queries of every step while it was staged "
+                         "(for a prompt prefilled in one step: SnapKV's observation window), "
+                         "pooled after the query heads are reduced")
+    if policy.adapt is not None and policy.evicts:
+        notes.append("adapt: budgets follow the per-layer schedule; a page has one size, so "
+                     "there is no redistribution across heads or layers by attention mass")
+    if policy.cluster is not None and policy.evicts:
+        notes.append(f"cluster evicted k {policy.cluster.k}: no centroids in pages; evicted "
+                     "tokens are dropped")
+    if policy.sinks:
+        notes.append(f"keep sinks {policy.sinks}: the first "
+                     f"{math.ceil(policy.sinks / block_size) * block_size} tokens (whole "
+                     "blocks) stay at full precision in staging")
+    return notes
+
+
+def page_format(policy: Policy, model: ModelShape, block_size: int,
+                dtype_bytes: int | None = None) -> PageFormat:
+    """The page format of `policy` on `model` with vLLM blocks of `block_size` tokens; raises
+    UnsupportedConfiguration listing every reason it cannot be built."""
+    reasons = []
+    pages = []
+    ratios = block_retain_ratios(policy, model)
+    for index, (keys, values, guard) in enumerate(layer_formats(policy, model)):
+        unit = block_tokens(keys, values, model.head_dim, model.kv_dtype, positions=False)
+        if block_size % unit:
+            reasons.append(f"layer {index}: block size {block_size} is not a multiple of the "
+                           f"format's {unit}-token unit (per-channel groups need whole blocks; "
+                           f"use --block-size {unit} or a multiple)")
+            continue
+        selected = block_size
+        if ratios[index] < 1.0:
+            selected = min(block_size, unit * max(1, math.ceil(ratios[index] * block_size / unit)))
+        guard_tokens = 0
+        if guard is not None and guard.fraction > 0:
+            guard_tokens = min(selected, unit * math.floor(guard.fraction * selected / unit + 0.5))
+        guard_layout, body_layout = block_layouts(policy, model, keys, values, guard,
+                                                  positions=False)
+        pages.append(LayerPage(guard=guard_layout, body=body_layout, guard_tokens=guard_tokens,
+                               body_tokens=selected - guard_tokens))
+    if reasons:
+        raise UnsupportedConfiguration(sorted(set(reasons), key=reasons.index))
+    score = policy.score
+    return PageFormat(block_size=block_size, window=policy.window,
+                      sink_blocks=math.ceil(policy.sinks / block_size),
+                      kv_heads=model.num_kv_heads, head_dim=model.head_dim,
+                      dtype_bytes=dtype_bytes or DTYPE_BYTES[model.kv_dtype],
+                      layers=tuple(pages), score=score.method, pool=score.pool,
+                      pool_kernel=score.pool_kernel, gqa=score.gqa, observe=score.observe)
