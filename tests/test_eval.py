@@ -87,3 +87,32 @@ def test_smoke_run_resumes_and_reports_numbers_from_the_json(smol, tmp_path):
     assert rows["baseline"]["tasks"]["niah_single"] >= 0.5
     assert 1 < rows["baseline"]["perplexity"] < 100
     assert "CPU" in report and "question-agnostic" in report
+
+
+def test_the_paged_engine_runs_prompts_in_one_step_and_names_itself(smol, tmp_path):
+    """--engine paged: each prompt in one step through the compressed store; bytes measured
+    from the cache equal the page plan's; the report and results.json name the engine."""
+    model, tokenizer = smol
+    kivi = load_policy(POLICIES / "kivi.kvp")
+    config = EvalConfig(policies=[baseline_policy(), EvalPolicy("kivi", kivi, "kivi.kvp")],
+                        tasks=["niah_single"], contexts=[700], samples=2, out=tmp_path / "paged",
+                        engine="paged", block_size=32, question_aware=True)
+    out = run(config, model, tokenizer, progress=False)
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["engine"] == "paged" and results["config"]["block_size"] == 32
+    assert "kvpolicy.hf.paged" in results["hardware"]["engine"]
+    lines = [line for line in results["results"] if line["policy"] == "kivi"]
+    assert len(lines) == 2 and all(line["measured_bytes"] == line["planned_bytes"] for line in lines)
+    assert all(line["measured_bytes"] < line["baseline_bytes"] * 2 for line in lines)
+    assert "Engine **paged** (blocks of 32 tokens" in (out / "report.md").read_text()
+
+
+def test_the_served_engines_refuse_what_they_cannot_score(tmp_path):
+    from conftest import run_cli
+    done = run_cli("eval", "--engine", "paged", "--tasks", "ppl", str(POLICIES / "kivi.kvp"),
+                   "--out", str(tmp_path / "x"))
+    assert done.returncode == 1 and "generation tasks only, not ppl" in done.stderr
+    done = run_cli("eval", "--engine", "paged", "--block-size", "48",
+                   str(POLICIES / "kivi.kvp"), "--out", str(tmp_path / "y"))
+    assert done.returncode == 1 and "not a multiple of the format's 32-token unit" in done.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

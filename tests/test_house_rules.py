@@ -127,3 +127,10 @@ def test_tests_drive_no_hidden_mode_of_an_example():
 def test_dead_names_stay_deleted(name):
     for path in PACKAGE.rglob("*.py"):
         assert name not in path.read_text(encoding="utf-8"), path
+
+
+def test_the_store_is_engine_independent():
+    """kvpolicy.store is what both engines run: it imports neither of them, nor their
+    frameworks."""
+    assert PACKAGE_GRAPH.get("kvpolicy.store.paged")
+    assert violations(("kvpolicy.store",), ENGINES + ("transformers", "vllm")) == []

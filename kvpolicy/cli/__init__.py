@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "arrives after compression)")
     evaluate.add_argument("--cache-dtype", choices=("bfloat16", "float16", "float32"),
                           default="bfloat16")
+    evaluate.add_argument("--engine", choices=("hf", "paged", "vllm"), default="hf",
+                          help="hf: the whole-prompt runtime in transformers (default); paged: "
+                          "transformers over kvpolicy's compressed store; vllm: vLLM with "
+                          "kvpolicy's backend (paged and vllm run the same store, take each "
+                          "prompt in one step, question-aware, and score generation tasks)")
+    evaluate.add_argument("--block-size", type=int, default=64,
+                          help="tokens per block for --engine paged/vllm (default 64)")
     evaluate.add_argument("--out", metavar="DIR", help="results directory (default: "
                           "results/eval-<hash of the configuration>)")
     evaluate.add_argument("--no-progress", action="store_true")

@@ -260,6 +260,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if unknown:
         reporter.fail(f"unknown task(s) {', '.join(unknown)}; tasks: {', '.join(TASKS)}")
         return EXIT_ERROR
+    served = args.engine != "hf"
+    if served:
+        if args.tasks is None:
+            tasks = [t for t in tasks if t != "ppl"]
+        elif "ppl" in tasks:
+            reporter.fail(f"--engine {args.engine} scores generation tasks only, not ppl")
+            return EXIT_ERROR
+        if args.ablation:
+            reporter.fail("--ablation runs on --engine hf only")
+            return EXIT_ERROR
+        if args.block_size < 1 or args.block_size > 4096:
+            reporter.fail(f"--block-size {args.block_size}: between 1 and 4,096 tokens")
+            return EXIT_ERROR
+        if args.engine == "vllm":
+            try:
+                import vllm  # noqa: F401
+            except ImportError:
+                reporter.fail("--engine vllm needs vLLM (pip install 'kvpolicy[vllm]')")
+                return EXIT_ERROR
+        args.question_aware = True  # a served request's prompt holds its question
     try:
         contexts = [parse_context(c) for c in (
             args.contexts if args.contexts is not None else
@@ -304,6 +324,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if problems:
         reporter.show(problems)
         return EXIT_ERROR
+    if served:
+        from kvpolicy.plan.pages import UnsupportedConfiguration, page_format
+        for entry in entries[1:]:
+            try:
+                page_format(entry.policy, shape, args.block_size)
+            except UnsupportedConfiguration as exc:
+                reporter.fail(f"{entry.source}: " + "; ".join(exc.reasons))
+                return EXIT_ERROR
     if args.out is not None:
         problem = unwritable_directory(Path(args.out))
         if problem:
@@ -333,20 +361,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         reporter.fail(f"two policies share a name: {', '.join(names)}")
         return EXIT_ERROR
     key = json.dumps([[e.sha256 for e in entries], tasks, contexts, samples, args.seed,
-                      args.question_aware, args.cache_dtype, args.model], sort_keys=True)
+                      args.question_aware, args.cache_dtype, args.model]
+                     + ([args.engine, args.block_size] if served else []), sort_keys=True)
     out = Path(args.out) if args.out else Path("results") / (
         "eval-" + hashlib.sha256(key.encode()).hexdigest()[:10])
     config = EvalConfig(policies=entries, tasks=tasks, contexts=contexts, samples=samples,
                         seed=args.seed, question_aware=args.question_aware,
-                        cache_dtype=args.cache_dtype, model=args.model, out=out, extra=extra)
+                        cache_dtype=args.cache_dtype, model=args.model, out=out, extra=extra,
+                        engine=args.engine, block_size=args.block_size)
     if args.ablation:
         out.mkdir(parents=True, exist_ok=True)
         for name, text in extra["ablation"]["policies"].items():
             (out / f"{name}.kvp").write_text(text, encoding="utf-8")
     print(f"kvpolicy eval: {len(entries)} configurations x {len(tasks)} tasks x "
           f"{len(contexts)} contexts x {samples} samples -> {out} "
-          f"({'question-aware' if args.question_aware else 'question-agnostic'}; "
-          "rerun the same command to resume)", file=sys.stderr)
+          f"({'question-aware' if args.question_aware else 'question-agnostic'}; engine "
+          f"{args.engine}; " + ("rerun the same command to resume)" if not served else
+                                "each prompt in one step)"), file=sys.stderr)
     run(config, model, tokenizer, progress=not args.no_progress)
     summary = json.loads((out / "results.json").read_text(encoding="utf-8"))["summary"]
     print(f"{'context':>8}  {'configuration':<22} {'ratio':>7} {'accuracy':>9} "

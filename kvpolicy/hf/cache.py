@@ -209,7 +209,7 @@ class PolicyCache(Cache):
         return cache
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        _routing.layer = self.layers[layer_idx]  # read by the attention function, right after
+        route_to(self.layers[layer_idx])
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     @property
@@ -267,6 +267,12 @@ def _compile_to_cache(policy: Policy, shape: ModelShape):
 
 # ---- routing the model's attention through the cache -------------------------------------------
 
+def route_to(layer) -> None:
+    """The cache layer the next attention call serves (set by a cache's update, read right
+    after by `kvpolicy_attention`): a PolicyLayer, or a paged layer (hf/paged.py)."""
+    _routing.layer = layer
+
+
 def kvpolicy_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                        **kwargs):
     """The attention function registered as "kvpolicy". During prefill: SDPA over the prompt,
@@ -274,7 +280,13 @@ def kvpolicy_attention(module, query, key, value, attention_mask, scaling=None, 
     PolicyCache it is plain SDPA."""
     layer = getattr(_routing, "layer", None)
     _routing.layer = None
-    if not isinstance(layer, PolicyLayer) or layer.index != getattr(module, "layer_idx", None):
+    if layer is not None and layer.index != getattr(module, "layer_idx", None):
+        raise RuntimeError(f"kvpolicy attention: the cache routed layer {layer.index} but the "
+                           f"model's layer {getattr(module, 'layer_idx', None)} is attending")
+    if getattr(layer, "paged", False):  # kvpolicy.hf.paged: one store step
+        scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+        return layer.attend(query, scaling).to(query.dtype), None
+    if not isinstance(layer, PolicyLayer):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])

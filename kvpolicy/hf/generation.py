@@ -49,12 +49,18 @@ def encode(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str | torch.Tensor, policy, max_new_tokens: int = 64,
              cache_dtype: str = "bfloat16", backend: str = "auto", chat: bool = True,
-             stop_at_eos: bool = True) -> Generation:
+             stop_at_eos: bool = True, block_size: int | None = None) -> Generation:
     """Prefill in full precision, compress per the policy, decode greedily over the compressed
-    cache. `prompt`: text, or token ids [1, n]."""
+    cache. `prompt`: text, or token ids [1, n]. With `block_size`, the cache is kvpolicy's paged
+    store (hf/paged.py: what vLLM's backend runs, blocks of that many tokens); without, the
+    whole-prompt runtime (hf/cache.py)."""
     ids = prompt if isinstance(prompt, torch.Tensor) else encode(tokenizer, prompt, chat)
     ids = ids.to(next(model.parameters()).device)
-    cache = PolicyCache(policy, model, cache_dtype=cache_dtype, backend=backend)
+    if block_size is not None:
+        from kvpolicy.hf.paged import PagedPolicyCache
+        cache = PagedPolicyCache(policy, model, block_size=block_size, cache_dtype=cache_dtype)
+    else:
+        cache = PolicyCache(policy, model, cache_dtype=cache_dtype, backend=backend)
     timings = {}
     tokens: list[int] = []
     eos = tokenizer.eos_token_id
@@ -63,15 +69,16 @@ def generate(model, tokenizer, prompt: str | torch.Tensor, policy, max_new_token
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         timings["prefill"] = time.perf_counter() - started
         started = time.perf_counter()
-        cache.compress()
+        if block_size is None:
+            cache.compress()
         timings["compress"] = time.perf_counter() - started
         timings["measured_bytes_after_compress"] = cache.nbytes()["total"]
         started = time.perf_counter()
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             token = int(out.logits[0, -1].argmax())
             tokens.append(token)
-            if stop_at_eos and token == eos:
-                break
+            if (stop_at_eos and token == eos) or step == max_new_tokens - 1:
+                break  # the last token is not fed back (as a serving engine does)
             out = model(input_ids=torch.tensor([[token]], device=ids.device),
                         past_key_values=cache, use_cache=True)
         timings["decode"] = time.perf_counter() - started

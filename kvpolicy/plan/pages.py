@@ -135,6 +135,19 @@ class PageFormat:
         """Is block `block_index` of a sequence of `seq_len` tokens packed in its page?"""
         return sealed(block_index, seq_len, self.block_size, self.window, self.sink_blocks)
 
+    def held_bytes(self, seq_len: int, staging_dtype_bytes: int | None = None) -> int:
+        """Exact bytes one sequence of `seq_len` tokens holds in a paged store: a pool block per
+        `block_size` tokens (every layer's pages of it, sealed or not: that is what the pool
+        allocates) and, for each block not yet sealed, a staging slot per layer — full-precision
+        keys and values in the staging dtype (the model's; default this page plan's) and fp32
+        attention mass when snapkv importance is in use."""
+        layers, heads, bs = len(self.layers), self.kv_heads, self.block_size
+        blocks = -(-seq_len // bs)
+        staged = sum(1 for j in range(blocks) if not self.sealed(j, seq_len))
+        width = staging_dtype_bytes or self.dtype_bytes
+        slot = bs * 2 * self.head_dim * width + (bs * 4 if self.needs_mass else 0)
+        return blocks * layers * heads * self.page_bytes + staged * layers * heads * slot
+
     def to_json(self) -> dict:
         return {"block_size": self.block_size, "window": self.window,
                 "sink_blocks": self.sink_blocks,

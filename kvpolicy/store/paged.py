@@ -255,8 +255,13 @@ def attend(query: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tens
         return out.reshape(kv_heads, group, m, head_dim).permute(2, 0, 1, 3).reshape(
             m, q_heads, head_dim)
 
-    out = heads_last(torch.nn.functional.scaled_dot_product_attention(
-        q, keys, values, attn_mask=allowed, scale=scale))
+    if p == 0 or m == 1:  # no past (a prompt), or one query: PyTorch's fused kernels
+        out = torch.nn.functional.scaled_dot_product_attention(  # 4-D: the flash kernel
+            query.float().transpose(0, 1)[None], keys[None], values[None],
+            is_causal=p == 0 and m > 1, scale=scale, enable_gqa=True)[0].transpose(0, 1)
+    else:
+        out = heads_last(torch.nn.functional.scaled_dot_product_attention(
+            q, keys, values, attn_mask=allowed, scale=scale))
     if mass_reduce is None:
         return out
     watched = m if observe is None else min(observe, m)

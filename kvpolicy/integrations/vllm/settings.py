@@ -90,13 +90,8 @@ def load_settings(artifact: str, vllm_config) -> Settings:
         fmt = page_format(policy, model, cache.block_size, dtype_bytes=DTYPE_BYTES.get(dtype, 2))
     except UnsupportedConfiguration as exc:
         reasons += exc.reasons
-    if fmt is not None and dtype != model.kv_dtype and any(
-            not (layout.keys.quantized and layout.values.quantized)
-            for page in fmt.layers for layout, count in ((page.guard, page.guard_tokens),
-                                                         (page.body, page.body_tokens))
-            if count):
-        reasons.append(f"the policy stores 16-bit keys or values in {model.kv_dtype} but "
-                       f"the engine runs in {dtype}")
+    # 16-bit regions of pages are stored in the artifact's cache dtype, whatever the engine's
+    # dtype (staging holds the engine's): the storage the policy was compiled for
     if reasons:
         raise UnsupportedConfiguration(reasons)
     scheduler = vllm_config.scheduler_config

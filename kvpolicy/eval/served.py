@@ -1,0 +1,149 @@
+"""`kvpolicy eval --engine paged|vllm`: the samples as a serving engine receives them.
+
+Each sample's prompt (context, question, answer prefix: the question-aware split) is one request,
+prefilled in one step; the answer is decoded greedily. "paged" runs it through the Hugging Face
+model over kvpolicy's compressed store (hf/paged.py); "vllm" through a vLLM engine with
+kvpolicy's backend, one engine per configuration, every prompt in its first step (the step's token
+budget is the sum of the prompts). Both run the same store, so their outputs agree sample for
+sample; the baseline is the model's own uncompressed cache (transformers' for "paged", vLLM's own
+attention and pages for "vllm").
+
+Bytes: "paged" counts the pool blocks and staging slots the cache holds after the prompt's step,
+from its tensors; vLLM does not expose one request's blocks, so "vllm" reports the page plan's
+exact count for the same tokens (`PageFormat.held_bytes`; `bytes_source` says which).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kvpolicy.eval.tasks import make_samples, score
+
+SCORED = "generation tasks"
+
+
+def _prompts(config, tokenizer):
+    """[(context, task, index, sample, prompt ids)] for every sample of the run."""
+    from kvpolicy.eval.runner import split_prompt
+    work = []
+    for context in config.contexts:
+        for task in config.tasks:
+            for sample in make_samples(task, tokenizer, context, config.samples, config.seed):
+                ids, _ = split_prompt(tokenizer, sample, question_aware=True)
+                work.append((context, task, sample.index, sample, ids[0].tolist()))
+    return work
+
+
+def _answer(tokenizer, sample, token_ids: list[int]) -> tuple[str, list[int]]:
+    tokens = []
+    for token in token_ids[:sample.max_new_tokens]:
+        tokens.append(token)
+        if token == tokenizer.eos_token_id:
+            break
+    return tokenizer.decode(tokens, skip_special_tokens=True), tokens
+
+
+@torch.no_grad()
+def _paged_outputs(model, tokenizer, entry, work, config, shape) -> list[dict]:
+    from kvpolicy.eval.runner import BASELINE
+    from kvpolicy.hf.generation import generate
+    from kvpolicy.plan.planner import make_plan
+    lines = []
+    for context, task, index, sample, ids in work:
+        started = time.perf_counter()
+        prompt = torch.tensor([ids])
+        baseline_bytes = make_plan(entry.policy, shape, len(ids)).baseline_bytes
+        if entry.name == BASELINE:
+            out = model.generate(prompt, max_new_tokens=sample.max_new_tokens, do_sample=False,
+                                 attention_mask=torch.ones_like(prompt))
+            tokens = out[0, len(ids):].tolist()
+            measured = planned = baseline_bytes
+        else:
+            generation = generate(model, tokenizer, prompt, entry.policy,
+                                  max_new_tokens=sample.max_new_tokens,
+                                  cache_dtype=config.cache_dtype, stop_at_eos=True,
+                                  block_size=config.block_size)
+            tokens = generation.token_ids
+            measured = generation.timings["measured_bytes_after_compress"]
+            planned = generation.cache.fmt.held_bytes(len(ids))
+        lines.append(_line(tokenizer, entry, sample, context, task, index, tokens, measured,
+                           planned, baseline_bytes, len(ids), time.perf_counter() - started,
+                           "measured"))
+    return lines
+
+
+def _vllm_outputs(tokenizer, entry, work, config, shape, model_dir) -> list[dict]:
+    from kvpolicy.compiler.artifact import compile_policy
+    from kvpolicy.eval.runner import BASELINE
+    from kvpolicy.integrations.vllm import offline
+    from kvpolicy.plan.pages import page_format
+    from kvpolicy.plan.planner import make_plan
+    prompts = [ids for *_, ids in work]
+    most = max(len(ids) for ids in prompts)
+    steps = max(sample.max_new_tokens for _, _, _, sample, _ in work)
+    with tempfile.TemporaryDirectory(prefix="kvpolicy-eval-") as folder:
+        artifact = None
+        if entry.name != BASELINE:
+            artifact = Path(folder) / "artifact"
+            compile_policy(entry.policy, shape, artifact)
+        started = time.perf_counter()
+        run = offline.generate(
+            prompts, model_dir, artifact, max_tokens=steps, dtype="float32",
+            block_size=config.block_size,
+            max_model_len=-(-(most + steps + 1) // config.block_size) * config.block_size,
+            max_num_seqs=len(prompts), max_num_batched_tokens=max(sum(map(len, prompts)), most),
+            kv_cache_memory_bytes=4 << 30, timeout=3600)
+        seconds = (time.perf_counter() - started) / len(prompts)
+    fmt = None if artifact is None else page_format(entry.policy, shape, config.block_size,
+                                                    dtype_bytes=4)
+    lines = []
+    for (context, task, index, sample, ids), tokens in zip(work, run.token_ids):
+        baseline_bytes = make_plan(entry.policy, shape, len(ids)).baseline_bytes
+        held = baseline_bytes if fmt is None else fmt.held_bytes(len(ids))
+        lines.append(_line(tokenizer, entry, sample, context, task, index, tokens, held, held,
+                           baseline_bytes, len(ids), seconds, "page plan"))
+    return lines
+
+
+def _line(tokenizer, entry, sample, context, task, index, tokens, measured, planned,
+          baseline_bytes, prompt_tokens, seconds, source) -> dict:
+    output, kept = _answer(tokenizer, sample, tokens)
+    return {"policy": entry.name, "policy_sha256": entry.sha256, "task": task,
+            "context": context, "sample": index, "expected": list(sample.answers),
+            "output": output, "token_ids": kept, "score": score(sample, output),
+            "measured_bytes": measured, "planned_bytes": planned,
+            "baseline_bytes": baseline_bytes, "bytes_source": source,
+            "compression_ratio": baseline_bytes / measured, "prompt_tokens": prompt_tokens,
+            "query_tokens": 0, "prefill_s": seconds, "compress_s": 0.0, "ttft_s": None,
+            "tpot_s": None}
+
+
+def run_served(config, model, tokenizer, shape, progress: bool = True) -> Path:
+    from kvpolicy.eval.report import write_outputs
+    from kvpolicy.eval.runner import hardware
+    from kvpolicy.hf.model import model_directory
+    if "ppl" in config.tasks:
+        raise ValueError(f"--engine {config.engine} scores {SCORED} only, not ppl")
+    config.out.mkdir(parents=True, exist_ok=True)
+    (config.out / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
+    work = _prompts(config, tokenizer)
+    lines = []
+    for entry in config.policies:
+        if progress:
+            print(f"kvpolicy eval: {entry.name} on {config.engine} ({len(work)} prompts)",
+                  flush=True)
+        if config.engine == "paged":
+            lines += _paged_outputs(model, tokenizer, entry, work, config, shape)
+        else:
+            lines += _vllm_outputs(tokenizer, entry, work, config, shape,
+                                   str(model_directory(config.model)))
+    with open(config.out / "samples.jsonl", "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(line) + "\n" for line in lines)
+    write_outputs(config, lines, shape, hardware(config.engine),
+                  model_name=config.model or "smollm2-135m")
+    return config.out
