@@ -53,8 +53,8 @@ def kivi(tmp_path_factory):
 
 
 def test_quant_only_greedy_tokens_equal_the_hf_runtime(smol_dir, kivi, tmp_path):
-    """KIVI (2-bit, window 128) on SmolLM2 in fp32: vLLM's pages and the HF runtime quantize the
-    same tokens the same way, so greedy decoding agrees."""
+    """KIVI (2-bit, window 128) on SmolLM2 in fp32: vLLM's pages and the HF runtime's paged cache
+    (the same store) quantize the same tokens the same way, so greedy decoding agrees."""
     model, tokenizer = load_model()
     text = ("The lighthouse keeper wrote in his log every night: the weather, the ships that "
             "passed, and the state of the lamp. ") * 14
@@ -66,8 +66,7 @@ def test_quant_only_greedy_tokens_equal_the_hf_runtime(smol_dir, kivi, tmp_path)
     assert vllm_run.capacity_tokens == KV_BYTES // (pages_per_block * fmt.page_bytes) * 32
     for ids, got in zip(prompts, vllm_run.token_ids):
         hf = generate(model, tokenizer, torch.tensor([ids]), policy=str(kivi),
-                      max_new_tokens=steps, cache_dtype="float32", backend="torch",
-                      stop_at_eos=False)
+                      max_new_tokens=steps, stop_at_eos=False, block_size=32)
         assert got == hf.token_ids, (len(ids), got, hf.token_ids)
 
 
@@ -104,7 +103,7 @@ def tiny_llama(tmp_path_factory):
 def test_a_tiny_random_llama_gives_the_hf_runtimes_greedy_tokens(tiny_llama, tmp_path,
                                                                  lighthouse_prompts):
     """KIVI on a locally built random Llama (fp32): vLLM with the plugin and the HF runtime's
-    PolicyCache decode the same tokens over prompts that seal 2-bit blocks."""
+    paged cache decode the same tokens over prompts that seal 2-bit blocks."""
     artifact = tmp_path / "kivi-tiny"
     compile_policy(load_policy(POLICIES / "kivi.kvp"), resolve_model(str(tiny_llama)), artifact)
     steps = 10
@@ -116,8 +115,7 @@ def test_a_tiny_random_llama_gives_the_hf_runtimes_greedy_tokens(tiny_llama, tmp
     model, tokenizer = load_model(tiny_llama)
     for ids, got in zip(lighthouse_prompts, vllm_run.token_ids):
         hf = generate(model, tokenizer, torch.tensor([ids]), policy=str(artifact),
-                      max_new_tokens=steps, cache_dtype="float32", backend="torch",
-                      stop_at_eos=False)
+                      max_new_tokens=steps, stop_at_eos=False, block_size=32)
         assert got == hf.token_ids, (len(ids), got, hf.token_ids)
 
 

@@ -60,7 +60,7 @@ class PagedLayer(CacheLayerMixin):
         fmt = owner.fmt
         if self.staging is None:
             self.staging = torch.zeros(owner.table.slots, fmt.kv_heads, fmt.block_size, 2,
-                                       fmt.head_dim, dtype=key_states.dtype)
+                                       fmt.head_dim, dtype=paged.staging_dtype(fmt))
             if fmt.needs_mass:
                 self.mass = torch.zeros(owner.table.slots, fmt.kv_heads, fmt.block_size)
         b, heads, m, d = key_states.shape
@@ -96,8 +96,8 @@ class PagedPolicyCache(Cache):
 
     policy: a .kvp path, a Policy, or a compiled artifact directory (checked against the
     model). model: the transformers model. block_size: tokens per block (a multiple of every
-    layer's format unit; vLLM's --block-size for a comparison). The staging dtype is the model's;
-    16-bit regions of pages are stored as the page plan says (the artifact's cache dtype)."""
+    layer's format unit; vLLM's --block-size for a comparison). cache_dtype: the staged window's
+    and the pages' 16-bit regions' dtype (an artifact's own; vLLM's backend uses the same)."""
 
     def __init__(self, policy, model, block_size: int = 32, cache_dtype: str = "bfloat16"):
         from kvpolicy.compiler.artifact import MODEL_FIELDS, check_model, is_artifact, load
@@ -111,7 +111,7 @@ class PagedPolicyCache(Cache):
             self.policy = load(policy, model=self.shape, fields=MODEL_FIELDS).policy
         else:
             self.policy = load_policy(policy)
-        # staging (and the 16-bit baseline it is compared with) in the model's dtype
+        # staging in cache_dtype; the baseline page (vLLM's own) in the model's dtype
         self.fmt: PageFormat = page_format(self.policy, self.shape, block_size,
                                            dtype_bytes=next(model.parameters()).element_size())
         self.notes = policy_notes(self.policy, block_size)

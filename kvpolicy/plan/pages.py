@@ -76,12 +76,17 @@ class PageFormat:
     sink_blocks: int  # leading blocks that hold the policy's sinks: staged, never sealed
     kv_heads: int
     head_dim: int
-    dtype_bytes: int  # the model's KV dtype (staging and the baseline page)
+    dtype_bytes: int  # the engine's dtype (vLLM's own 16-bit page, the baseline)
     layers: tuple[LayerPage, ...]  # per model layer
     score: str = "snapkv"  # the policy's importance: snapkv (attention mass), keynorm, recent
     pool: str = "max"  # snapkv's pooling along the block, and its kernel
     pool_kernel: int = 7
     observe: int = 32  # snapkv: the last queries of each step whose attention counts
+    staging_dtype: str = "bfloat16"  # the full-precision window's dtype: the cache dtype
+
+    @property
+    def staging_dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.staging_dtype]
     gqa: str = "mean"  # how a KV head's query heads' attention mass is reduced
 
     def layer_bytes(self, layer: int) -> int:
@@ -126,25 +131,27 @@ class PageFormat:
         return self.baseline_page_bytes / self.page_bytes
 
     def staging_bytes(self, slots: int) -> int:
-        """Full-precision staging outside the pool, all layers: slots x layers x heads x block,
-        and the fp32 attention mass of staged tokens when snapkv importance is in use."""
-        per_slot = self.baseline_page_bytes + (self.block_size * 4 if self.needs_mass else 0)
+        """Full-precision staging outside the pool, all layers: slots x layers x heads x block
+        in the staging dtype, and the fp32 attention mass of staged tokens when snapkv
+        importance is in use."""
+        per_slot = (self.block_size * 2 * self.head_dim * self.staging_dtype_bytes
+                    + (self.block_size * 4 if self.needs_mass else 0))
         return slots * len(self.layers) * per_slot * self.kv_heads
 
     def sealed(self, block_index: int, seq_len: int) -> bool:
         """Is block `block_index` of a sequence of `seq_len` tokens packed in its page?"""
         return sealed(block_index, seq_len, self.block_size, self.window, self.sink_blocks)
 
-    def held_bytes(self, seq_len: int, staging_dtype_bytes: int | None = None) -> int:
+    def held_bytes(self, seq_len: int) -> int:
         """Exact bytes one sequence of `seq_len` tokens holds in a paged store: a pool block per
         `block_size` tokens (every layer's pages of it, sealed or not: that is what the pool
         allocates) and, for each block not yet sealed, a staging slot per layer — full-precision
-        keys and values in the staging dtype (the model's; default this page plan's) and fp32
-        attention mass when snapkv importance is in use."""
+        keys and values in the staging dtype and fp32 attention mass when snapkv importance is
+        in use."""
         layers, heads, bs = len(self.layers), self.kv_heads, self.block_size
         blocks = -(-seq_len // bs)
         staged = sum(1 for j in range(blocks) if not self.sealed(j, seq_len))
-        width = staging_dtype_bytes or self.dtype_bytes
+        width = self.staging_dtype_bytes
         slot = bs * 2 * self.head_dim * width + (bs * 4 if self.needs_mass else 0)
         return blocks * layers * heads * self.page_bytes + staged * layers * heads * slot
 
@@ -218,5 +225,6 @@ def page_format(policy: Policy, model: ModelShape, block_size: int,
                       sink_blocks=math.ceil(policy.sinks / block_size),
                       kv_heads=model.num_kv_heads, head_dim=model.head_dim,
                       dtype_bytes=dtype_bytes or DTYPE_BYTES[model.kv_dtype],
+                      staging_dtype=model.kv_dtype,
                       layers=tuple(pages), score=score.method, pool=score.pool,
                       pool_kernel=score.pool_kernel, gqa=score.gqa, observe=score.observe)

@@ -34,6 +34,12 @@ from kvpolicy.store import staging
 QUERY_CHUNK = 512  # queries per softmax when attention mass is recorded (bounds its memory)
 
 
+def staging_dtype(fmt: PageFormat) -> torch.dtype:
+    """The dtype staged (full-precision) tokens are held in: the page plan's cache dtype,
+    whatever the engine computes in."""
+    return R.torch_dtype(fmt.staging_dtype)
+
+
 def layer_pages(pages: torch.Tensor, fmt: PageFormat, layer: int) -> torch.Tensor:
     """`layer`'s pages in vLLM's cache, [num_blocks, H, layer_bytes] (a view: writes land in the
     cache). `pages` is the layer's own view [num_blocks, H, 1, page_bytes] of the cache that all

@@ -170,10 +170,11 @@ class KVPolicyImpl(AttentionImpl):
             self.layer_index = int(match.group(1))
         return self.layer_index
 
-    def _staging(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.staging is None:
+    def _staging(self) -> torch.Tensor:
+        if self.staging is None:  # in the cache dtype the artifact was compiled for
             self.staging = torch.zeros(self.staging_blocks, self.num_kv_heads,
-                                       self.fmt.block_size, 2, self.head_size, dtype=dtype)
+                                       self.fmt.block_size, 2, self.head_size,
+                                       dtype=paged.staging_dtype(self.fmt))
             if self.fmt.needs_mass:
                 self.mass = torch.zeros(self.staging_blocks, self.num_kv_heads,
                                         self.fmt.block_size)
@@ -186,7 +187,7 @@ class KVPolicyImpl(AttentionImpl):
             metadata = metadata.get(layer.layer_name)
         if metadata is None:
             return  # profiling and warm-up runs
-        paged.write_step(self._staging(key.dtype), self.mass, key, value, metadata,
+        paged.write_step(self._staging(), self.mass, key, value, metadata,
                          self.spilled)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -198,5 +199,5 @@ class KVPolicyImpl(AttentionImpl):
             return output
         index = self._layer(layer)
         SEALED_BLOCKS[index] += attn_metadata.seal_blocks.numel()
-        return paged.attend_step(kv_cache, self._staging(key.dtype), self.mass, self.fmt, index,
+        return paged.attend_step(kv_cache, self._staging(), self.mass, self.fmt, index,
                                  query, key, value, attn_metadata, self.scale, output)
