@@ -528,6 +528,23 @@ def test_settings_for_a_supported_configuration(kivi_artifact):
     assert "5.33x" in s.describe()
 
 
+def test_settings_count_staging_against_the_kv_memory(kivi_artifact):
+    """With the KV memory given in bytes, start-up also says how many more tokens than vLLM's
+    own pages fit when staging is paid out of that memory, computed exactly."""
+    config = engine_config()
+    config.cache_config.kv_cache_memory_bytes = 64 << 20
+    s = load_settings(str(kivi_artifact), config)
+    f = s.page_format
+    staging = f.staging_bytes(s.staging_blocks)
+    assert staging == 32 * 30 * 3 * (32 * 2 * 64 * 2)  # 32 slots in bfloat16, no mass (kivi)
+    per_block = 30 * 3
+    want = ((64 << 20) - staging) // (per_block * 1536) / ((64 << 20) // (per_block * 8192))
+    assert s.whole_process_ratio() == pytest.approx(want)
+    assert f"{want:.2f}x the tokens of vLLM's own pages" in s.describe()
+    config.cache_config.kv_cache_memory_bytes = staging // 2
+    assert "staging alone exceeds it" in load_settings(str(kivi_artifact), config).describe()
+
+
 def test_settings_refuse_with_every_reason(kivi_artifact):
     other = get_model("qwen2.5-7b")
     with pytest.raises(pages.UnsupportedConfiguration) as info:

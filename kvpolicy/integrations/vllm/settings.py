@@ -30,6 +30,21 @@ class Settings:
     compiled_for: ModelShape
     page_format: PageFormat
     staging_blocks: int
+    kv_bytes: int | None = None  # the engine's KV memory, when it was given in bytes
+
+    def whole_process_ratio(self) -> float | None:
+        """Tokens the plugin holds relative to vLLM's own pages when its staging is paid out of
+        the same KV memory (exact from the page plan; None when the KV memory is not known or
+        staging alone exceeds it)."""
+        f = self.page_format
+        if not self.kv_bytes:
+            return None
+        per_block = len(f.layers) * f.kv_heads
+        baseline = self.kv_bytes // (per_block * f.baseline_page_bytes)
+        left = self.kv_bytes - f.staging_bytes(self.staging_blocks)
+        if baseline == 0 or left <= 0:
+            return None
+        return (left // (per_block * f.page_bytes)) / baseline
 
     @property
     def notes(self) -> list[str]:
@@ -46,6 +61,11 @@ class Settings:
                 f"{f.padding_bytes:,} bytes per block), {f.capacity_ratio:.2f}x the tokens in "
                 f"the same KV memory; full-precision staging outside the pool: "
                 f"{self.staging_blocks} blocks, {f.staging_bytes(self.staging_blocks):,} bytes")
+        if self.kv_bytes:
+            ratio = self.whole_process_ratio()
+            text += (f"\nkvpolicy: counting that staging against the {self.kv_bytes:,}-byte KV "
+                     "memory: " + (f"{ratio:.2f}x the tokens of vLLM's own pages"
+                                   if ratio is not None else "staging alone exceeds it"))
         return "\n".join([text] + [f"kvpolicy: note: {n}" for n in self.notes])
 
 
@@ -98,4 +118,5 @@ def load_settings(artifact: str, vllm_config) -> Settings:
     staging = int(os.environ.get(STAGING_ENV) or _staging_blocks(
         fmt, scheduler.max_num_seqs, scheduler.max_num_batched_tokens))
     return Settings(artifact=artifact, policy=policy, compiled_for=model,
-                    page_format=fmt, staging_blocks=staging)
+                    page_format=fmt, staging_blocks=staging,
+                    kv_bytes=getattr(cache, "kv_cache_memory_bytes", None))
