@@ -44,24 +44,35 @@ ATTENTION_NAME = "kvpolicy"
 _routing = threading.local()
 
 
-class PolicyLayer(CacheLayerMixin):
-    """One model layer's cache: the recorded prefill, then the compressed layer."""
+class RoutedLayer(CacheLayerMixin):
+    """A layer of one of kvpolicy's transformers Caches: its owner and index (what the
+    "kvpolicy" attention is routed by), not compileable, croppable or sliding."""
 
     is_compileable = False
     is_croppable = False
     is_sliding = False
 
-    def __init__(self, owner: "PolicyCache", index: int):
+    def __init__(self, owner, index: int):
         super().__init__()
         self.owner = owner
         self.index = index
-        self.prefill: compressor.PrefillLayer | None = None
-        self.compressed: CompressedLayer | None = None
-        self.seen = 0  # tokens this layer has been given (prompt + generated)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class PolicyLayer(RoutedLayer):
+    """One model layer's cache: the recorded prefill, then the compressed layer."""
+
+    def __init__(self, owner: "PolicyCache", index: int):
+        super().__init__(owner, index)
+        self.prefill: compressor.PrefillLayer | None = None
+        self.compressed: CompressedLayer | None = None
+        self.seen = 0  # tokens this layer has been given (prompt + generated)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -142,9 +153,6 @@ class PolicyLayer(CacheLayerMixin):
 
     def get_seq_length(self) -> int:
         return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
 
     def nbytes(self) -> int:
         if self.compressed is None:

@@ -20,8 +20,9 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
+from kvpolicy.hf.cache import RoutedLayer
 from kvpolicy.plan.pages import PageFormat, page_format, policy_notes
 from kvpolicy.store import paged
 from kvpolicy.store.staging import StagingTable
@@ -29,26 +30,17 @@ from kvpolicy.store.staging import StagingTable
 POOL_GROWTH = 64  # blocks added to the pool at a time
 
 
-class PagedLayer(CacheLayerMixin):
+class PagedLayer(RoutedLayer):
     """One model layer: its staging buffer and attention mass; pages live in the owner's pool."""
 
-    is_compileable = False
-    is_croppable = False
-    is_sliding = False
     paged = True  # the "kvpolicy" attention runs `attend` for it
 
     def __init__(self, owner: "PagedPolicyCache", index: int):
-        super().__init__()
-        self.owner = owner
-        self.index = index
+        super().__init__(owner, index)
         self.staging: torch.Tensor | None = None
         self.mass: torch.Tensor | None = None
         self.spilled: dict = {}
         self.step_key = self.step_value = None
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Stages the step's new tokens (key_states [b, H, m, D]); attention comes next."""
@@ -59,10 +51,7 @@ class PagedLayer(CacheLayerMixin):
             owner.begin_step(key_states.shape[0], key_states.shape[2])
         fmt = owner.fmt
         if self.staging is None:
-            self.staging = torch.zeros(owner.table.slots, fmt.kv_heads, fmt.block_size, 2,
-                                       fmt.head_dim, dtype=paged.staging_dtype(fmt))
-            if fmt.needs_mass:
-                self.mass = torch.zeros(owner.table.slots, fmt.kv_heads, fmt.block_size)
+            self.staging, self.mass = paged.new_staging(fmt, owner.table.slots, fmt.kv_heads)
         b, heads, m, d = key_states.shape
         self.step_key = key_states.transpose(1, 2).reshape(b * m, heads, d)
         self.step_value = value_states.transpose(1, 2).reshape(b * m, heads, d)
@@ -86,9 +75,6 @@ class PagedLayer(CacheLayerMixin):
 
     def get_seq_length(self) -> int:
         return self.owner.seen
-
-    def get_max_length(self) -> int:
-        return -1
 
 
 class PagedPolicyCache(Cache):

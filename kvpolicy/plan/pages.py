@@ -148,12 +148,10 @@ class PageFormat:
         allocates) and, for each block not yet sealed, a staging slot per layer — full-precision
         keys and values in the staging dtype and fp32 attention mass when snapkv importance is
         in use."""
-        layers, heads, bs = len(self.layers), self.kv_heads, self.block_size
-        blocks = -(-seq_len // bs)
+        blocks = -(-seq_len // self.block_size)
         staged = sum(1 for j in range(blocks) if not self.sealed(j, seq_len))
-        width = self.staging_dtype_bytes
-        slot = bs * 2 * self.head_dim * width + (bs * 4 if self.needs_mass else 0)
-        return blocks * layers * heads * self.page_bytes + staged * layers * heads * slot
+        return (blocks * len(self.layers) * self.kv_heads * self.page_bytes
+                + self.staging_bytes(staged))
 
     def to_json(self) -> dict:
         return {"block_size": self.block_size, "window": self.window,

@@ -34,10 +34,14 @@ from kvpolicy.store import staging
 QUERY_CHUNK = 512  # queries per softmax when attention mass is recorded (bounds its memory)
 
 
-def staging_dtype(fmt: PageFormat) -> torch.dtype:
-    """The dtype staged (full-precision) tokens are held in: the page plan's cache dtype,
-    whatever the engine computes in."""
-    return R.torch_dtype(fmt.staging_dtype)
+def new_staging(fmt: PageFormat, slots: int, heads: int):
+    """One layer's staging: (tokens [slots, H, block_size, 2, D] in the page plan's cache dtype,
+    whatever the engine computes in; attention mass [slots, H, block_size] fp32, or None when
+    no importance needs it)."""
+    tokens = torch.zeros(slots, heads, fmt.block_size, 2, fmt.head_dim,
+                         dtype=R.torch_dtype(fmt.staging_dtype))
+    mass = torch.zeros(slots, heads, fmt.block_size) if fmt.needs_mass else None
+    return tokens, mass
 
 
 def layer_pages(pages: torch.Tensor, fmt: PageFormat, layer: int) -> torch.Tensor:
@@ -196,9 +200,9 @@ def cached_tokens(pages: torch.Tensor, staging: torch.Tensor, block_row: list[in
     from their staged copies instead."""
     bs = fmt.block_size
     selects = fmt.selects(layer)
-    sealed_now = [j for j in range(len(block_row))
-                  if fmt.sealed(j, sealed_by) and not fmt.sealed(j, start)]
-    straddles = selects and any((j + 1) * bs > start for j in sealed_now)
+    sealed_now = {j for j in range(len(block_row))
+                  if fmt.sealed(j, sealed_by) and not fmt.sealed(j, start)} if selects else set()
+    straddles = any((j + 1) * bs > start for j in sealed_now)
 
     def from_page(j: int) -> bool:
         if not fmt.sealed(j, sealed_by):
@@ -251,11 +255,11 @@ def attend(query: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tens
     keys = torch.cat([past_keys, new_keys.float().transpose(0, 1)], 1)  # [H, p + m, D]
     values = torch.cat([past_values, new_values.float().transpose(0, 1)], 1)
     p = past_keys.shape[1]
-    allowed = torch.ones(m, p + m, dtype=torch.bool)
-    allowed[:, p:] = torch.ones(m, m, dtype=torch.bool).tril()
-    allowed = allowed.repeat(group, 1)  # [group * m, p + m]
     q = query.float().reshape(m, kv_heads, group, head_dim).permute(1, 2, 0, 3)
     q = q.reshape(kv_heads, group * m, head_dim)
+
+    def allowed(rows: torch.Tensor) -> torch.Tensor:  # [rows, p + m]: causal for token row % m
+        return torch.arange(p + m)[None, :] <= (p + rows % m)[:, None]
 
     def heads_last(out: torch.Tensor) -> torch.Tensor:  # [H, group * m, D] → [m, Hq, D]
         return out.reshape(kv_heads, group, m, head_dim).permute(2, 0, 1, 3).reshape(
@@ -267,7 +271,7 @@ def attend(query: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tens
             is_causal=p == 0 and m > 1, scale=scale, enable_gqa=True)[0].transpose(0, 1)
     else:
         out = heads_last(torch.nn.functional.scaled_dot_product_attention(
-            q, keys, values, attn_mask=allowed, scale=scale))
+            q, keys, values, attn_mask=allowed(torch.arange(group * m)), scale=scale))
     if mass_reduce is None:
         return out
     watched = m if observe is None else min(observe, m)
@@ -276,7 +280,7 @@ def attend(query: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tens
     for first in range(0, rows.numel(), QUERY_CHUNK):
         chunk = rows[first:first + QUERY_CHUNK]
         logits = (q[:, chunk] @ keys.transpose(1, 2)) * scale
-        probs = torch.softmax(logits.masked_fill(~allowed[chunk], -math.inf), dim=-1)
+        probs = torch.softmax(logits.masked_fill(~allowed(chunk), -math.inf), dim=-1)
         mass.index_add_(1, chunk // m, probs)
     reduced = {"mean": mass.mean(1), "max": mass.amax(1), "sum": mass.sum(1)}
     return out, reduced[mass_reduce]

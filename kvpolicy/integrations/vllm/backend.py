@@ -172,12 +172,8 @@ class KVPolicyImpl(AttentionImpl):
 
     def _staging(self) -> torch.Tensor:
         if self.staging is None:  # in the cache dtype the artifact was compiled for
-            self.staging = torch.zeros(self.staging_blocks, self.num_kv_heads,
-                                       self.fmt.block_size, 2, self.head_size,
-                                       dtype=paged.staging_dtype(self.fmt))
-            if self.fmt.needs_mass:
-                self.mass = torch.zeros(self.staging_blocks, self.num_kv_heads,
-                                        self.fmt.block_size)
+            self.staging, self.mass = paged.new_staging(self.fmt, self.staging_blocks,
+                                                        self.num_kv_heads)
         return self.staging
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
