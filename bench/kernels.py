@@ -176,7 +176,7 @@ def measure(loaded, model_name: str, policy: str, batch: int, context: int, devi
 
     def decode():
         return launch.decode(modules["decode"], modules["combine"], q, layer, scale,
-                             num_splits=splits, block_t=block_t)[0]
+                             num_splits=splits, block_t=block_t)
 
     row = {"model": model_name, "policy": policy, "layer": layer_index, "batch": batch,
            "context": context, "num_splits": splits, "block_t": block_t,

@@ -88,8 +88,14 @@ def test_uris_are_derived_and_stable():
         "decode_hd128_bf16_gqa7_sinks1_cent1"
         "_guard-b32-kint8.g32.ch.asym.fp16-vint8.g32.tok.asym.fp16-pos1"
         "_body-b32-kint2.g32.ch.asym.fp16-vint2.g32.tok.asym.fp16-pos1",
+        # the page plan's position-free layouts (paged engines) and the whole-prompt runtime's
+        "pack_hd128_bf16_b32-kint2.g32.ch.asym.fp16-vint2.g32.tok.asym.fp16-pos0",
         "pack_hd128_bf16_b32-kint2.g32.ch.asym.fp16-vint2.g32.tok.asym.fp16-pos1",
+        "pack_hd128_bf16_b32-kint8.g32.ch.asym.fp16-vint8.g32.tok.asym.fp16-pos0",
         "pack_hd128_bf16_b32-kint8.g32.ch.asym.fp16-vint8.g32.tok.asym.fp16-pos1",
+        "paged_decode_hd128_bf16_gqa7"
+        "_guard-b32-kint8.g32.ch.asym.fp16-vint8.g32.tok.asym.fp16-pos0"
+        "_body-b32-kint2.g32.ch.asym.fp16-vint2.g32.tok.asym.fp16-pos0",
         "unpack_hd128_bf16_b32-kint2.g32.ch.asym.fp16-vint2.g32.tok.asym.fp16-pos1",
         "unpack_hd128_bf16_b32-kint8.g32.ch.asym.fp16-vint8.g32.tok.asym.fp16-pos1",
     ]
@@ -110,7 +116,7 @@ def test_load_verifies_and_imports(built):
     assert compiled.model.num_layers == 30
     modules = compiled.layer_kernels(0)
     assert set(modules) == {"decode", "combine", "pack_body", "unpack_body", "pack_guard",
-                            "unpack_guard"}
+                            "unpack_guard", "paged_decode", "pack_page_body", "pack_page_guard"}
     assert modules["pack_body"].B.value == 32
     assert compiled.plan(4096).compression_ratio > 1
 
@@ -124,7 +130,7 @@ def test_loaded_kernels_attend_like_the_reference(built):
                                 plan.layers[0].guard_layout.values),
                          body=(plan.layers[0].keys, plan.layers[0].values))
     q = torch.randn(1, SMOL.num_q_heads, 64)
-    got, _ = launch.decode(modules["decode"], modules["combine"], q, layer, num_splits=2)
+    got = launch.decode(modules["decode"], modules["combine"], q, layer, num_splits=2)
     want, _ = R.attend(q, layer, 1 / math.sqrt(64))
     assert (got - want).abs().max() <= 1e-2 * want.abs().max() + 1e-3
 

@@ -114,16 +114,12 @@ def test_decode_matches_reference_attention(kernels, name):
     combine_module = kernels(CombineSpec(layer.head_dim, group))
     generator = torch.Generator().manual_seed(7)
     q = torch.randn(layer.batch, layer.kv_heads * group, layer.head_dim, generator=generator) * 2
-    want, want_mass = R.attend(q, layer, 1 / math.sqrt(layer.head_dim), with_mass=True)
+    want, _ = R.attend(q, layer, 1 / math.sqrt(layer.head_dim))
     for splits in (1, 3):
-        got, got_mass = launch.decode(decode_module, combine_module, q, layer,
-                                      num_splits=splits, emit_mass=True)
-        assert not torch.isnan(got).any() and not torch.isnan(got_mass).any()
+        got = launch.decode(decode_module, combine_module, q, layer, num_splits=splits)
+        assert not torch.isnan(got).any()
         # fp16 operands of the tensor-core dots: relative error ~1e-3 of the output's scale
         assert (got - want).abs().max() <= 1e-2 * want.abs().max() + 1e-3, splits
-        assert (got_mass - want_mass).abs().max() <= 5e-3, splits
-        assert torch.allclose(got_mass.sum(-1), torch.full(got_mass.shape[:2], float(group)),
-                              atol=1e-3)
 
 
 # ---- property: on random codes, kernel pack and unpack are the identity -------------------

@@ -80,7 +80,8 @@ def test_aggressive_pages_keep_each_layers_share_of_a_block():
         assert page.nbytes == (page.guard_tokens // 32 * page.guard.nbytes
                                + page.body_tokens // 32 * page.body.nbytes)
     assert fmt.layers[0].selected == 128 and fmt.layers[-1].selected == 32  # 40% ... 6%
-    assert fmt.page_bytes == -(-sum(page.nbytes for page in fmt.layers) // 30)
+    mean = -(-sum(page.nbytes for page in fmt.layers) // 30)
+    assert fmt.page_bytes == -(-mean // 16) * 16  # the mean, rounded up to 16-byte alignment
     assert fmt.page_bytes < 0.6 * fmt.layers[0].nbytes  # layers share a block's bytes
     assert fmt.sink_blocks == 1 and fmt.needs_mass
     assert fmt.capacity_ratio == pytest.approx(256 * 2 * 64 * 2 / fmt.page_bytes)
@@ -107,8 +108,9 @@ def test_layers_of_different_sizes_share_each_blocks_bytes(write_policy):
     }"""))
     fmt = pages.page_format(policy, SMOL, 32)
     small, big = fmt.layer_bytes(5), fmt.layer_bytes(0)
-    assert big > small and fmt.page_bytes == -(-(2 * big + 28 * small) // 30) < big
-    assert 0 <= fmt.padding_bytes < 30 * 3
+    mean = -(-(2 * big + 28 * small) // 30)
+    assert big > small and fmt.page_bytes == -(-mean // 16) * 16 < big
+    assert fmt.page_bytes % 16 == 0 and 0 <= fmt.padding_bytes < 16 * 30 * 3
     torch.manual_seed(5)
     cache, views = model_cache(fmt, 6)
     staging = torch.randn(2, 3, 32, 2, 64)
@@ -189,8 +191,9 @@ class FakeEngine:
         self.spilled = {}
         self.spills = self.restores = 0
 
-    def step(self, chunks, scale=0.125):
-        """chunks: [(block_row, start, query [m, Hq, D], keys [m, H, D], values [m, H, D])]."""
+    def step(self, chunks, scale=0.125, kernels=None):
+        """chunks: [(block_row, start, query [m, Hq, D], keys [m, H, D], values [m, H, D])];
+        kernels: the store's compiled kernels (`paged.StoreKernels`), or its PyTorch path."""
         bs = self.fmt.block_size
         query_start, seq_lens, mapping = [0], [], []
         for row, start, _, k, _ in chunks:
@@ -207,7 +210,7 @@ class FakeEngine:
         paged.write_step(self.staging, self.mass, keys, values, md, self.spilled)
         out = torch.empty(query.shape)
         paged.attend_step(self.pages, self.staging, self.mass, self.fmt, self.layer, query,
-                          keys, values, md, scale, out)
+                          keys, values, md, scale, out, kernels=kernels)
         return [out[query_start[i]:query_start[i + 1]] for i in range(len(chunks))]
 
 

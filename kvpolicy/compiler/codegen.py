@@ -14,11 +14,12 @@ import jinja2
 
 from kvpolicy import _resources
 from kvpolicy._version import __version__
-from kvpolicy.compiler.specs import (CombineSpec, DecodeSpec, KernelSpec, PackSpec, UnpackSpec,
-                                     block_view, head_view)
+from kvpolicy.compiler.specs import (CombineSpec, DecodeSpec, KernelSpec, PackSpec,
+                                     PagedDecodeSpec, UnpackSpec, block_view, head_view)
 
 TEMPLATES = {PackSpec: "pack.py.jinja", UnpackSpec: "unpack.py.jinja",
-             DecodeSpec: "decode.py.jinja", CombineSpec: "combine.py.jinja"}
+             DecodeSpec: "decode.py.jinja", PagedDecodeSpec: "paged_decode.py.jinja",
+             CombineSpec: "combine.py.jinja"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,16 +38,16 @@ def template_hash() -> str:
 
 
 def _dense_regions(spec: DecodeSpec) -> list[dict]:
-    def region(name, prefix, length, slot, bias=False):
+    def region(name, prefix, length, bias=False):
         return {"name": name, "key": f"{prefix}_key", "value": f"{prefix}_value",
                 "sb": f"stride_{prefix[0]}b", "sh": f"stride_{prefix[0]}h",
-                "st": f"stride_{prefix[0]}t", "length": length, "slot": slot, "bias": bias}
+                "st": f"stride_{prefix[0]}t", "length": length, "bias": bias}
     regions = []
     if spec.sinks:
-        regions.append(region("sinks", "sinks", "tl.load(sink_len + b)", "sinks_slot"))
-    regions.append(region("window", "window", "tl.load(window_len + b)", "window_slot"))
+        regions.append(region("sinks", "sinks", "tl.load(sink_len + b)"))
+    regions.append(region("window", "window", "tl.load(window_len + b)"))
     if spec.centroids:
-        regions.append(region("centroids", "cent", "cent_capacity", "cent_slot", bias=True))
+        regions.append(region("centroids", "cent", "cent_capacity", bias=True))
     return regions
 
 
@@ -59,12 +60,27 @@ def _block_regions(spec: DecodeSpec) -> list[dict]:
     return regions
 
 
+def _paged_warps(spec: PagedDecodeSpec) -> int:
+    """Warps for the paged decode kernel: 8 when a page tile holds 64+ tokens of a 128-wide head
+    (with 4, its loop nest spills on sm_90: 255 registers + 48 bytes of stack; with 8, 226 and
+    none), else 4."""
+    dp = head_view(spec.head_dim, spec.kv_dtype)["dp"]
+    tiles = [block.tokens * max(1, 16 // block.tokens) for block in (spec.guard, spec.body)
+             if block is not None]
+    return 8 if max(tiles) * dp >= 64 * 128 else 4
+
+
 def render(spec: KernelSpec) -> str:
     template = environment().get_template(TEMPLATES[type(spec)])
     context = {"spec": spec, "version": __version__}
     if isinstance(spec, (PackSpec, UnpackSpec)):
         context["head"] = head_view(spec.block.head_dim, spec.block.kv_dtype)
         context["block"] = block_view(spec.block)
+    elif isinstance(spec, PagedDecodeSpec):
+        context["head"] = head_view(spec.head_dim, spec.kv_dtype)
+        context["guard"] = block_view(spec.guard) if spec.guard else None
+        context["body"] = block_view(spec.body)
+        context["num_warps"] = _paged_warps(spec)
     elif isinstance(spec, DecodeSpec):
         context["head"] = head_view(spec.head_dim, spec.kv_dtype)
         context["guard"] = block_view(spec.guard) if spec.guard else None

@@ -34,19 +34,33 @@ _SIGNATURES = {
         "stride_ct": "i32", "cent_count": "*i32", "cent_capacity": "i32",
         "guard_blocks": "*u8", "guard_start": "*i32", "guard_count": "*i32",
         "body_blocks": "*u8", "body_start": "*i32", "body_count": "*i32",
+        "part_m": "*fp32", "part_l": "*fp32", "part_acc": "*fp32",
+        "kv_heads": "i32", "num_splits": "i32",
+        "BLOCK_T": "constexpr", "GUARD_STEP": "constexpr", "BODY_STEP": "constexpr"},
+    "paged_decode_kernel": {
+        "q": "*kv", "stride_qb": "i32", "stride_qh": "i32", "sm_scale": "fp32",
+        "new_key": "*kv", "new_value": "*kv", "stride_nb": "i32", "stride_nh": "i32",
+        "pages": "*u8", "stride_pb": "i32", "stride_ph": "i32",
+        "page_table": "*i32", "stride_tb": "i32", "page_count": "*i32", "page_tail": "*i32",
+        "guard_tokens": "i32", "body_tokens": "i32",
+        "staging": "*kv", "stride_ss": "i32", "stride_sh": "i32", "stride_st": "i32",
+        "stride_sr": "i32", "stage_table": "*i32", "stage_len": "*i32", "stride_gb": "i32",
+        "staged_count": "*i32", "block_size": "i32",
         "part_m": "*fp32", "part_l": "*fp32", "part_acc": "*fp32", "logits": "*fp32",
-        "slots": "i32", "sinks_slot": "i32", "window_slot": "i32", "cent_slot": "i32",
-        "guard_slot": "i32", "body_slot": "i32", "kv_heads": "i32", "num_splits": "i32",
+        "stride_lr": "i32", "kv_heads": "i32", "num_splits": "i32",
         "BLOCK_T": "constexpr", "GUARD_STEP": "constexpr", "BODY_STEP": "constexpr",
-        "EMIT_MASS": "constexpr"},
+        "NEW_DTYPE": "constexpr", "EMIT_MASS": "constexpr"},
     "combine_kernel": {"part_m": "*fp32", "part_l": "*fp32", "part_acc": "*fp32",
                        "out": "*fp32", "lse_m": "*fp32", "lse_l": "*fp32", "num_splits": "i32",
                        "MAX_SPLITS": "constexpr"},
     "mass_kernel": {"logits": "*fp32", "lse_m": "*fp32", "lse_l": "*fp32", "mass": "*fp32",
-                    "slots": "i32", "BLOCK_S": "constexpr"},
+                    "slots": "i32", "BLOCK_S": "constexpr", "REDUCE": "constexpr"},
 }
+# Strides that are table widths or counts, not multiples of a head: not assumed divisible by 16.
+_UNALIGNED = {"stride_tb", "stride_gb", "stride_lr"}
 _KERNELS_BY_KIND = {"pack": ("pack_kernel",), "unpack": ("unpack_kernel",),
-                    "decode": ("decode_kernel",), "combine": ("combine_kernel", "mass_kernel")}
+                    "decode": ("decode_kernel",), "paged_decode": ("paged_decode_kernel",),
+                    "combine": ("combine_kernel", "mass_kernel")}
 
 
 @dataclass(frozen=True)
@@ -88,16 +102,18 @@ def _constexprs(kernel: str, module) -> dict:
     """Launch constants as the launchers pass them (kvpolicy.runtime.launch)."""
     if kernel == "pack_kernel":
         return {"SRC_DTYPE": module.KV_DTYPE.value}
+    def step(prefix):
+        block = getattr(module, f"{prefix}B", None)
+        return max(1, 16 // block.value) if block is not None else 1
     if kernel == "decode_kernel":
-        def step(prefix):
-            block = getattr(module, f"{prefix}B", None)
-            return max(1, 16 // block.value) if block is not None else 1
+        return {"BLOCK_T": 32, "GUARD_STEP": step("GUARD_"), "BODY_STEP": step("BODY_")}
+    if kernel == "paged_decode_kernel":  # with attention mass: what snapkv policies run
         return {"BLOCK_T": 32, "GUARD_STEP": step("GUARD_"), "BODY_STEP": step("BODY_"),
-                "EMIT_MASS": False}
+                "NEW_DTYPE": module.KV_DTYPE.value, "EMIT_MASS": True}
     if kernel == "combine_kernel":
         return {"MAX_SPLITS": 16}
     if kernel == "mass_kernel":
-        return {"BLOCK_S": 128}
+        return {"BLOCK_S": 128, "REDUCE": 1}
     return {}
 
 
@@ -113,10 +129,11 @@ def compile_kernel(module, kernel: str, uri: str, kv_dtype: str = "bf16") -> Ker
     # What the JIT specializes at run time for torch allocations and head_dim-multiple strides:
     # pointers and strides divisible by 16.
     aligned = [i for i, (name, kind) in enumerate(signature.items())
-               if kind.startswith("*") or name.startswith("stride")]
+               if kind.startswith("*") or (name.startswith("stride") and name not in _UNALIGNED)]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     source = ASTSource(fn=function, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget(*HOPPER))
+    options = {"num_warps": module.NUM_WARPS} if hasattr(module, "NUM_WARPS") else {}
+    compiled = triton.compile(source, target=GPUTarget(*HOPPER), options=options)
     usage = _resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
     wide, narrow = _global_loads(ptx)

@@ -130,6 +130,32 @@ class DecodeSpec:
 
 
 @dataclass(frozen=True)
+class PagedDecodeSpec:
+    """One decode step of attention over a paged layer (`kvpolicy.plan.pages`): sealed pages
+    read through a block table (guards, then the body, in the page plan's position-free block
+    layouts), staged blocks at full precision, and the step's own token; emits the scores of the
+    staged tokens, whose attention mass is snapkv's while-staged importance."""
+
+    head_dim: int
+    kv_dtype: str
+    gqa_group: int
+    guard: BlockSpec | None
+    body: BlockSpec
+    kind: str = field(default="paged_decode", init=False)
+
+    @property
+    def uri(self) -> str:
+        parts = [f"paged_decode_{_head(self.head_dim, self.kv_dtype)}_gqa{self.gqa_group}",
+                 f"guard-{self.guard.tag}" if self.guard else "guard-none",
+                 f"body-{self.body.tag}"]
+        return "_".join(parts)
+
+    @property
+    def padded_group(self) -> int:
+        return max(16, _next_pow2(self.gqa_group))
+
+
+@dataclass(frozen=True)
 class CombineSpec:
     """Merges the sequence splits of a decode step; normalises attention mass."""
 
@@ -142,7 +168,7 @@ class CombineSpec:
         return f"combine_hd{self.head_dim}_gqa{self.gqa_group}"
 
 
-KernelSpec = PackSpec | UnpackSpec | DecodeSpec | CombineSpec
+KernelSpec = PackSpec | UnpackSpec | DecodeSpec | PagedDecodeSpec | CombineSpec
 
 
 @dataclass(frozen=True)
@@ -156,6 +182,11 @@ class LayerKernels:
     unpack_body: str
     pack_guard: str | None
     unpack_guard: str | None
+    # paged engines (kvpolicy.store): the decode kernel over pages and staging, and the pack
+    # kernels of the page plan's position-free layouts
+    paged_decode: str
+    pack_page_body: str
+    pack_page_guard: str | None
 
 
 @dataclass(frozen=True)
@@ -187,11 +218,19 @@ def specs_for(policy: Policy, model: ModelShape) -> CompiledSpecs:
                                 sinks=policy.sinks > 0,
                                 centroids=policy.cluster is not None and policy.evicts,
                                 guard=guard_spec, body=body))
+        page_guard_layout, page_body_layout = block_layouts(policy, model, keys, values, guard,
+                                                            positions=False)
+        page_body = BlockSpec.of(page_body_layout)
+        page_guard = BlockSpec.of(page_guard_layout) if guarded else None
+        paged = add(PagedDecodeSpec(model.head_dim, model.kv_dtype, model.gqa_group,
+                                    guard=page_guard, body=page_body))
         layers.append(LayerKernels(
             layer=index, decode=decode, combine=combine,
             pack_body=add(PackSpec(body)), unpack_body=add(UnpackSpec(body)),
             pack_guard=add(PackSpec(guard_spec)) if guard_spec else None,
-            unpack_guard=add(UnpackSpec(guard_spec)) if guard_spec else None))
+            unpack_guard=add(UnpackSpec(guard_spec)) if guard_spec else None,
+            paged_decode=paged, pack_page_body=add(PackSpec(page_body)),
+            pack_page_guard=add(PackSpec(page_guard)) if page_guard else None))
     return CompiledSpecs(tuple(found[uri] for uri in sorted(found)), tuple(layers))
 
 

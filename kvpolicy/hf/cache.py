@@ -141,10 +141,9 @@ class PolicyLayer(RoutedLayer):
         if self.owner.kernels is not None:
             from kvpolicy.runtime import launch
             modules = self.owner.kernels.layer_kernels(self.index)
-            out, _ = launch.decode(modules["decode"], modules["combine"], query.contiguous(),
-                                   self.compressed, scaling,
-                                   num_splits=self.owner.kernels.launch["num_splits"])
-            return out
+            return launch.decode(modules["decode"], modules["combine"], query.contiguous(),
+                                 self.compressed, scaling,
+                                 num_splits=self.owner.kernels.launch["num_splits"])
         out, _ = dense.attend(query, self.compressed, scaling)
         return out
 
@@ -194,7 +193,7 @@ class PolicyCache(Cache):
         else:
             self.policy = load_policy(policy)
         if backend == "triton" and self.kernels is None:
-            self.kernels = _compile_to_cache(self.policy, self.shape)
+            self.kernels = compile_to_cache(self.policy, self.shape)
         if backend == "torch":
             self.kernels = None
         self.backend = backend
@@ -262,7 +261,7 @@ def _kernel_packer(compiled):
     return pack
 
 
-def _compile_to_cache(policy: Policy, shape: ModelShape):
+def compile_to_cache(policy: Policy, shape: ModelShape):
     """Compiles the policy for this model into $KVPOLICY_CACHE/build (reused when unchanged)."""
     from kvpolicy.compiler.artifact import compile_policy, load
     from kvpolicy.hf.model import cache_root

@@ -58,7 +58,8 @@ def generate(model, tokenizer, prompt: str | torch.Tensor, policy, max_new_token
     ids = ids.to(next(model.parameters()).device)
     if block_size is not None:
         from kvpolicy.hf.paged import PagedPolicyCache
-        cache = PagedPolicyCache(policy, model, block_size=block_size, cache_dtype=cache_dtype)
+        cache = PagedPolicyCache(policy, model, block_size=block_size, cache_dtype=cache_dtype,
+                                 backend=backend)
     else:
         cache = PolicyCache(policy, model, cache_dtype=cache_dtype, backend=backend)
     timings = {}

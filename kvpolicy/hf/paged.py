@@ -51,7 +51,8 @@ class PagedLayer(RoutedLayer):
             owner.begin_step(key_states.shape[0], key_states.shape[2])
         fmt = owner.fmt
         if self.staging is None:
-            self.staging, self.mass = paged.new_staging(fmt, owner.table.slots, fmt.kv_heads)
+            self.staging, self.mass = paged.new_staging(fmt, owner.table.slots, fmt.kv_heads,
+                                                        key_states.device)
         b, heads, m, d = key_states.shape
         self.step_key = key_states.transpose(1, 2).reshape(b * m, heads, d)
         self.step_value = value_states.transpose(1, 2).reshape(b * m, heads, d)
@@ -63,10 +64,11 @@ class PagedLayer(RoutedLayer):
         """query [b, Hq, m, D] → [b, m, Hq, D]: the step's attention, then its sealing."""
         b, q_heads, m, d = query.shape
         flat = query.transpose(1, 2).reshape(b * m, q_heads, d)
-        output = torch.empty(b * m, q_heads, d, dtype=torch.float32)
+        output = torch.empty(b * m, q_heads, d, dtype=torch.float32, device=query.device)
         paged.attend_step(self.owner.layer_view(self.index), self.staging, self.mass,
                           self.owner.fmt, self.index, flat, self.step_key, self.step_value,
-                          self.owner.step, scaling, output)
+                          self.owner.step, scaling, output,
+                          kernels=self.owner.layer_kernels(self.index))
         self.step_key = self.step_value = None
         return output.reshape(b, m, q_heads, d)
 
@@ -83,26 +85,43 @@ class PagedPolicyCache(Cache):
     policy: a .kvp path, a Policy, or a compiled artifact directory (checked against the
     model). model: the transformers model. block_size: tokens per block (a multiple of every
     layer's format unit; vLLM's --block-size for a comparison). cache_dtype: the staged window's
-    and the pages' 16-bit regions' dtype (an artifact's own; vLLM's backend uses the same)."""
+    and the pages' 16-bit regions' dtype (an artifact's own; vLLM's backend uses the same).
+    backend: "torch" (the store's PyTorch path), "triton" (the artifact's compiled paged decode
+    and pack kernels for decode steps; compiles one when given a policy), "auto" (triton on a
+    GPU, torch otherwise)."""
 
-    def __init__(self, policy, model, block_size: int = 32, cache_dtype: str = "bfloat16"):
-        from kvpolicy.compiler.artifact import MODEL_FIELDS, check_model, is_artifact, load
-        from kvpolicy.hf.cache import model_shape
+    def __init__(self, policy, model, block_size: int = 32, cache_dtype: str = "bfloat16",
+                 backend: str = "auto"):
+        from kvpolicy.compiler.artifact import MODEL_FIELDS, SHAPE_FIELDS, is_artifact, load
+        from kvpolicy.hf.cache import compile_to_cache, model_shape
         from kvpolicy.lang.ir import Policy
         from kvpolicy.lang.lower import load_policy
         self.shape = model_shape(model, cache_dtype)
+        device = next(model.parameters()).device
+        if backend == "auto":
+            backend = "triton" if device.type == "cuda" else "torch"
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"backend must be auto, torch or triton, not {backend!r}")
+        self.backend = backend
+        compiled = None
         if isinstance(policy, Policy):
             self.policy = policy
-        elif is_artifact(policy):
-            self.policy = load(policy, model=self.shape, fields=MODEL_FIELDS).policy
+        elif is_artifact(policy):  # its kernels (triton) only for its cache dtype too
+            compiled = load(policy, model=self.shape,
+                            fields=SHAPE_FIELDS if backend == "triton" else MODEL_FIELDS)
+            self.policy = compiled.policy
         else:
             self.policy = load_policy(policy)
+        if backend == "triton" and compiled is None:
+            compiled = compile_to_cache(self.policy, self.shape)
+        self._kernels = ([paged.kernels_for(compiled, i) for i in range(self.shape.num_layers)]
+                         if backend == "triton" else None)
         # staging in cache_dtype; the baseline page (vLLM's own) in the model's dtype
         self.fmt: PageFormat = page_format(self.policy, self.shape, block_size,
                                            dtype_bytes=next(model.parameters()).element_size())
         self.notes = policy_notes(self.policy, block_size)
         self.pool = torch.zeros(0, self.shape.num_layers, self.shape.num_kv_heads, 1,
-                                self.fmt.page_bytes, dtype=torch.uint8)
+                                self.fmt.page_bytes, dtype=torch.uint8, device=device)
         self.rows: list[list[int]] = []
         self.table: StagingTable | None = None
         self.step: paged.StepMetadata | None = None
@@ -136,9 +155,14 @@ class PagedPolicyCache(Cache):
     def _new_block(self) -> int:
         used = sum(len(row) for row in self.rows)
         if used == self.pool.shape[0]:
-            grown = torch.zeros(POOL_GROWTH, *self.pool.shape[1:], dtype=torch.uint8)
+            grown = torch.zeros(POOL_GROWTH, *self.pool.shape[1:], dtype=torch.uint8,
+                                device=self.pool.device)
             self.pool = torch.cat([self.pool, grown])
         return used
+
+    def layer_kernels(self, layer: int) -> paged.StoreKernels | None:
+        """The store's compiled kernels for `layer` (backend triton), or None (PyTorch)."""
+        return None if self._kernels is None else self._kernels[layer]
 
     def layer_view(self, layer: int) -> torch.Tensor:
         """Layer `layer`'s view of the pool, as vLLM hands a backend its cache."""

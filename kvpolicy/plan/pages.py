@@ -21,6 +21,8 @@ from kvpolicy.lang.ir import Policy
 from kvpolicy.models import ModelShape
 from kvpolicy.plan.planner import block_layouts, block_retain_ratios, layer_formats
 
+PAGE_ALIGN = 16  # bytes: every section of a format block is 16-byte aligned, and so every page
+
 
 def sealed(block_index: int, seq_len: int, block_size: int, window: int,
            sink_blocks: int = 0) -> bool:
@@ -69,7 +71,7 @@ class PageFormat:
     for), so the backend treats them as one run of `layers x H x page_bytes` bytes per block in
     which layer l's pages ([H, layer_bytes(l)]) sit at `layer_offset(l)`: a layer that keeps more
     tokens uses bytes a layer keeping fewer leaves free, and nothing pads to the largest layer.
-    page_bytes is the mean over layers, rounded up."""
+    page_bytes is the mean over layers, rounded up to 16 bytes."""
 
     block_size: int  # vLLM tokens per block
     window: int  # the policy's full-precision window (tokens)
@@ -83,11 +85,11 @@ class PageFormat:
     pool_kernel: int = 7
     observe: int = 32  # snapkv: the last queries of each step whose attention counts
     staging_dtype: str = "bfloat16"  # the full-precision window's dtype: the cache dtype
+    gqa: str = "mean"  # how a KV head's query heads' attention mass is reduced
 
     @property
     def staging_dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.staging_dtype]
-    gqa: str = "mean"  # how a KV head's query heads' attention mass is reduced
 
     def layer_bytes(self, layer: int) -> int:
         """Bytes one KV head of one block needs in `layer`."""
@@ -111,8 +113,10 @@ class PageFormat:
     @property
     def page_bytes(self) -> int:
         """state_content_bytes published to vLLM: one KV head's share of a block, per layer
-        (the mean over layers, rounded up)."""
-        return -(-sum(page.nbytes for page in self.layers) // len(self.layers))
+        (the mean over layers, rounded up to PAGE_ALIGN bytes, so that every page of the
+        block-outermost cache starts aligned for the kernels' 16-byte loads)."""
+        mean = -(-sum(page.nbytes for page in self.layers) // len(self.layers))
+        return -(-mean // PAGE_ALIGN) * PAGE_ALIGN
 
     @property
     def padding_bytes(self) -> int:

@@ -3,7 +3,10 @@
 Kernels:
     pack_kernel    quantize + pack rows of keys/values into blocks        (codegen/pack.py.jinja)
     unpack_kernel  blocks back to fp32 rows                              (codegen/unpack.py.jinja)
-    decode_kernel  one decode step over every region, split over tokens (codegen/decode.py.jinja)
+    decode_kernel  one decode step over every region of the whole-prompt runtime's compressed
+                   layer, split over tokens (codegen/decode.py.jinja)
+    paged_decode_kernel  one decode step of the paged store: pages through a block table, staged
+                   blocks, the new token; scores for attention mass (codegen/paged_decode…)
     combine_kernel merge the splits; mass_kernel: attention mass per token (codegen/combine…)
 
 Each launcher takes the loaded kernel module(s) of the right spec (`kvpolicy.load(...)` or
@@ -20,7 +23,6 @@ import torch
 
 from kvpolicy.format import BlockLayout
 from kvpolicy.runtime.compressed import CompressedLayer
-from kvpolicy.runtime.reference import slot_offsets
 
 SOURCE_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 LOG2E = 1.4426950408889634
@@ -106,10 +108,9 @@ def _step(kernels: ModuleType, prefix: str) -> int:
 
 def decode(decode_kernels: ModuleType, combine_kernels: ModuleType, q: torch.Tensor,
            layer: CompressedLayer, sm_scale: float | None = None, num_splits: int = 4,
-           emit_mass: bool = False, block_t: int = 32):
-    """One decode step: q [b, Hq, D] → out fp32 [b, Hq, D], and with emit_mass the attention
-    mass of every stored token summed over each KV group's query heads [b, H, slots] (slot
-    layout: `reference.slot_offsets`). Matches `reference.attend`."""
+           block_t: int = 32) -> torch.Tensor:
+    """One decode step of the whole-prompt runtime: q [b, Hq, D] → out fp32 [b, Hq, D] over
+    every region of a compressed layer. Matches `reference.attend`."""
     batch, q_heads, head_dim = q.shape
     kv_heads = layer.kv_heads
     assert q_heads % kv_heads == 0 and q_heads // kv_heads == decode_kernels.G.value
@@ -121,9 +122,6 @@ def decode(decode_kernels: ModuleType, combine_kernels: ModuleType, q: torch.Ten
     part_m = _poisoned(rows, num_splits, device=device)
     part_l = _poisoned(rows, num_splits, device=device)
     part_acc = _poisoned(rows, num_splits, head_dim, device=device)
-    offsets = slot_offsets(layer)
-    slots = offsets["total"]
-    logits = torch.full((rows, slots if emit_mass else 1), -math.inf, device=device)
     for tensor in (layer.sinks_key, layer.window_key, layer.centroid_key):
         assert tensor.stride(-1) == 1
     sinks_key, sinks_value = _or_dummy(layer.sinks_key), _or_dummy(layer.sinks_value)
@@ -141,22 +139,94 @@ def decode(decode_kernels: ModuleType, combine_kernels: ModuleType, q: torch.Ten
         layer.guard_count.to(torch.int32).contiguous(),
         _or_dummy(layer.body_blocks), layer.body_start.to(torch.int32).contiguous(),
         layer.body_count.to(torch.int32).contiguous(),
-        part_m, part_l, part_acc, logits, slots if emit_mass else 1,
-        offsets["sinks"], offsets["window"], offsets["centroids"], offsets["guard"],
-        offsets["body"], kv_heads, num_splits,
+        part_m, part_l, part_acc, kv_heads, num_splits,
         BLOCK_T=block_t, GUARD_STEP=_step(decode_kernels, "GUARD_"),
-        BODY_STEP=_step(decode_kernels, "BODY_"), EMIT_MASS=emit_mass)
+        BODY_STEP=_step(decode_kernels, "BODY_"))
+    out, _, _ = _combine(combine_kernels, part_m, part_l, part_acc, num_splits)
+    return out.reshape(batch, q_heads, head_dim)
+
+
+def _combine(combine_kernels: ModuleType, part_m, part_l, part_acc, num_splits: int):
+    """Merges the splits: → out fp32 [rows, D] and each row's max score and sum (base 2)."""
+    rows, head_dim = part_acc.shape[0], part_acc.shape[-1]
+    device = part_acc.device
     out = _poisoned(rows, head_dim, device=device)
     lse_m = _poisoned(rows, device=device)
     lse_l = _poisoned(rows, device=device)
     max_splits = 1 << max(num_splits - 1, 0).bit_length()
     combine_kernels.combine_kernel[(rows,)](part_m, part_l, part_acc, out, lse_m, lse_l,
                                             num_splits, MAX_SPLITS=max_splits)
+    return out, lse_m, lse_l
+
+
+MASS_REDUCE = {"sum": 0, "mean": 1, "max": 2}
+
+
+def paged_decode(decode_kernels: ModuleType, combine_kernels: ModuleType, q: torch.Tensor,
+                 new_key: torch.Tensor, new_value: torch.Tensor, pages: torch.Tensor,
+                 page_table: torch.Tensor, page_count: torch.Tensor, page_tail: torch.Tensor,
+                 guard_tokens: int, body_tokens: int, staging: torch.Tensor,
+                 stage_table: torch.Tensor, stage_len: torch.Tensor,
+                 staged_count: torch.Tensor, scale: float, num_splits: int = 4,
+                 mass_reduce: str | None = None, block_t: int = 32):
+    """One decode step of b requests over a paged layer (`kvpolicy.store`), one new token each.
+
+    q [b, Hq, D]; new_key, new_value [b, H, D] (the step's tokens, fp16/bf16/fp32); pages: the
+    layer's pages [blocks, H, bytes] uint8 (`store.paged.layer_pages`, any strides with unit
+    byte stride); page_table [b, P] physical blocks each request reads from its pages,
+    page_count [b] how many, page_tail [b] body tokens of the last (every page's guard_tokens +
+    body_tokens otherwise); staging [slots, H, block_size, 2, D] in the cache dtype;
+    stage_table, stage_len [b, S]: the staging slots of each request's staged blocks and their
+    tokens, staged_count [b] how many.
+    → out fp32 [b, Hq, D]; with mass_reduce (sum / mean / max over a KV group's query heads) also
+    the attention mass [b, H, S * block_size + 1] of each staged token (column k * block_size +
+    t: staged block k, token t) and, in the last column, of the new token."""
+    batch, q_heads, head_dim = q.shape
+    kv_heads = new_key.shape[1]
+    block_size = staging.shape[2]
+    assert q_heads % kv_heads == 0 and q_heads // kv_heads == decode_kernels.G.value
+    assert head_dim == decode_kernels.D.value and staging.shape[-1] == head_dim
+    assert q.stride(-1) == 1 and new_key.stride(-1) == 1 and new_value.stride(-1) == 1
+    assert new_key.stride() == new_value.stride() and new_key.dtype in SOURCE_DTYPES
+    assert pages.dtype == torch.uint8 and pages.stride(-1) == 1 and staging.stride(-1) == 1
+    assert guard_tokens % _tokens(decode_kernels, "GUARD_") == 0
+    assert body_tokens % _tokens(decode_kernels, "BODY_") == 0
+    sm_scale = scale * LOG2E
+    device = q.device
+    rows = batch * q_heads
+    part_m = _poisoned(rows, num_splits, device=device)
+    part_l = _poisoned(rows, num_splits, device=device)
+    part_acc = _poisoned(rows, num_splits, head_dim, device=device)
+    columns = stage_table.shape[1] * block_size + 1
+    logits = torch.full((rows, columns if mass_reduce else 1), -math.inf, device=device)
+    int32 = {"dtype": torch.int32, "device": device}
+    decode_kernels.paged_decode_kernel[(num_splits, batch * kv_heads)](
+        q, q.stride(0), q.stride(1), sm_scale,
+        new_key, new_value, new_key.stride(0), new_key.stride(1),
+        pages, pages.stride(0), pages.stride(1),
+        _or_dummy(page_table.to(**int32).contiguous()), page_table.shape[1],
+        page_count.to(**int32).contiguous(), page_tail.to(**int32).contiguous(),
+        guard_tokens, body_tokens,
+        staging, *staging.stride()[:4],
+        _or_dummy(stage_table.to(**int32).contiguous()),
+        _or_dummy(stage_len.to(**int32).contiguous()), stage_table.shape[1],
+        staged_count.to(**int32).contiguous(), block_size,
+        part_m, part_l, part_acc, logits, logits.shape[1], kv_heads, num_splits,
+        BLOCK_T=block_t, GUARD_STEP=_step(decode_kernels, "GUARD_"),
+        BODY_STEP=_step(decode_kernels, "BODY_"), NEW_DTYPE=SOURCE_DTYPES[new_key.dtype],
+        EMIT_MASS=mass_reduce is not None, num_warps=decode_kernels.NUM_WARPS)
+    out, lse_m, lse_l = _combine(combine_kernels, part_m, part_l, part_acc, num_splits)
     mass = None
-    if emit_mass:
-        mass = _poisoned(batch * kv_heads, slots, device=device)
+    if mass_reduce is not None:
+        mass = _poisoned(batch * kv_heads, columns, device=device)
         block_s = 128
-        combine_kernels.mass_kernel[(batch * kv_heads, -(-slots // block_s))](
-            logits, lse_m, lse_l, mass, slots, BLOCK_S=block_s)
-        mass = mass.reshape(batch, kv_heads, slots)
+        combine_kernels.mass_kernel[(batch * kv_heads, -(-columns // block_s))](
+            logits, lse_m, lse_l, mass, columns, BLOCK_S=block_s,
+            REDUCE=MASS_REDUCE[mass_reduce])
+        mass = mass.reshape(batch, kv_heads, columns)
     return out.reshape(batch, q_heads, head_dim), mass
+
+
+def _tokens(kernels: ModuleType, prefix: str) -> int:
+    block = getattr(kernels, f"{prefix}B", None)
+    return block.value if block is not None else 1

@@ -34,14 +34,49 @@ from kvpolicy.store import staging
 QUERY_CHUNK = 512  # queries per softmax when attention mass is recorded (bounds its memory)
 
 
-def new_staging(fmt: PageFormat, slots: int, heads: int):
+def new_staging(fmt: PageFormat, slots: int, heads: int, device=None):
     """One layer's staging: (tokens [slots, H, block_size, 2, D] in the page plan's cache dtype,
     whatever the engine computes in; attention mass [slots, H, block_size] fp32, or None when
     no importance needs it)."""
     tokens = torch.zeros(slots, heads, fmt.block_size, 2, fmt.head_dim,
-                         dtype=R.torch_dtype(fmt.staging_dtype))
-    mass = torch.zeros(slots, heads, fmt.block_size) if fmt.needs_mass else None
+                         dtype=R.torch_dtype(fmt.staging_dtype), device=device)
+    mass = torch.zeros(slots, heads, fmt.block_size, device=device) if fmt.needs_mass else None
     return tokens, mass
+
+
+@dataclass(frozen=True)
+class StoreKernels:
+    """One layer's compiled kernels as the store calls them (`kernels_for`): the paged decode
+    kernel and its combine/mass kernel, the pack kernels of the page plan's layouts. Without
+    them (`None`) the store runs its PyTorch path; with them, one-token decode steps attend in
+    one kernel launch over every request's pages (through the block table) and staged blocks,
+    the launch's attention mass feeds snapkv selection, and sealing packs with the kernels.
+    Prompt chunks (more than one new token) attend with PyTorch either way."""
+
+    decode: object  # the loaded paged_decode module
+    combine: object
+    pack_body: object
+    pack_guard: object | None
+    num_splits: int = 4
+
+    def packer(self, fmt: PageFormat, layer: int):
+        from kvpolicy.runtime import launch
+        guard_layout = fmt.layers[layer].guard
+
+        def pack(keys, values, positions, layout):
+            module = self.pack_guard if layout == guard_layout and self.pack_guard else \
+                self.pack_body
+            return launch.pack_tokens(module, keys, values, positions, layout)
+        return pack
+
+
+def kernels_for(compiled, layer: int, num_splits: int | None = None) -> StoreKernels:
+    """The store's kernels for `layer` from a loaded artifact (`kvpolicy.load`)."""
+    modules = compiled.layer_kernels(layer)
+    return StoreKernels(decode=modules["paged_decode"], combine=modules["combine"],
+                        pack_body=modules["pack_page_body"],
+                        pack_guard=modules.get("pack_page_guard"),
+                        num_splits=num_splits or compiled.launch.get("num_splits", 4))
 
 
 def layer_pages(pages: torch.Tensor, fmt: PageFormat, layer: int) -> torch.Tensor:
@@ -186,12 +221,27 @@ class Past:
     staged: list[tuple[int, int, int]]
 
 
-def cached_tokens(pages: torch.Tensor, staging: torch.Tensor, block_row: list[int],
-                  stage_slots: list[int], start: int, sealed_by: int, fmt: PageFormat,
-                  layer: int) -> Past:
-    """The past of a chunk that starts at token `start`: blocks sealed by the time the sequence
-    had `sealed_by` tokens (the step's start, before this step seals; or its end, after) come
-    dequantized from their pages, the others from staging, up to token `start`. block_row: the
+@dataclass(frozen=True)
+class Segment:
+    """A run of a chunk's past, in position order: sealed pages (`blocks`, physical, read
+    through the block table; `tokens` of them, fewer than the pages keep only when a layer that
+    keeps every token in order holds the chunk's own tokens in its last page) or one staged block
+    (`slot`, its first `tokens` tokens)."""
+
+    tokens: int
+    blocks: tuple[int, ...] = ()
+    slot: int = -1
+
+    @property
+    def staged(self) -> bool:
+        return self.slot >= 0
+
+
+def past_segments(block_row: list[int], stage_slots: list[int], start: int, sealed_by: int,
+                  fmt: PageFormat, layer: int) -> list[Segment]:
+    """Where the past of a chunk that starts at token `start` is read from: blocks sealed by the
+    time the sequence had `sealed_by` tokens (the step's start, before this step seals; or its
+    end, after) from their pages, the others from staging, up to token `start`. block_row: the
     sequence's physical blocks; stage_slots: the staging slot of each (-1 when sealed in an
     earlier step). A sealed block that also holds tokens of the chunk (window 0, or chunked
     prefill) is read from its page only when the page keeps every token in order; when the
@@ -200,40 +250,58 @@ def cached_tokens(pages: torch.Tensor, staging: torch.Tensor, block_row: list[in
     from their staged copies instead."""
     bs = fmt.block_size
     selects = fmt.selects(layer)
-    sealed_now = {j for j in range(len(block_row))
-                  if fmt.sealed(j, sealed_by) and not fmt.sealed(j, start)} if selects else set()
-    straddles = any((j + 1) * bs > start for j in sealed_now)
+    selected = fmt.layers[layer].selected
+    straddles = False
+    if selects:
+        sealed_now = [j for j in range(len(block_row))
+                      if fmt.sealed(j, sealed_by) and not fmt.sealed(j, start)]
+        straddles = any((j + 1) * bs > start for j in sealed_now)
 
     def from_page(j: int) -> bool:
         if not fmt.sealed(j, sealed_by):
             return False
-        return not (straddles and j in sealed_now)
+        return not (straddles and not fmt.sealed(j, start))
 
-    keys, values, staged = [], [], []
-    length = 0
+    segments = []
     j, needed = 0, -(-start // bs)
     while j < needed:
         if from_page(j):
             run = j
             while run < needed and from_page(run):
                 run += 1
-            k, v = unpack_pages(pages, torch.tensor(block_row[j:run]), fmt, layer)
+            tokens = (run - j) * selected
             if not selects:  # every token in order: cut at the chunk
-                k, v = k[:, :start - j * bs], v[:, :start - j * bs]
+                tokens = min(tokens, start - j * bs)
+            segments.append(Segment(tokens, blocks=tuple(block_row[j:run])))
             j = run
         else:
-            slot = stage_slots[j]
-            assert slot >= 0, f"block {j} is neither sealed nor staged"
-            n = min(bs, start - j * bs)
-            k = staging[slot, :, :n, 0].float()
-            v = staging[slot, :, :n, 1].float()
-            staged.append((slot, length, n))
+            assert stage_slots[j] >= 0, f"block {j} is neither sealed nor staged"
+            segments.append(Segment(min(bs, start - j * bs), slot=stage_slots[j]))
             j += 1
+    return segments
+
+
+def cached_tokens(pages: torch.Tensor, staging: torch.Tensor, block_row: list[int],
+                  stage_slots: list[int], start: int, sealed_by: int, fmt: PageFormat,
+                  layer: int) -> Past:
+    """The past of a chunk that starts at token `start` (`past_segments`), dequantized: the
+    PyTorch path."""
+    keys, values, staged = [], [], []
+    length = 0
+    for segment in past_segments(block_row, stage_slots, start, sealed_by, fmt, layer):
+        if segment.staged:
+            n = segment.tokens
+            k = staging[segment.slot, :, :n, 0].float()
+            v = staging[segment.slot, :, :n, 1].float()
+            staged.append((segment.slot, length, n))
+        else:
+            k, v = unpack_pages(pages, torch.tensor(segment.blocks), fmt, layer)
+            k, v = k[:, :segment.tokens], v[:, :segment.tokens]
         keys.append(k)
         values.append(v)
         length += k.shape[1]
     if not keys:
-        empty = torch.zeros(pages.shape[1], 0, fmt.head_dim)
+        empty = torch.zeros(pages.shape[1], 0, fmt.head_dim, device=pages.device)
         return Past(empty, empty, [])
     return Past(torch.cat(keys, 1), torch.cat(values, 1), staged)
 
@@ -258,8 +326,10 @@ def attend(query: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tens
     q = query.float().reshape(m, kv_heads, group, head_dim).permute(1, 2, 0, 3)
     q = q.reshape(kv_heads, group * m, head_dim)
 
+    device = query.device
+
     def allowed(rows: torch.Tensor) -> torch.Tensor:  # [rows, p + m]: causal for token row % m
-        return torch.arange(p + m)[None, :] <= (p + rows % m)[:, None]
+        return torch.arange(p + m, device=device)[None, :] <= (p + rows % m)[:, None]
 
     def heads_last(out: torch.Tensor) -> torch.Tensor:  # [H, group * m, D] → [m, Hq, D]
         return out.reshape(kv_heads, group, m, head_dim).permute(2, 0, 1, 3).reshape(
@@ -271,12 +341,14 @@ def attend(query: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tens
             is_causal=p == 0 and m > 1, scale=scale, enable_gqa=True)[0].transpose(0, 1)
     else:
         out = heads_last(torch.nn.functional.scaled_dot_product_attention(
-            q, keys, values, attn_mask=allowed(torch.arange(group * m)), scale=scale))
+            q, keys, values, attn_mask=allowed(torch.arange(group * m, device=device)),
+            scale=scale))
     if mass_reduce is None:
         return out
     watched = m if observe is None else min(observe, m)
-    rows = (torch.arange(group)[:, None] * m + torch.arange(m - watched, m)[None, :]).flatten()
-    mass = torch.zeros(kv_heads, group, p + m)
+    rows = (torch.arange(group, device=device)[:, None] * m
+            + torch.arange(m - watched, m, device=device)[None, :]).flatten()
+    mass = torch.zeros(kv_heads, group, p + m, device=device)
     for first in range(0, rows.numel(), QUERY_CHUNK):
         chunk = rows[first:first + QUERY_CHUNK]
         logits = (q[:, chunk] @ keys.transpose(1, 2)) * scale
@@ -379,10 +451,60 @@ def write_step(staging_buffer: torch.Tensor, mass: torch.Tensor | None, key: tor
     stage_tokens(staging_buffer, key[:n], value[:n], md.token_slot, md.token_offset, mass)
 
 
+def attend_decodes(kernels: StoreKernels, pages: torch.Tensor, staging_buffer: torch.Tensor,
+                   mass: torch.Tensor | None, fmt: PageFormat, layer: int, query: torch.Tensor,
+                   key: torch.Tensor, value: torch.Tensor, md: StepMetadata,
+                   requests: list[int], sealed_by: list[int], scale: float,
+                   output: torch.Tensor, record: bool) -> None:
+    """One kernel launch for requests that each add one token this step: their past's segments
+    (`past_segments`) become a block table of pages and a table of staged slots. With `record`,
+    the attention mass the launch computed is added to the staged tokens that received it (the
+    PyTorch path's `accumulate_mass`)."""
+    from kvpolicy.runtime import launch
+    page = fmt.layers[layer]
+    bs, device = fmt.block_size, query.device
+    starts = md.starts
+    rows = [md.query_start[i] for i in requests]
+    page_rows, tails, staged_rows = [], [], []
+    for i, end in zip(requests, sealed_by):
+        segments = past_segments(md.block_rows[i], md.request_slots[i], starts[i], end, fmt,
+                                 layer)
+        blocks = [b for seg in segments if not seg.staged for b in seg.blocks]
+        last = next((seg for seg in reversed(segments) if not seg.staged), None)
+        tail = page.body_tokens if last is None else \
+            last.tokens - (len(last.blocks) - 1) * page.selected - page.guard_tokens
+        page_rows.append(blocks)
+        tails.append(tail)
+        staged_rows.append([(seg.slot, seg.tokens) for seg in segments if seg.staged])
+
+    def table(entries: list[list[int]]) -> torch.Tensor:
+        width = max((len(row) for row in entries), default=0)
+        return torch.tensor([row + [0] * (width - len(row)) for row in entries],
+                            dtype=torch.int32, device=device).reshape(len(entries), width)
+
+    index = torch.tensor(rows, device=device)
+    out, received = launch.paged_decode(
+        kernels.decode, kernels.combine, query[index].contiguous(), key[index].contiguous(),
+        value[index].contiguous(), layer_pages(pages, fmt, layer), table(page_rows),
+        torch.tensor([len(r) for r in page_rows], dtype=torch.int32, device=device),
+        torch.tensor(tails, dtype=torch.int32, device=device), page.guard_tokens,
+        page.body_tokens, staging_buffer, table([[s for s, _ in r] for r in staged_rows]),
+        table([[n for _, n in r] for r in staged_rows]),
+        torch.tensor([len(r) for r in staged_rows], dtype=torch.int32, device=device),
+        scale, num_splits=kernels.num_splits, mass_reduce=fmt.gqa if record else None)
+    output[index] = out.to(output.dtype)
+    if record:
+        for r, (i, staged) in enumerate(zip(requests, staged_rows)):
+            for k, (slot, n) in enumerate(staged):
+                mass[slot, :, :n] += received[r, :, k * bs:k * bs + n]
+            first = md.query_start[i]
+            mass[md.token_slot[first], :, md.token_offset[first]] += received[r, :, -1]
+
+
 def attend_step(pages: torch.Tensor, staging_buffer: torch.Tensor, mass: torch.Tensor | None,
                 fmt: PageFormat, layer: int, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, md: StepMetadata, scale: float, output: torch.Tensor,
-                packer=None) -> torch.Tensor:
+                packer=None, kernels: StoreKernels | None = None) -> torch.Tensor:
     """One layer's attention for every request of the step, and the step's sealing.
 
     With snapkv importance (`mass` given and the layer selects), the queries first attend over
@@ -390,13 +512,29 @@ def attend_step(pages: torch.Tensor, staging_buffer: torch.Tensor, mass: torch.T
     mass is added to the staged tokens, the due blocks are sealed by it, and a request whose past
     holds a block sealed just now attends again over the sealed page: the Hugging Face runtime's
     order, where the window is flushed before a new token attends. Otherwise sealing comes first.
-    query [n, Hq, D], key/value [n, H, D]; output [n, Hq, D] is written and returned."""
+    query [n, Hq, D], key/value [n, H, D]; output [n, Hq, D] is written and returned. With
+    `kernels` (a CUDA engine and a loaded artifact) one-token requests attend in the compiled
+    paged decode kernel and sealing packs with the compiled pack kernels."""
     scored = mass is not None and fmt.selects(layer)
     starts = md.starts
+    if kernels is not None and packer is None:
+        packer = kernels.packer(fmt, layer)
 
     def seal() -> None:
         seal_blocks(pages, staging_buffer, md.seal_blocks, md.seal_slots, fmt, layer, packer,
                     mass, md.seal_groups)
+
+    def attend_requests(requests: list[int], sealed_by: list[int], record: bool) -> None:
+        decodes = [] if kernels is None else \
+            [n for n, i in enumerate(requests) if md.query_start[i + 1] - md.query_start[i] == 1]
+        if decodes:
+            attend_decodes(kernels, pages, staging_buffer, mass, fmt, layer, query, key, value,
+                           md, [requests[n] for n in decodes], [sealed_by[n] for n in decodes],
+                           scale, output, record)
+        chosen = set(decodes)
+        for n, i in enumerate(requests):
+            if n not in chosen:
+                attend_request(i, sealed_by[n], record)
 
     def attend_request(i: int, sealed_by: int, record: bool) -> None:
         first, last = md.query_start[i], md.query_start[i + 1]
@@ -411,15 +549,13 @@ def attend_step(pages: torch.Tensor, staging_buffer: torch.Tensor, mass: torch.T
                             received)
         output[first:last] = result.to(output.dtype)
 
+    everyone = list(range(len(md.seq_lens)))
     if not scored:
         seal()
-        for i, seq_len in enumerate(md.seq_lens):
-            attend_request(i, seq_len, record=False)
+        attend_requests(everyone, md.seq_lens, record=False)
         return output
-    for i in range(len(md.seq_lens)):
-        attend_request(i, starts[i], record=True)
+    attend_requests(everyone, starts, record=True)
     seal()
-    for i, seq_len in enumerate(md.seq_lens):
-        if md.past_sealed_now[i]:
-            attend_request(i, seq_len, record=False)
+    again = [i for i in everyone if md.past_sealed_now[i]]
+    attend_requests(again, [md.seq_lens[i] for i in again], record=False)
     return output

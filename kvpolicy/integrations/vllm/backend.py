@@ -155,9 +155,11 @@ class KVPolicyImpl(AttentionImpl):
         self.fmt = s.page_format
         self.staging_blocks = s.staging_blocks
         self.staging: torch.Tensor | None = None
+        self.device = None  # the engine's, from the first step's keys
         self.mass: torch.Tensor | None = None  # attention received by staged tokens (snapkv)
         self.spilled: dict = {}  # staged blocks whose slot was reclaimed (staging.py)
         self.layer_index: int | None = None
+        self.kernels: paged.StoreKernels | None = None  # the artifact's, on a CUDA device
         self.kv_sharing_target_layer_name = None
 
     def _layer(self, layer) -> int:
@@ -173,7 +175,7 @@ class KVPolicyImpl(AttentionImpl):
     def _staging(self) -> torch.Tensor:
         if self.staging is None:  # in the cache dtype the artifact was compiled for
             self.staging, self.mass = paged.new_staging(self.fmt, self.staging_blocks,
-                                                        self.num_kv_heads)
+                                                        self.num_kv_heads, self.device)
         return self.staging
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
@@ -183,6 +185,7 @@ class KVPolicyImpl(AttentionImpl):
             metadata = metadata.get(layer.layer_name)
         if metadata is None:
             return  # profiling and warm-up runs
+        self.device = key.device
         paged.write_step(self._staging(), self.mass, key, value, metadata,
                          self.spilled)
 
@@ -195,5 +198,8 @@ class KVPolicyImpl(AttentionImpl):
             return output
         index = self._layer(layer)
         SEALED_BLOCKS[index] += attn_metadata.seal_blocks.numel()
+        if query.is_cuda and self.kernels is None:  # the compiled kernels run on a GPU
+            self.kernels = settings().kernels(index)
         return paged.attend_step(kv_cache, self._staging(), self.mass, self.fmt, index,
-                                 query, key, value, attn_metadata, self.scale, output)
+                                 query, key, value, attn_metadata, self.scale, output,
+                                 kernels=self.kernels)

@@ -23,6 +23,9 @@ _DTYPE_NAMES = {"torch.float16": "float16", "torch.bfloat16": "bfloat16",
                 "torch.float32": "float32"}
 
 
+_LOADED: dict = {}  # artifact → its loaded kernels (CompiledPolicy), per process
+
+
 @dataclass(frozen=True)
 class Settings:
     artifact: str
@@ -45,6 +48,18 @@ class Settings:
         if baseline == 0 or left <= 0:
             return None
         return (left // (per_block * f.page_bytes)) / baseline
+
+    def kernels(self, layer: int):
+        """The store's compiled kernels for `layer` (`kvpolicy.store.paged.StoreKernels`), from
+        the artifact, loaded (verified, imported) on first use: the backend calls this on a CUDA
+        device only."""
+        from kvpolicy.compiler.artifact import SHAPE_FIELDS, load
+        from kvpolicy.store import paged
+        compiled = _LOADED.get(self.artifact)
+        if compiled is None:
+            compiled = _LOADED[self.artifact] = load(self.artifact, model=self.compiled_for,
+                                                     fields=SHAPE_FIELDS)
+        return paged.kernels_for(compiled, layer)
 
     @property
     def notes(self) -> list[str]:
