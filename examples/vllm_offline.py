@@ -10,13 +10,13 @@ enough for the artifact's policy to seal blocks into packed pages — its sinks 
 four blocks and a margin, at least 1,000 tokens (--max-model-len grows to fit it) — so what the
 run shows was read back from packed pages, and it prints how many blocks were sealed. Options:
 --model DIR (default: the embedded SmolLM2-135M safetensors copy), --kv-bytes (fixed KV-cache
-memory, default 64 MiB), --max-tokens, --dtype, --block-size, --max-model-len, --needle TOKENS
-(another length), --depth, --short (four short prompts instead, which stay in the full-precision
-window: no block is sealed), --prompts-json (a file with a list of token-id lists):
+memory, default 256 MiB: the plugin pays its staging out of it), --max-tokens, --dtype,
+--block-size, --max-model-len, --needle TOKENS (another length), --depth, --short (four short
+prompts instead, which stay in the full-precision window: no block is sealed), --prompts-json (a file with a list of token-id lists):
 
     kvpolicy compile policies/aggressive.kvp --model smollm2-135m -o build/aggressive
     KVPOLICY_ARTIFACT=build/aggressive python examples/vllm_offline.py --block-size 256 \
-        --max-model-len 4096 --kv-bytes 134217728 --needle 3000 --depth 0.25
+        --max-model-len 4096 --kv-bytes 536870912 --needle 3000 --depth 0.25
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def run(artifact: str | None, prompts: list[list[int]], args) -> EngineRun:
         return generate(prompts, args.model, artifact, max_tokens=args.max_tokens,
                         dtype=args.dtype, block_size=args.block_size,
                         max_model_len=args.max_model_len, kv_cache_memory_bytes=args.kv_bytes,
-                        compile=args.compile)
+                        max_num_seqs=len(prompts), compile=args.compile)
     except EngineFailed as exc:
         sys.stderr.write(exc.stderr)
         raise SystemExit(f"vllm_offline: {exc}") from None
@@ -73,7 +73,9 @@ def run(artifact: str | None, prompts: list[list[int]], args) -> EngineRun:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None)
-    parser.add_argument("--kv-bytes", type=int, default=64 << 20)
+    parser.add_argument("--kv-bytes", type=int, default=256 << 20,
+                        help="the KV memory of both runs; the plugin pays its full-precision "
+                             "staging out of it (default 256 MiB)")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16")
@@ -122,9 +124,10 @@ def main() -> None:
     print(f"blocks sealed into packed pages (per layer, all requests): "
           f"{max(sealed) if sealed else 0}")
     ratio = policy.capacity_tokens / baseline.capacity_tokens
-    print(f"\nvLLM KV capacity in {args.kv_bytes:,} bytes (measured, as vLLM reports it): "
-          f"baseline {baseline.capacity_tokens:,} tokens, {artifact} "
-          f"{policy.capacity_tokens:,} tokens ({ratio:.2f}x)")
+    print(f"\nvLLM KV capacity in {args.kv_bytes:,} bytes (measured, as vLLM reports it; the "
+          f"plugin's staging paid out of the same memory): baseline "
+          f"{baseline.capacity_tokens:,} tokens, {artifact} {policy.capacity_tokens:,} tokens "
+          f"({ratio:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -531,21 +531,31 @@ def test_settings_for_a_supported_configuration(kivi_artifact):
     assert "5.33x" in s.describe()
 
 
-def test_settings_count_staging_against_the_kv_memory(kivi_artifact):
-    """With the KV memory given in bytes, start-up also says how many more tokens than vLLM's
-    own pages fit when staging is paid out of that memory, computed exactly."""
+def test_staging_is_paid_out_of_the_kv_memory(kivi_artifact):
+    """With the KV memory given in bytes, staging is paid out of it: vLLM's pool gets the rest
+    (the engine's cache config is lowered once), start-up states the ratio to vLLM's own pages
+    in the same memory, staging included, computed exactly; staging that does not fit is
+    refused with the numbers and what to change."""
+    from kvpolicy.integrations.vllm.settings import reserve_staging
     config = engine_config()
     config.cache_config.kv_cache_memory_bytes = 64 << 20
     s = load_settings(str(kivi_artifact), config)
-    f = s.page_format
-    staging = f.staging_bytes(s.staging_blocks)
+    staging = s.staging_bytes
     assert staging == 32 * 30 * 3 * (32 * 2 * 64 * 2)  # 32 slots in bfloat16, no mass (kivi)
+    assert s.pool_bytes == (64 << 20) - staging
     per_block = 30 * 3
     want = ((64 << 20) - staging) // (per_block * 1536) / ((64 << 20) // (per_block * 8192))
-    assert s.whole_process_ratio() == pytest.approx(want)
-    assert f"{want:.2f}x the tokens of vLLM's own pages" in s.describe()
-    config.cache_config.kv_cache_memory_bytes = staging // 2
-    assert "staging alone exceeds it" in load_settings(str(kivi_artifact), config).describe()
+    assert s.whole_process_ratio() == pytest.approx(want) and want < s.page_format.capacity_ratio
+    assert f"{want:.2f}x the tokens of vLLM's own pages in the same memory" in s.describe()
+    reserve_staging(s, config.cache_config)
+    reserve_staging(s, config.cache_config)  # once
+    assert config.cache_config.kv_cache_memory_bytes == (64 << 20) - staging
+    config.cache_config.kv_cache_memory_bytes = staging - 1
+    with pytest.raises(pages.UnsupportedConfiguration, match="does not fit in the"):
+        load_settings(str(kivi_artifact), config)
+    config.cache_config.kv_cache_memory_bytes = None
+    assert "staging is outside vLLM's accounting" in load_settings(str(kivi_artifact),
+                                                                   config).describe()
 
 
 def test_settings_refuse_with_every_reason(kivi_artifact):

@@ -78,7 +78,7 @@ def server(request, tmp_path_factory):
                "--model", str(default_model_dir()), "--host", "127.0.0.1", "--port", str(port),
                "--served-model-name", "smol", "--dtype", "float32", "--block-size", str(block_size),
                "--no-enable-prefix-caching", "--enforce-eager", "--max-model-len", "2048",
-               "--max-num-seqs", str(REQUESTS), "--kv-cache-memory-bytes", str(256 << 20),
+               "--max-num-seqs", str(REQUESTS), "--kv-cache-memory-bytes", str(1 << 30),
                # every prompt prefills in one step, as it does alone (see docs/vllm.md on
                # chunked prefill)
                "--max-num-batched-tokens", "16384"]
@@ -129,3 +129,5 @@ def test_concurrent_requests_equal_the_same_requests_alone(server):
     # operators see the start-up report in the server's own log
     log = log_path.read_text(errors="replace")
     assert "kvpolicy: policy " in log and "full-precision staging" in log, log[-3000:]
+    # and that staging is paid out of the KV memory they gave, not on top of it
+    assert "staging is paid out of the 1,073,741,824-byte KV memory" in log, log[-3000:]

@@ -31,7 +31,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from kvpolicy.integrations.vllm.settings import Settings, load_settings
+from kvpolicy.integrations.vllm.settings import Settings, load_settings, reserve_staging
 from kvpolicy.plan.pages import UnsupportedConfiguration
 from kvpolicy.store import paged
 from kvpolicy.store.staging import StagingTable
@@ -51,7 +51,9 @@ _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 def settings() -> Settings:
     """The artifact named by KVPOLICY_ARTIFACT, checked against the running engine's model and
     settings (UnsupportedConfiguration lists every reason it cannot run)."""
-    loaded = load_settings(os.environ.get("KVPOLICY_ARTIFACT", ""), get_current_vllm_config())
+    config = get_current_vllm_config()
+    loaded = load_settings(os.environ.get("KVPOLICY_ARTIFACT", ""), config)
+    reserve_staging(loaded, config.cache_config)
     for line in loaded.describe().splitlines():
         logger.info("%s", line)
     return loaded

@@ -33,21 +33,30 @@ class Settings:
     compiled_for: ModelShape
     page_format: PageFormat
     staging_blocks: int
-    kv_bytes: int | None = None  # the engine's KV memory, when it was given in bytes
+    kv_bytes: int | None = None  # the engine's KV memory as given in bytes, staging included
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.page_format.staging_bytes(self.staging_blocks)
+
+    @property
+    def pool_bytes(self) -> int | None:
+        """What vLLM's pool of pages gets: the KV memory less the plugin's staging, which is
+        paid out of it (None when the KV memory was not given in bytes)."""
+        return self.kv_bytes - self.staging_bytes if self.kv_bytes else None
 
     def whole_process_ratio(self) -> float | None:
-        """Tokens the plugin holds relative to vLLM's own pages when its staging is paid out of
-        the same KV memory (exact from the page plan; None when the KV memory is not known or
-        staging alone exceeds it)."""
+        """Tokens the plugin holds relative to vLLM's own pages in the same KV memory, its
+        staging paid out of that memory (exact from the page plan; None when the KV memory is
+        not known or staging alone exceeds it)."""
         f = self.page_format
         if not self.kv_bytes:
             return None
         per_block = len(f.layers) * f.kv_heads
         baseline = self.kv_bytes // (per_block * f.baseline_page_bytes)
-        left = self.kv_bytes - f.staging_bytes(self.staging_blocks)
-        if baseline == 0 or left <= 0:
+        if baseline == 0 or self.pool_bytes <= 0:
             return None
-        return (left // (per_block * f.page_bytes)) / baseline
+        return (self.pool_bytes // (per_block * f.page_bytes)) / baseline
 
     def kernels(self, layer: int):
         """The store's compiled kernels for `layer` (`kvpolicy.store.paged.StoreKernels`), from
@@ -73,18 +82,23 @@ class Settings:
                 f"{f.page_bytes} bytes per KV head per {f.block_size}-token block "
                 f"(16-bit: {f.baseline_page_bytes}; sealed blocks keep "
                 f"{'/'.join(map(str, kept))} of {f.block_size} tokens per layer; padding "
-                f"{f.padding_bytes:,} bytes per block), {f.capacity_ratio:.2f}x the tokens in "
-                f"the same KV memory; full-precision staging outside the pool: "
-                f"{self.staging_blocks} blocks, {f.staging_bytes(self.staging_blocks):,} bytes")
+                f"{f.padding_bytes:,} bytes per block), {f.capacity_ratio:.2f}x the tokens of "
+                f"vLLM's own pages in the same pool memory; full-precision staging: "
+                f"{self.staging_blocks} blocks, {self.staging_bytes:,} bytes")
         if self.kv_bytes:
             ratio = self.whole_process_ratio()
-            text += (f"\nkvpolicy: counting that staging against the {self.kv_bytes:,}-byte KV "
-                     "memory: " + (f"{ratio:.2f}x the tokens of vLLM's own pages"
-                                   if ratio is not None else "staging alone exceeds it"))
+            text += (f"\nkvpolicy: staging is paid out of the {self.kv_bytes:,}-byte KV memory "
+                     f"(vLLM's pool gets {self.pool_bytes:,} bytes): "
+                     + (f"{ratio:.2f}x the tokens of vLLM's own pages in the same memory, "
+                        "staging included" if ratio is not None else "staging alone exceeds it"))
+        else:
+            text += ("\nkvpolicy: the KV memory was not given in bytes, so staging is outside "
+                     "vLLM's accounting (pass --kv-cache-memory-bytes to pay it out of the KV "
+                     "memory)")
         return "\n".join([text] + [f"kvpolicy: note: {n}" for n in self.notes])
 
 
-def _staging_blocks(fmt: PageFormat, max_num_seqs: int, max_batched_tokens: int) -> int:
+def staging_blocks_for(fmt: PageFormat, max_num_seqs: int, max_batched_tokens: int) -> int:
     """Every running request's sinks, window and open block, plus one step's worth of
     prefill."""
     per_request = fmt.sink_blocks + math.ceil(fmt.window / fmt.block_size) + 2
@@ -130,8 +144,26 @@ def load_settings(artifact: str, vllm_config) -> Settings:
     if reasons:
         raise UnsupportedConfiguration(reasons)
     scheduler = vllm_config.scheduler_config
-    staging = int(os.environ.get(STAGING_ENV) or _staging_blocks(
+    staging = int(os.environ.get(STAGING_ENV) or staging_blocks_for(
         fmt, scheduler.max_num_seqs, scheduler.max_num_batched_tokens))
-    return Settings(artifact=artifact, policy=policy, compiled_for=model,
-                    page_format=fmt, staging_blocks=staging,
-                    kv_bytes=getattr(cache, "kv_cache_memory_bytes", None))
+    settings = Settings(artifact=artifact, policy=policy, compiled_for=model,
+                        page_format=fmt, staging_blocks=staging,
+                        kv_bytes=getattr(cache, "kv_cache_memory_bytes", None))
+    if settings.kv_bytes and settings.pool_bytes <= 0:
+        raise UnsupportedConfiguration([
+            f"full-precision staging ({staging} blocks for {scheduler.max_num_seqs} sequences "
+            f"and {scheduler.max_num_batched_tokens:,}-token steps: {settings.staging_bytes:,} "
+            f"bytes) does not fit in the {settings.kv_bytes:,}-byte KV memory it is paid out "
+            "of: raise --kv-cache-memory-bytes, or lower --max-num-batched-tokens "
+            f"(each {fmt.block_size} tokens of a step stage one block: "
+            f"{fmt.staging_bytes(1):,} bytes) or --max-num-seqs"])
+    return settings
+
+
+def reserve_staging(settings: Settings, cache_config) -> None:
+    """Pays the plugin's staging out of the engine's KV memory: vLLM sizes its pool of pages
+    from `cache_config.kv_cache_memory_bytes` after the model (and this backend) is built, so
+    lowering it here leaves pool + staging = the memory the operator gave. Once per process."""
+    if settings.pool_bytes is not None and cache_config.kv_cache_memory_bytes == \
+            settings.kv_bytes:
+        cache_config.kv_cache_memory_bytes = settings.pool_bytes
