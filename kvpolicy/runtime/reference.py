@@ -149,23 +149,24 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(words: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
-    """int32 words [..., bits * ceil(D/32)] → codes int32 [..., D]."""
+    """int32 words [..., bits * ceil(D/32)] → codes int32 [..., D]. In int32 throughout: a right
+    shift of a negative word fills the high bits with ones, which the plane's mask drops."""
     *lead, _ = words.shape
     padded = math.ceil(head_dim / 32) * 32
-    unsigned = words.to(torch.int64) & 0xFFFFFFFF
-    codes = torch.zeros(*lead, padded, dtype=torch.int64)
+    codes = None
     start = 0
     shift = 0
     for plane in PLANES[bits]:
         per_word = 32 // plane
         count = padded // per_word
-        plane_words = unsigned[..., start:start + count]
-        offsets = torch.arange(per_word, dtype=torch.int64) * plane
-        part = (plane_words[..., None] >> offsets) & ((1 << plane) - 1)
-        codes |= part.reshape(*lead, padded) << shift
+        plane_words = words[..., start:start + count].to(torch.int32)
+        offsets = torch.arange(per_word, dtype=torch.int32, device=words.device) * plane
+        part = ((plane_words[..., None] >> offsets) & ((1 << plane) - 1)).reshape(*lead, padded)
+        part = part << shift if shift else part
+        codes = part if codes is None else codes | part
         start += count
         shift += plane
-    return codes[..., :head_dim].to(torch.int32)
+    return codes[..., :head_dim]
 
 
 # ---- blocks -----------------------------------------------------------------------------------
