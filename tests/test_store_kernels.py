@@ -8,6 +8,7 @@ by the pack kernels are bit-identical when selection does not depend on the kern
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -142,7 +143,7 @@ def test_every_token_kept_in_order_reads_the_last_page_up_to_the_new_token(tmp_p
     """KIVI with window 0: a block seals when its last token arrives, so the step's own token is
     in a sealed page whose body the kernel reads only up to it."""
     policy = load_policy(POLICIES / "kivi.kvp")
-    fmt = pages.PageFormat(**{**vars(pages.page_format(policy, SMOL, 32)), "window": 0})
+    fmt = dataclasses.replace(pages.page_format(policy, SMOL, 32), window=0)
     kernels = store_kernels(policy, tmp_path)
     sealed = run_both(fmt, kernels, {"a": 94, "b": 40}, 3, {"a": [7, 2, 30, 15], "b": [11, 3]}, 2,
                       True)

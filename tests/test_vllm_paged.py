@@ -4,6 +4,7 @@ an independent statement of the rule and the PyTorch reference."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -27,7 +28,7 @@ SMOL = get_model("smollm2-135m")
 def kivi_format(block_size=32, window=None):
     policy = load_policy(POLICIES / "kivi.kvp")
     fmt = pages.page_format(policy, SMOL, block_size)
-    return fmt if window is None else pages.PageFormat(**{**vars(fmt), "window": window})
+    return fmt if window is None else dataclasses.replace(fmt, window=window)
 
 
 RETAINING = """policy retaining {{

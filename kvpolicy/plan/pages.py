@@ -14,7 +14,7 @@ selection rule (kvpolicy.store). Front end: no torch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvpolicy.format import DTYPE_BYTES, BlockLayout, block_tokens
 from kvpolicy.lang.ir import Policy
@@ -86,6 +86,16 @@ class PageFormat:
     observe: int = 32  # snapkv: the last queries of each step whose attention counts
     staging_dtype: str = "bfloat16"  # the full-precision window's dtype: the cache dtype
     gqa: str = "mean"  # how a KV head's query heads' attention mass is reduced
+    # bytes of one KV head's pages of the layers before each layer, then of all of them:
+    # computed once (every layer of every step asks)
+    _starts: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        starts, total = [], 0
+        for page in self.layers:
+            starts.append(total)
+            total += page.nbytes
+        object.__setattr__(self, "_starts", (*starts, total))
 
     @property
     def staging_dtype_bytes(self) -> int:
@@ -98,7 +108,7 @@ class PageFormat:
     def layer_offset(self, layer: int, heads: int) -> int:
         """Where `layer`'s pages of a block start in the block's run of bytes (`heads`: the KV
         heads this rank holds)."""
-        return heads * sum(page.nbytes for page in self.layers[:layer])
+        return heads * self._starts[layer]
 
     def selects(self, layer: int) -> bool:
         """Does sealing choose tokens by importance (eviction or guards) in `layer`?"""
@@ -115,7 +125,7 @@ class PageFormat:
         """state_content_bytes published to vLLM: one KV head's share of a block, per layer
         (the mean over layers, rounded up to PAGE_ALIGN bytes, so that every page of the
         block-outermost cache starts aligned for the kernels' 16-byte loads)."""
-        mean = -(-sum(page.nbytes for page in self.layers) // len(self.layers))
+        mean = -(-self._starts[-1] // len(self.layers))
         return -(-mean // PAGE_ALIGN) * PAGE_ALIGN
 
     @property
