@@ -277,7 +277,7 @@ def start_server(*, artifact: Path | None, block_size: int, dtype: str, kv_bytes
                  log_path: Path) -> tuple[subprocess.Popen, int, str, float]:
     """Starts a server and waits for /health: (process, port, command line, start-up seconds).
     Raises RuntimeError with the log's tail when it dies or misses the timeout."""
-    from kvpolicy.hf.model import default_model_dir
+    from kvpolicy.engines.hf.model import default_model_dir
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("KVPOLICY_ARTIFACT", None)
@@ -348,7 +348,7 @@ def log_lines(log: str) -> tuple[list[str], list[str]]:
 def prompts() -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    from kvpolicy.hf.model import default_model_dir
+    from kvpolicy.engines.hf.model import default_model_dir
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     ids = tokenizer(WORDS * 40)["input_ids"]
     return [ids[3 * i:3 * i + 20 + 12 * i] for i in range(REQUESTS)]

@@ -44,7 +44,7 @@ def worker(args) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
-    from kvpolicy.hf.model import default_model_dir
+    from kvpolicy.engines.hf.model import default_model_dir
 
     llm = LLM(model=str(default_model_dir()), dtype="bfloat16", block_size=args.block_size,
               max_model_len=4096, max_num_seqs=max(args.batch, args.throughput),

@@ -26,7 +26,7 @@ import json
 import os
 import sys
 
-from kvpolicy.integrations.vllm.offline import EngineFailed, EngineRun, generate
+from kvpolicy.engines.vllm.offline import EngineFailed, EngineRun, generate
 
 PROMPTS = [
     "The three primary colors are",
@@ -39,7 +39,7 @@ PROMPTS = [
 def needle_prompt(args) -> tuple[list[int], str]:
     """One chat-formatted needle prompt's token ids, and the expected answer."""
     from kvpolicy.eval.haystack import needle_sample
-    from kvpolicy.hf.generation import encode
+    from kvpolicy.engines.hf.generation import encode
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -59,7 +59,7 @@ def sealing_length(artifact: str, block_size: int) -> int:
 
 
 def run(artifact: str | None, prompts: list[list[int]], args) -> EngineRun:
-    """One configuration in a fresh vLLM engine process (kvpolicy.integrations.vllm.offline)."""
+    """One configuration in a fresh vLLM engine process (kvpolicy.engines.vllm.offline)."""
     try:
         return generate(prompts, args.model, artifact, max_tokens=args.max_tokens,
                         dtype=args.dtype, block_size=args.block_size,
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--depth", type=float, default=0.5, help="where the needle sits (0..1)")
     args = parser.parse_args()
     if args.model is None:
-        from kvpolicy.hf.model import default_model_dir
+        from kvpolicy.engines.hf.model import default_model_dir
         args.model = str(default_model_dir())
     artifact = os.environ.get("KVPOLICY_ARTIFACT")
     if not artifact:

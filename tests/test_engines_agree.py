@@ -20,9 +20,9 @@ if os.environ.get("KVPOLICY_REQUIRE_VLLM") != "1":
 
 from kvpolicy import load_policy  # noqa: E402
 from kvpolicy.compiler.artifact import compile_policy  # noqa: E402
-from kvpolicy.hf import generate, load_model  # noqa: E402
-from kvpolicy.hf.model import default_model_dir  # noqa: E402
-from kvpolicy.integrations.vllm import offline  # noqa: E402
+from kvpolicy.engines.hf import generate, load_model  # noqa: E402
+from kvpolicy.engines.hf.model import default_model_dir  # noqa: E402
+from kvpolicy.engines.vllm import offline  # noqa: E402
 from kvpolicy.models import resolve_model  # noqa: E402
 from kvpolicy.plan.pages import page_format  # noqa: E402
 
@@ -40,7 +40,7 @@ def smol():
 @pytest.fixture(scope="module")
 def prompts(smol):
     from kvpolicy.eval.haystack import needle_sample
-    from kvpolicy.hf.generation import encode
+    from kvpolicy.engines.hf.generation import encode
     _, tokenizer = smol
     out = []
     for i, (tokens, depth) in enumerate(LENGTHS):

@@ -15,7 +15,7 @@ from kvpolicy.eval import tasks as T
 from kvpolicy.eval.ablation import matched_ablation
 from kvpolicy.eval.report import render_report
 from kvpolicy.eval.runner import EvalConfig, EvalPolicy, baseline_policy, load_lines, run
-from kvpolicy.hf import load_model
+from kvpolicy.engines.hf import load_model
 from kvpolicy.models import resolve_model
 
 
@@ -100,7 +100,7 @@ def test_the_paged_engine_runs_prompts_in_one_step_and_names_itself(smol, tmp_pa
     out = run(config, model, tokenizer, progress=False)
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["engine"] == "paged" and results["config"]["block_size"] == 32
-    assert "kvpolicy.hf.paged" in results["hardware"]["engine"]
+    assert "kvpolicy.engines.hf.paged" in results["hardware"]["engine"]
     lines = [line for line in results["results"] if line["policy"] == "kivi"]
     assert len(lines) == 2 and all(line["measured_bytes"] == line["planned_bytes"] for line in lines)
     assert all(line["measured_bytes"] < line["baseline_bytes"] * 2 for line in lines)

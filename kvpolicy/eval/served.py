@@ -2,7 +2,7 @@
 
 Each sample's prompt (context, question, answer prefix: the question-aware split) is one request,
 prefilled in one step; the answer is decoded greedily. "paged" runs it through the Hugging Face
-model over kvpolicy's compressed store (hf/paged.py); "vllm" through a vLLM engine with
+model over kvpolicy's compressed store (engines/hf/paged.py); "vllm" through a vLLM engine with
 kvpolicy's backend, one engine per configuration, every prompt in its first step (the step's token
 budget is the sum of the prompts). Both run the same store, so their outputs agree sample for
 sample; the baseline is the model's own uncompressed cache (transformers' for "paged", vLLM's own
@@ -51,7 +51,7 @@ def _answer(tokenizer, sample, token_ids: list[int]) -> tuple[str, list[int]]:
 @torch.no_grad()
 def _paged_outputs(model, tokenizer, entry, work, config, shape) -> list[dict]:
     from kvpolicy.eval.runner import BASELINE
-    from kvpolicy.hf.generation import generate
+    from kvpolicy.engines.hf.generation import generate
     from kvpolicy.plan.planner import make_plan
     lines = []
     for context, task, index, sample, ids in work:
@@ -80,7 +80,7 @@ def _paged_outputs(model, tokenizer, entry, work, config, shape) -> list[dict]:
 def _vllm_outputs(tokenizer, entry, work, config, shape, model_dir) -> list[dict]:
     from kvpolicy.compiler.artifact import compile_policy
     from kvpolicy.eval.runner import BASELINE
-    from kvpolicy.integrations.vllm import offline
+    from kvpolicy.engines.vllm import offline
     from kvpolicy.plan.pages import page_format
     from kvpolicy.plan.planner import make_plan
     prompts = [ids for *_, ids in work]
@@ -126,7 +126,7 @@ def _line(tokenizer, entry, sample, context, task, index, tokens, measured, plan
 def run_served(config, model, tokenizer, shape, progress: bool = True) -> Path:
     from kvpolicy.eval.report import write_outputs
     from kvpolicy.eval.runner import hardware
-    from kvpolicy.hf.model import model_directory
+    from kvpolicy.engines.hf.model import model_directory
     if "ppl" in config.tasks:
         raise ValueError(f"--engine {config.engine} scores {SCORED} only, not ppl")
     config.out.mkdir(parents=True, exist_ok=True)

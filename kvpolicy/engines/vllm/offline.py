@@ -9,7 +9,7 @@ every engine runs in a fresh interpreter:
     run.capacity_tokens
 
 `prompts` are token-id lists (both engines of a comparison are fed the same ids). The child is
-`python -m kvpolicy.integrations.vllm.offline`, which reads one JSON request on stdin and writes
+`python -m kvpolicy.engines.vllm.offline`, which reads one JSON request on stdin and writes
 one JSON result as the last line of stdout; it is an interface, documented here, so examples,
 eval and tests all use it.
 """
@@ -94,7 +94,7 @@ def _serve(request: EngineRequest) -> dict:
                            SamplingParams(temperature=0.0, max_tokens=request.max_tokens,
                                           ignore_eos=True))
     cache = llm.llm_engine.vllm_config.cache_config
-    backend = sys.modules.get("kvpolicy.integrations.vllm.backend")  # loaded by vLLM, if at all
+    backend = sys.modules.get("kvpolicy.engines.vllm.backend")  # loaded by vLLM, if at all
     sealed = dict(backend.SEALED_BLOCKS) if backend else {}
     return asdict(EngineRun(
         token_ids=[list(o.outputs[0].token_ids) for o in outputs],

@@ -264,7 +264,7 @@ def _kernel_packer(compiled):
 def compile_to_cache(policy: Policy, shape: ModelShape):
     """Compiles the policy for this model into $KVPOLICY_CACHE/build (reused when unchanged)."""
     from kvpolicy.compiler.artifact import compile_policy, load
-    from kvpolicy.hf.model import cache_root
+    from kvpolicy.engines.hf.model import cache_root
     key = hashlib.sha256(json.dumps([policy_to_json(policy), shape.to_json()],
                                     sort_keys=True).encode()).hexdigest()[:16]
     directory = cache_root() / "build" / f"{policy.name}-{key}"
@@ -290,7 +290,7 @@ def kvpolicy_attention(module, query, key, value, attention_mask, scaling=None, 
     if layer is not None and layer.index != getattr(module, "layer_idx", None):
         raise RuntimeError(f"kvpolicy attention: the cache routed layer {layer.index} but the "
                            f"model's layer {getattr(module, 'layer_idx', None)} is attending")
-    if getattr(layer, "paged", False):  # kvpolicy.hf.paged: one store step
+    if getattr(layer, "paged", False):  # kvpolicy.engines.hf.paged: one store step
         scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
         return layer.attend(query, scaling).to(query.dtype), None
     if not isinstance(layer, PolicyLayer):

@@ -4,7 +4,7 @@
 with it; `load_model` loads the embedded SmolLM2-135M-Instruct or a local model directory.
 """
 
-from kvpolicy.hf.model import DEFAULT_MODEL, ModelLoadError, load_model
+from kvpolicy.engines.hf.model import DEFAULT_MODEL, ModelLoadError, load_model
 
 __all__ = ["DEFAULT_MODEL", "ModelLoadError", "PolicyCache", "attend_through", "generate",
            "load_model"]
@@ -12,9 +12,9 @@ __all__ = ["DEFAULT_MODEL", "ModelLoadError", "PolicyCache", "attend_through", "
 
 def __getattr__(name: str):
     if name in ("PolicyCache", "attend_through"):
-        from kvpolicy.hf import cache
+        from kvpolicy.engines.hf import cache
         return getattr(cache, name)
     if name == "generate":
-        from kvpolicy.hf.generation import generate
+        from kvpolicy.engines.hf.generation import generate
         return generate
-    raise AttributeError(f"module 'kvpolicy.hf' has no attribute {name!r}")
+    raise AttributeError(f"module 'kvpolicy.engines.hf' has no attribute {name!r}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-BACKEND_PATH = "kvpolicy.integrations.vllm.backend.KVPolicyBackend"
+BACKEND_PATH = "kvpolicy.engines.vllm.backend.KVPolicyBackend"
 
 
 def register() -> None:

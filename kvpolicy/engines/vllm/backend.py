@@ -4,7 +4,7 @@ which staging slot holds which block, which blocks seal), Impl (per layer: write
 tokens, forward = attention over sealed pages and staged blocks, then sealing).
 
 The compute is in `paged.py` (plain functions of tensors); this module only adapts vLLM's
-objects to them. Imported by vLLM through the registry path that `kvpolicy.integrations.vllm
+objects to them. Imported by vLLM through the registry path that `kvpolicy.engines.vllm
 .register` installs, never by kvpolicy itself.
 """
 
@@ -31,7 +31,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from kvpolicy.integrations.vllm.settings import Settings, load_settings, reserve_staging
+from kvpolicy.engines.vllm.settings import Settings, load_settings, reserve_staging
 from kvpolicy.plan.pages import UnsupportedConfiguration
 from kvpolicy.store import paged
 from kvpolicy.store.staging import StagingTable

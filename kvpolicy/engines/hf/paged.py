@@ -22,7 +22,7 @@ import math
 import torch
 from transformers.cache_utils import Cache
 
-from kvpolicy.hf.cache import RoutedLayer
+from kvpolicy.engines.hf.cache import RoutedLayer
 from kvpolicy.plan.pages import PageFormat, page_format, policy_notes
 from kvpolicy.store import paged
 from kvpolicy.store.staging import StagingTable
@@ -93,7 +93,7 @@ class PagedPolicyCache(Cache):
     def __init__(self, policy, model, block_size: int = 32, cache_dtype: str = "bfloat16",
                  backend: str = "auto"):
         from kvpolicy.compiler.artifact import MODEL_FIELDS, SHAPE_FIELDS, is_artifact, load
-        from kvpolicy.hf.cache import compile_to_cache, model_shape
+        from kvpolicy.engines.hf.cache import compile_to_cache, model_shape
         from kvpolicy.lang.ir import Policy
         from kvpolicy.lang.lower import load_policy
         self.shape = model_shape(model, cache_dtype)
@@ -169,7 +169,7 @@ class PagedPolicyCache(Cache):
         return self.pool[:, layer]
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        from kvpolicy.hf import cache as routing
+        from kvpolicy.engines.hf import cache as routing
         routing.route_to(self.layers[layer_idx])
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 

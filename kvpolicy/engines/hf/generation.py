@@ -1,6 +1,6 @@
 """Greedy generation with a policy-compressed cache, with measured bytes and timings.
 
-    from kvpolicy.hf import generate, load_model
+    from kvpolicy.engines.hf import generate, load_model
     model, tokenizer = load_model()                       # the embedded SmolLM2-135M-Instruct
     result = generate(model, tokenizer, "…", policy="policies/aggressive.kvp")
     print(result.text, result.measured_bytes, result.planned_bytes)
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvpolicy.hf.cache import PolicyCache, attend_through
+from kvpolicy.engines.hf.cache import PolicyCache, attend_through
 
 
 @dataclass
@@ -57,7 +57,7 @@ def generate(model, tokenizer, prompt: str | torch.Tensor, policy, max_new_token
     ids = prompt if isinstance(prompt, torch.Tensor) else encode(tokenizer, prompt, chat)
     ids = ids.to(next(model.parameters()).device)
     if block_size is not None:
-        from kvpolicy.hf.paged import PagedPolicyCache
+        from kvpolicy.engines.hf.paged import PagedPolicyCache
         cache = PagedPolicyCache(policy, model, block_size=block_size, cache_dtype=cache_dtype,
                                  backend=backend)
     else:

@@ -1,1 +1,0 @@
-"""Engines a compiled policy plugs into (vLLM)."""
