@@ -17,6 +17,7 @@ from kvpolicy.compiler import artifact
 from kvpolicy.compiler.artifact import ArtifactError, compile_policy
 from kvpolicy.compiler.specs import specs_for
 from kvpolicy.models import resolve_model
+from kvpolicy.plan.planner import make_plan
 from kvpolicy.runtime import launch, reference as R
 from random_layers import random_layer
 
@@ -82,7 +83,7 @@ def test_refuses_to_overwrite_a_directory_that_is_not_an_artifact(tmp_path):
 
 
 def test_uris_are_derived_and_stable():
-    specs = specs_for(kvpolicy.load_policy(POLICIES / "aggressive.kvp"), QWEN)
+    specs = specs_for(make_plan(kvpolicy.load_policy(POLICIES / "aggressive.kvp"), QWEN, 4096))
     assert [s.uri for s in specs.specs] == [
         "combine_hd128_gqa7",
         "decode_hd128_bf16_gqa7_sinks1_cent1"
@@ -99,7 +100,8 @@ def test_uris_are_derived_and_stable():
         "unpack_hd128_bf16_b32-kint2.g32.ch.asym.fp16-vint2.g32.tok.asym.fp16-pos1",
         "unpack_hd128_bf16_b32-kint8.g32.ch.asym.fp16-vint8.g32.tok.asym.fp16-pos1",
     ]
-    overridden = specs_for(kvpolicy.load_policy(POLICIES / "conservative.kvp"), QWEN)
+    overridden = specs_for(make_plan(kvpolicy.load_policy(POLICIES / "conservative.kvp"), QWEN,
+                                     4096))
     assert len({layer.decode for layer in overridden.layers}) == 1
 
 
@@ -119,6 +121,18 @@ def test_load_verifies_and_imports(built):
                             "unpack_guard", "paged_decode", "pack_page_body", "pack_page_guard"}
     assert modules["pack_body"].B.value == 32
     assert compiled.plan(4096).compression_ratio > 1
+
+
+def test_the_manifest_records_the_page_plan_at_every_block_size_that_fits(built):
+    """What a paged engine's pages keep at each block size (aggressive: 32-token format units,
+    so 16 does not fit), exactly as kvpolicy.plan.pages computes it."""
+    from kvpolicy.plan.pages import page_format
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert sorted(map(int, manifest["pages"])) == [32, 64, 128, 256, 512]
+    policy = kvpolicy.load_policy(POLICIES / "aggressive.kvp")
+    for size, recorded in manifest["pages"].items():
+        assert recorded == page_format(policy, SMOL, int(size)).to_json()
+    assert "block 256: 6,768 bytes (16-bit: 65,536)" in (built / "report.txt").read_text()
 
 
 def test_loaded_kernels_attend_like_the_reference(built):
@@ -201,7 +215,8 @@ def _write_manifest(directory, manifest, digest=False):
 
 
 TOP_LEVEL = ["files", "format", "kernels", "kvpolicy_version", "launch", "layers",
-             "manifest_sha256", "model", "plan_at_max_context", "policy", "template_sha256"]
+             "manifest_sha256", "model", "pages", "plan_at_max_context", "policy",
+             "template_sha256"]
 
 
 def test_the_manifest_has_the_fields_the_tampering_tests_edit(built):

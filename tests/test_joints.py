@@ -47,7 +47,7 @@ def test_what_check_accepts_plans_and_specializes_on_every_model_and_context(tex
                     data.draw(st.integers(1, model.max_context), label="context")}
         for context in contexts:
             assert_plans(policy, model, context)
-        compiled = specs_for(policy, model)
+        compiled = specs_for(make_plan(policy, model, model.max_context))
         assert len(compiled.layers) == model.num_layers
         pages = page_format(policy, model, 256)
         assert pages.page_bytes > 0 and math.isfinite(pages.capacity_ratio)

@@ -18,13 +18,14 @@ from kvpolicy import load_policy
 from kvpolicy.compiler.loader import render_and_import
 from kvpolicy.compiler.specs import specs_for
 from kvpolicy.plan import pages
+from kvpolicy.plan.planner import make_plan
 from kvpolicy.store import paged
 from test_vllm_paged import RETAINING, SMOL, FakeEngine
 
 
 def store_kernels(policy, directory, layer=0, num_splits=2) -> paged.StoreKernels:
     """The kernels specs_for gives the layer, rendered and imported (as `kvpolicy.load` would)."""
-    compiled = specs_for(policy, SMOL)
+    compiled = specs_for(make_plan(policy, SMOL, 4096))
     by_uri = {spec.uri: spec for spec in compiled.specs}
     roles = vars(compiled.layers[layer])
 

@@ -39,6 +39,7 @@ from kvpolicy.diagnostics import PolicyError
 from kvpolicy.files import FileProblem, read_limited, shown_path
 from kvpolicy.lang.ir import Policy, policy_from_json, policy_to_json
 from kvpolicy.models import ModelError, ModelShape, model_from_json, resolve_model
+from kvpolicy.plan.pages import page_plans
 from kvpolicy.plan.planner import make_plan
 from kvpolicy.plan.report import render_table, to_json
 
@@ -112,7 +113,10 @@ def build_files(policy: Policy, model: ModelShape,
     # built, and verify rebuilds it from the manifest's model alone.
     model = dataclasses.replace(model, source=model.source if model.source == "preset"
                                 else Path(model.source).name)
-    compiled = specs_for(policy, model)
+    # Paths are reduced to file names so that the artifact does not depend on where it was built.
+    plan = make_plan(dataclasses.replace(policy, path=provenance.file), model,
+                     model.max_context)
+    compiled = specs_for(plan)
     files: dict[str, bytes] = {}
     kernels = []
     for spec in compiled.specs:
@@ -121,9 +125,6 @@ def build_files(policy: Policy, model: ModelShape,
         files[name] = data
         kernels.append({"uri": spec.uri, "kind": spec.kind, "file": name,
                         "sha256": _sha256(data)})
-    # Paths are reduced to file names so that the artifact does not depend on where it was built.
-    plan = make_plan(dataclasses.replace(policy, path=provenance.file), model,
-                     model.max_context)
     plan_json = to_json(plan)
     plan_json["warnings"] = []  # located messages belong to `kvpolicy check`, not the artifact
     for layer in plan_json["layers"]:  # tensor lists and block layouts: see the kernel files
@@ -137,6 +138,8 @@ def build_files(policy: Policy, model: ModelShape,
                    "source_sha256": provenance.source_sha256, "ir": policy_to_json(policy)},
         "model": model.to_json(),
         "plan_at_max_context": plan_json,
+        # what a paged engine's pages keep at each block size it may choose (kvpolicy.store)
+        "pages": {str(size): fmt.to_json() for size, fmt in page_plans(policy, model).items()},
         "layers": [vars(layer) for layer in compiled.layers],
         "kernels": kernels,
         "launch": DEFAULT_LAUNCH,
@@ -156,7 +159,15 @@ def _report(policy: Policy, model: ModelShape, compiled: CompiledSpecs, plan) ->
         users = [str(layer.layer) for layer in compiled.layers if spec.uri in vars(layer).values()]
         lines.append(f"  {spec.kind:<8} {spec.uri}")
         lines.append(f"           used by layers {_compact(users)}")
-    lines += ["", "Plan at the model's maximum context:", "", render_table(plan), ""]
+    lines += ["", "Plan at the model's maximum context:", "", render_table(plan), "",
+              "Pages in a paged engine (vLLM --block-size N; kvpolicy.store), per KV head of a "
+              "block:"]
+    for size, fmt in page_plans(policy, model).items():
+        kept = "/".join(str(n) for n in sorted({page.selected for page in fmt.layers}))
+        lines.append(f"  block {size:>3}: {fmt.page_bytes:,} bytes (16-bit: "
+                     f"{fmt.baseline_page_bytes:,}), sealed blocks keep {kept} of {size} tokens "
+                     f"per layer: {fmt.capacity_ratio:.2f}x the tokens in the pool")
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 
 A policy and a model give each layer a storage (keys, values, guards); each distinct storage
 needs a pack and an unpack kernel per block layout, and a decode kernel for the combination of
-regions it attends over. `specs_for(policy, model)` derives them all; URIs are never typed by hand.
+regions it attends over. `specs_for(plan)` derives them all from the plan; URIs are never typed
+by hand.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ from dataclasses import dataclass, field
 from math import ceil
 
 from kvpolicy import format as storage
-from kvpolicy.lang.ir import Policy, QuantFormat
-from kvpolicy.models import ModelShape
-from kvpolicy.plan.planner import block_layouts, layer_formats
+from kvpolicy.lang.ir import QuantFormat
+from kvpolicy.plan.planner import Plan, block_layouts
 
 KV_CODES = {"float16": 0, "bfloat16": 1}
 SCALE_CODES = {"fp16": 0, "bf16": 1, "fp32": 2}
@@ -195,9 +195,12 @@ class CompiledSpecs:
     layers: tuple[LayerKernels, ...]
 
 
-def specs_for(policy: Policy, model: ModelShape) -> CompiledSpecs:
-    """Raises PolicyError if the policy does not fit the model, ValueError for a cache the
+def specs_for(plan: Plan) -> CompiledSpecs:
+    """The kernels a plan needs, per layer: the whole-prompt runtime's (its block layouts) and
+    the paged store's (the same formats in position-free blocks). The plan is the hand-off: its
+    layers' formats and layouts are read, not re-derived. Raises ValueError for a cache the
     kernels do not support (they read 16-bit keys and values)."""
+    policy, model = plan.policy, plan.model
     if model.kv_dtype not in KV_CODES:
         raise ValueError(f"the kernels need a 16-bit cache (float16 or bfloat16), not "
                          f"{model.kv_dtype}")
@@ -209,11 +212,11 @@ def specs_for(policy: Policy, model: ModelShape) -> CompiledSpecs:
 
     combine = add(CombineSpec(model.head_dim, model.gqa_group))
     layers = []
-    for index, (keys, values, guard) in enumerate(layer_formats(policy, model)):
-        guard_layout, body_layout = block_layouts(policy, model, keys, values, guard)
-        body = BlockSpec.of(body_layout)
+    for index, layer in enumerate(plan.layers):
+        keys, values, guard = layer.keys, layer.values, layer.guard
+        body = BlockSpec.of(layer.body_layout)
         guarded = guard is not None and guard.fraction > 0
-        guard_spec = BlockSpec.of(guard_layout) if guarded else None
+        guard_spec = BlockSpec.of(layer.guard_layout) if guarded else None
         decode = add(DecodeSpec(model.head_dim, model.kv_dtype, model.gqa_group,
                                 sinks=policy.sinks > 0,
                                 centroids=policy.cluster is not None and policy.evicts,

@@ -206,6 +206,21 @@ def policy_notes(policy: Policy, block_size: int) -> list[str]:
     return notes
 
 
+BLOCK_SIZES = (16, 32, 64, 128, 256, 512)  # the block sizes an artifact records page plans for
+
+
+def page_plans(policy: Policy, model: ModelShape) -> dict[int, PageFormat]:
+    """The page plan at every block size of BLOCK_SIZES that fits the policy's formats (a
+    multiple of every layer's format unit): what an artifact's manifest and report record."""
+    plans = {}
+    for size in BLOCK_SIZES:
+        try:
+            plans[size] = page_format(policy, model, size)
+        except UnsupportedConfiguration:
+            continue
+    return plans
+
+
 def page_format(policy: Policy, model: ModelShape, block_size: int,
                 dtype_bytes: int | None = None) -> PageFormat:
     """The page format of `policy` on `model` with vLLM blocks of `block_size` tokens; raises

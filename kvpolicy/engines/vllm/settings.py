@@ -139,8 +139,6 @@ def load_settings(artifact: str, vllm_config) -> Settings:
         fmt = page_format(policy, model, cache.block_size, dtype_bytes=DTYPE_BYTES.get(dtype, 2))
     except UnsupportedConfiguration as exc:
         reasons += exc.reasons
-    # 16-bit regions of pages are stored in the artifact's cache dtype, whatever the engine's
-    # dtype (staging holds the engine's): the storage the policy was compiled for
     if reasons:
         raise UnsupportedConfiguration(reasons)
     scheduler = vllm_config.scheduler_config
