@@ -19,6 +19,7 @@ from kvpolicy.compiler.loader import render_and_import
 from kvpolicy.compiler.specs import specs_for
 from kvpolicy.plan import pages
 from kvpolicy.plan.planner import make_plan
+from kvpolicy.runtime import launch
 from kvpolicy.store import paged
 from test_vllm_paged import RETAINING, SMOL, FakeEngine
 
@@ -32,9 +33,10 @@ def store_kernels(policy, directory, layer=0, num_splits=2) -> paged.StoreKernel
     def module(role):
         uri = roles[role]
         return None if uri is None else render_and_import(by_uri[uri], directory)
+    packs = {roles[role]: module(role) for role in ("pack_page_body", "pack_page_guard")
+             if roles[role] is not None}
     return paged.StoreKernels(decode=module("paged_decode"), combine=module("combine"),
-                              pack_body=module("pack_page_body"),
-                              pack_guard=module("pack_page_guard"), num_splits=num_splits)
+                              packer=launch.packer(packs), num_splits=num_splits)
 
 
 @pytest.mark.parametrize("reduce", ["mean", "max", "sum"])
@@ -42,7 +44,6 @@ def test_paged_decode_mass_is_each_staged_tokens_softmax_weight(tmp_path, reduce
     """The launch alone, staged blocks and the new token only: the output is softmax attention
     over them, and the mass of each staged token and of the new one is its softmax weight,
     reduced over the KV group's query heads as the policy's gqa rule says."""
-    from kvpolicy.runtime import launch
     kernels = store_kernels(load_policy(POLICIES / "kivi.kvp"), tmp_path)
     torch.manual_seed(9)
     heads, d, bs, group = 3, 64, 32, 3

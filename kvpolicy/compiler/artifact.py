@@ -117,6 +117,7 @@ def build_files(policy: Policy, model: ModelShape,
     plan = make_plan(dataclasses.replace(policy, path=provenance.file), model,
                      model.max_context)
     compiled = specs_for(plan)
+    pages = page_plans(policy, model)
     files: dict[str, bytes] = {}
     kernels = []
     for spec in compiled.specs:
@@ -139,12 +140,12 @@ def build_files(policy: Policy, model: ModelShape,
         "model": model.to_json(),
         "plan_at_max_context": plan_json,
         # what a paged engine's pages keep at each block size it may choose (kvpolicy.store)
-        "pages": {str(size): fmt.to_json() for size, fmt in page_plans(policy, model).items()},
+        "pages": {str(size): fmt.to_json() for size, fmt in pages.items()},
         "layers": [vars(layer) for layer in compiled.layers],
         "kernels": kernels,
         "launch": DEFAULT_LAUNCH,
     }
-    report = _report(policy, model, compiled, plan).encode()
+    report = _report(policy, model, compiled, plan, pages).encode()
     files[REPORT] = report
     manifest["files"] = {REPORT: _sha256(report)}
     manifest[DIGEST] = manifest_digest(manifest)
@@ -152,7 +153,8 @@ def build_files(policy: Policy, model: ModelShape,
     return files
 
 
-def _report(policy: Policy, model: ModelShape, compiled: CompiledSpecs, plan) -> str:
+def _report(policy: Policy, model: ModelShape, compiled: CompiledSpecs, plan,
+            pages: dict) -> str:
     lines = [f"kvpolicy {__version__}: {policy.name} compiled for {model.name}", "",
              f"{len(compiled.specs)} kernels:"]
     for spec in compiled.specs:
@@ -162,7 +164,7 @@ def _report(policy: Policy, model: ModelShape, compiled: CompiledSpecs, plan) ->
     lines += ["", "Plan at the model's maximum context:", "", render_table(plan), "",
               "Pages in a paged engine (vLLM --block-size N; kvpolicy.store), per KV head of a "
               "block:"]
-    for size, fmt in page_plans(policy, model).items():
+    for size, fmt in pages.items():
         kept = "/".join(str(n) for n in sorted({page.selected for page in fmt.layers}))
         lines.append(f"  block {size:>3}: {fmt.page_bytes:,} bytes (16-bit: "
                      f"{fmt.baseline_page_bytes:,}), sealed blocks keep {kept} of {size} tokens "

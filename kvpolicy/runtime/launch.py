@@ -84,6 +84,18 @@ def pack_tokens(kernels: ModuleType, keys: torch.Tensor, values: torch.Tensor,
     return blocks
 
 
+def packer(kernels: dict[str, ModuleType]):
+    """`pack(keys, values, positions, layout)` with the pack kernel of each layout, found among
+    `kernels` (URI → loaded module, e.g. a CompiledPolicy's) by its spec's URI: the kernel twin
+    of `reference.pack_blocks`."""
+    from kvpolicy.compiler.specs import BlockSpec, PackSpec
+
+    def pack(keys, values, positions, layout):
+        return pack_tokens(kernels[PackSpec(BlockSpec.of(layout)).uri], keys, values, positions,
+                           layout)
+    return pack
+
+
 def unpack(kernels: ModuleType, blocks: torch.Tensor, block_ids: torch.Tensor,
            counts: torch.Tensor):
     """→ keys, values fp32 [programs, B, D] and positions int32 [programs, B] (-1 past count)."""

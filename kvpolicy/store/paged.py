@@ -55,27 +55,16 @@ class StoreKernels:
 
     decode: object  # the loaded paged_decode module
     combine: object
-    pack_body: object
-    pack_guard: object | None
+    packer: object  # pack(keys, values, positions, layout) with the layout's pack kernel
     num_splits: int = 4
-
-    def packer(self, fmt: PageFormat, layer: int):
-        from kvpolicy.runtime import launch
-        guard_layout = fmt.layers[layer].guard
-
-        def pack(keys, values, positions, layout):
-            module = self.pack_guard if layout == guard_layout and self.pack_guard else \
-                self.pack_body
-            return launch.pack_tokens(module, keys, values, positions, layout)
-        return pack
 
 
 def kernels_for(compiled, layer: int, num_splits: int | None = None) -> StoreKernels:
     """The store's kernels for `layer` from a loaded artifact (`kvpolicy.load`)."""
+    from kvpolicy.runtime import launch
     modules = compiled.layer_kernels(layer)
     return StoreKernels(decode=modules["paged_decode"], combine=modules["combine"],
-                        pack_body=modules["pack_page_body"],
-                        pack_guard=modules.get("pack_page_guard"),
+                        packer=launch.packer(compiled.kernels),
                         num_splits=num_splits or compiled.launch.get("num_splits", 4))
 
 
@@ -518,7 +507,7 @@ def attend_step(pages: torch.Tensor, staging_buffer: torch.Tensor, mass: torch.T
     scored = mass is not None and fmt.selects(layer)
     starts = md.starts
     if kernels is not None and packer is None:
-        packer = kernels.packer(fmt, layer)
+        packer = kernels.packer
 
     def seal() -> None:
         seal_blocks(pages, staging_buffer, md.seal_blocks, md.seal_slots, fmt, layer, packer,

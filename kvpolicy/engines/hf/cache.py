@@ -198,7 +198,11 @@ class PolicyCache(Cache):
             self.kernels = None
         self.backend = backend
         # packs blocks: the artifact's kernels when attention uses them, else the reference
-        self.packer = _kernel_packer(self.kernels) if self.kernels is not None else pack_blocks
+        if self.kernels is not None:
+            from kvpolicy.runtime import launch
+            self.packer = launch.packer(self.kernels.kernels)
+        else:
+            self.packer = pack_blocks
         self.plan = None
         super().__init__(layers=[PolicyLayer(self, i) for i in range(self.shape.num_layers)])
 
@@ -250,15 +254,6 @@ def model_shape(model, cache_dtype: str = "bfloat16") -> ModelShape:
                              "model", source="transformers", kv_dtype=cache_dtype)
 
 
-def _kernel_packer(compiled):
-    """Packs with the artifact's pack kernel for the layout (found by its spec's URI)."""
-    from kvpolicy.compiler.specs import BlockSpec, PackSpec
-    from kvpolicy.runtime import launch
-
-    def pack(keys, values, positions, layout):
-        kernels = compiled.kernels[PackSpec(BlockSpec.of(layout)).uri]
-        return launch.pack_tokens(kernels, keys, values, positions, layout)
-    return pack
 
 
 def compile_to_cache(policy: Policy, shape: ModelShape):
