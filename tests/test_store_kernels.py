@@ -1,5 +1,5 @@
-"""The store's compiled path against its PyTorch path, on paged inputs, in Triton's interpreter:
-requests in shuffled physical blocks, pages sealed by the PyTorch path, and at every decode step
+"""The store's compiled path against its PyTorch path, on paged inputs — the Triton kernels in
+Triton's interpreter, and the C kernel CPU engines run (kind "cpu"): requests in shuffled physical blocks, pages sealed by the PyTorch path, and at every decode step
 the same state stepped twice — once by the paged decode kernel (pages read through the block
 table, staged blocks, the new token; attention mass from the launch) and the compiled pack
 kernels, once by PyTorch. Outputs and attention mass agree to fp16-dot tolerance; pages sealed
@@ -9,34 +9,50 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 
 import pytest
 import torch
 
 from conftest import POLICIES
 from kvpolicy import load_policy
+from kvpolicy.compiler.codegen import render_cpu
 from kvpolicy.compiler.loader import render_and_import
 from kvpolicy.compiler.specs import specs_for
 from kvpolicy.plan import pages
 from kvpolicy.plan.planner import make_plan
-from kvpolicy.runtime import launch
+from kvpolicy.runtime import cpu, launch
 from kvpolicy.store import paged
 from test_vllm_paged import RETAINING, SMOL, FakeEngine
 
 
-def store_kernels(policy, directory, layer=0, num_splits=2) -> paged.StoreKernels:
-    """The kernels specs_for gives the layer, rendered and imported (as `kvpolicy.load` would)."""
+def store_kernels(policy, directory, layer=0, num_splits=2, kind="triton") -> paged.StoreKernels:
+    """The kernels specs_for gives the layer, as `kvpolicy.load` + `paged.kernels_for` give them:
+    kind "triton" (rendered and imported; the interpreter runs them here) or "cpu" (the same
+    specs in C, compiled)."""
     compiled = specs_for(make_plan(policy, SMOL, 4096))
     by_uri = {spec.uri: spec for spec in compiled.specs}
     roles = vars(compiled.layers[layer])
+    if kind == "cpu":
+        library = cpu.build(render_cpu(by_uri[roles["paged_decode"]]))
+        packs = {roles[role]: render_cpu(by_uri[roles[role]])
+                 for role in ("pack_page_body", "pack_page_guard") if roles[role] is not None}
+        return paged.StoreKernels(decode=functools.partial(cpu.paged_decode, library),
+                                  packer=cpu.packer(packs))
 
     def module(role):
         uri = roles[role]
         return None if uri is None else render_and_import(by_uri[uri], directory)
     packs = {roles[role]: module(role) for role in ("pack_page_body", "pack_page_guard")
              if roles[role] is not None}
-    return paged.StoreKernels(decode=module("paged_decode"), combine=module("combine"),
-                              packer=launch.packer(packs), num_splits=num_splits)
+    return paged.StoreKernels(
+        decode=functools.partial(launch.paged_decode, module("paged_decode"), module("combine"),
+                                 num_splits=num_splits),
+        packer=launch.packer(packs))
+
+
+KINDS = ["triton", pytest.param("cpu", marks=pytest.mark.skipif(
+    cpu.compiler() is None, reason="no C compiler"))]
 
 
 @pytest.mark.parametrize("reduce", ["mean", "max", "sum"])
@@ -45,6 +61,7 @@ def test_paged_decode_mass_is_each_staged_tokens_softmax_weight(tmp_path, reduce
     over them, and the mass of each staged token and of the new one is its softmax weight,
     reduced over the KV group's query heads as the policy's gqa rule says."""
     kernels = store_kernels(load_policy(POLICIES / "kivi.kvp"), tmp_path)
+    decode = kernels.decode
     torch.manual_seed(9)
     heads, d, bs, group = 3, 64, 32, 3
     staging = torch.randn(5, heads, bs, 2, d).to(torch.bfloat16)
@@ -55,12 +72,11 @@ def test_paged_decode_mass_is_each_staged_tokens_softmax_weight(tmp_path, reduce
     def table(i):
         return torch.tensor([[row[j][i] if j < len(row) else 0 for j in range(2)]
                              for row in staged], dtype=torch.int32)
-    out, mass = launch.paged_decode(
-        kernels.decode, kernels.combine, q, new_k, new_v, torch.zeros(1, heads, 1536,
-                                                                      dtype=torch.uint8),
+    out, mass = decode(
+        q, new_k, new_v, torch.zeros(1, heads, 1536, dtype=torch.uint8),
         torch.zeros(2, 0, dtype=torch.int32), torch.zeros(2, dtype=torch.int32),
         torch.zeros(2, dtype=torch.int32), 0, 32, staging, table(0), table(1),
-        torch.tensor([2, 1], dtype=torch.int32), 0.125, num_splits=2, mass_reduce=reduce)
+        torch.tensor([2, 1], dtype=torch.int32), 0.125, mass_reduce=reduce)
     for r, row in enumerate(staged):
         keys = torch.cat([staging[slot, :, :n, 0].float() for slot, n in row]
                          + [new_k[r][:, None]], 1)  # [H, n, D]
@@ -118,35 +134,38 @@ def run_both(fmt, kernels, prompts, decode_steps, rows, seed, compare_pages):
     return sealed_steps
 
 
-def test_retention_with_guards_pages_and_a_straddling_seal(write_policy, tmp_path):
+@pytest.mark.parametrize("kind", KINDS)
+def test_retention_with_guards_pages_and_a_straddling_seal(write_policy, tmp_path, kind):
     """Half of each 64-token block kept (int8 guards, int4 body), window 0: decode steps cross
     block boundaries, so a step seals the block its own token is in (read from staging then)."""
     policy = load_policy(write_policy(RETAINING.format(score="keynorm", window=0, sinks=0)))
     fmt = pages.page_format(policy, SMOL, 64)
-    kernels = store_kernels(policy, tmp_path)
+    kernels = store_kernels(policy, tmp_path, kind=kind)
     sealed = run_both(fmt, kernels, {"a": 190, "b": 125}, 4, {"a": [12, 40, 3, 27],
                                                                "b": [5, 60, 19]}, 0, True)
     assert sealed == 2  # a's block 2 at 192 tokens (step 1), b's block 1 at 128 (step 2)
 
 
-def test_snapkv_mass_from_the_kernel_with_sinks_and_a_window(write_policy, tmp_path):
+@pytest.mark.parametrize("kind", KINDS)
+def test_snapkv_mass_from_the_kernel_with_sinks_and_a_window(write_policy, tmp_path, kind):
     """snapkv: the launch's attention mass (mean over the KV group) is what PyTorch adds to the
     staged tokens; the sinks' block stays staged beside sealed pages."""
     policy = load_policy(write_policy(RETAINING.format(score="snapkv", window=48, sinks=4)))
     fmt = pages.page_format(policy, SMOL, 64)
     assert fmt.needs_mass and fmt.sink_blocks == 1
-    kernels = store_kernels(policy, tmp_path)
+    kernels = store_kernels(policy, tmp_path, kind=kind)
     sealed = run_both(fmt, kernels, {"a": 237, "b": 150}, 3, {"a": [9, 33, 1, 50, 22],
                                                               "b": [4, 17, 61]}, 1, False)
     assert sealed == 1  # a's block 2 at 240 tokens
 
 
-def test_every_token_kept_in_order_reads_the_last_page_up_to_the_new_token(tmp_path):
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_token_kept_in_order_reads_the_last_page_up_to_the_new_token(tmp_path, kind):
     """KIVI with window 0: a block seals when its last token arrives, so the step's own token is
     in a sealed page whose body the kernel reads only up to it."""
     policy = load_policy(POLICIES / "kivi.kvp")
     fmt = dataclasses.replace(pages.page_format(policy, SMOL, 32), window=0)
-    kernels = store_kernels(policy, tmp_path)
+    kernels = store_kernels(policy, tmp_path, kind=kind)
     sealed = run_both(fmt, kernels, {"a": 94, "b": 40}, 3, {"a": [7, 2, 30, 15], "b": [11, 3]}, 2,
                       True)
     assert sealed == 1  # a's block 2 at 96 tokens
@@ -170,7 +189,8 @@ def test_smollm2_decodes_the_same_tokens_through_the_kernels(write_policy):
     """SmolLM2 with a snapkv policy that evicts half of every sealed 64-token block: the paged
     cache with the compiled kernels (decode steps in the paged decode kernel, its attention mass
     choosing what seals, pages packed by the pack kernels) decodes the same greedy tokens as the
-    PyTorch path, and seals the same number of blocks in every layer."""
+    PyTorch path, and so does the C kernel (backend "cpu"); all seal the same number of blocks in
+    every layer."""
     from kvpolicy.engines.hf import generate, load_model
     model, tokenizer = load_model()
     policy = write_policy(SNAPKV_GUARDS)
@@ -178,8 +198,9 @@ def test_smollm2_decodes_the_same_tokens_through_the_kernels(write_policy):
     ids = tokenizer(words * 20, return_tensors="pt")["input_ids"][:, :221]  # block 2 seals at 224
     runs = {backend: generate(model, tokenizer, ids, policy, max_new_tokens=4, block_size=64,
                               backend=backend, stop_at_eos=False)
-            for backend in ("torch", "triton")}
-    assert runs["triton"].cache.backend == "triton" and runs["torch"].cache.backend == "torch"
-    assert runs["triton"].token_ids == runs["torch"].token_ids
-    assert runs["triton"].cache.sealed_blocks == runs["torch"].cache.sealed_blocks == [2] * 30
-    assert runs["triton"].cache.nbytes() == runs["torch"].cache.nbytes()
+            for backend in ("torch", "triton", "cpu")}
+    assert all(run.cache.backend == backend for backend, run in runs.items())
+    assert runs["triton"].token_ids == runs["torch"].token_ids == runs["cpu"].token_ids
+    assert all(run.cache.sealed_blocks == [2] * 30 for run in runs.values())
+    assert runs["triton"].cache.nbytes() == runs["torch"].cache.nbytes() == \
+        runs["cpu"].cache.nbytes()

@@ -4,6 +4,9 @@
                              file; `manifest_sha256`: sha256 of the manifest's own canonical body
     DIR/report.txt           the same for people
     DIR/kernels/<uri>.py     one rendered Triton file per kernel spec
+    DIR/kernels/<uri>.c      the paged store's specs (decode, page packing) again, in C, for CPU
+                             engines (compiled on first use by kvpolicy.runtime.cpu; listed under
+                             `files`)
 
 `compile_policy` renders everything in memory first (any error: nothing is written), writes a
 staging directory beside DIR, keeps unchanged files byte-for-byte and with their timestamps
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvpolicy._version import __version__
-from kvpolicy.compiler.codegen import render, template_hash
+from kvpolicy.compiler.codegen import render, render_cpu, template_hash
 from kvpolicy.compiler.specs import CompiledSpecs, LayerKernels, specs_for
 from kvpolicy.diagnostics import PolicyError
 from kvpolicy.files import FileProblem, read_limited, shown_path
@@ -148,6 +151,12 @@ def build_files(policy: Policy, model: ModelShape,
     report = _report(policy, model, compiled, plan, pages).encode()
     files[REPORT] = report
     manifest["files"] = {REPORT: _sha256(report)}
+    paged = {uri for layer in compiled.layers for uri in (
+        layer.paged_decode, layer.pack_page_body, layer.pack_page_guard) if uri}
+    for spec in compiled.specs:  # the paged store's kernels for CPU engines (runtime/cpu.py)
+        if spec.uri in paged:
+            files[cpu_file(spec.uri)] = data = render_cpu(spec).encode()
+            manifest["files"][cpu_file(spec.uri)] = _sha256(data)
     manifest[DIGEST] = manifest_digest(manifest)
     files[MANIFEST] = _dump(manifest)
     return files
@@ -310,6 +319,7 @@ class CompiledPolicy:
     manifest: dict
     layers: tuple[LayerKernels, ...]
     kernels: dict  # uri → imported module
+    files: dict = dataclasses.field(default_factory=dict, repr=False)  # verified: path → bytes
 
     def plan(self, context: int):
         return make_plan(self.policy, self.model, context)
@@ -322,6 +332,15 @@ class CompiledPolicy:
     @property
     def launch(self) -> dict:
         return dict(self.manifest["launch"])
+
+    def cpu_source(self, uri: str) -> str:
+        """The C source of the paged store's kernel `uri` for CPU engines (runtime/cpu.py)."""
+        return self.files[cpu_file(uri)].decode()
+
+
+def cpu_file(uri: str) -> str:
+    """Where an artifact holds the CPU (C) kernel of the paged store's spec `uri`."""
+    return f"{KERNELS}/{uri}.c"
 
 
 def is_artifact(path: str | os.PathLike[str]) -> bool:
@@ -530,4 +549,4 @@ def load(directory: str | os.PathLike[str], model=None,
                for k in manifest["kernels"]}
     layers = tuple(LayerKernels(**layer) for layer in manifest["layers"])
     policy = policy_from_json(manifest["policy"]["ir"])
-    return CompiledPolicy(root, policy, compiled_for(manifest), manifest, layers, kernels)
+    return CompiledPolicy(root, policy, compiled_for(manifest), manifest, layers, kernels, files)

@@ -20,6 +20,8 @@ from kvpolicy.compiler.specs import (CombineSpec, DecodeSpec, KernelSpec, PackSp
 TEMPLATES = {PackSpec: "pack.py.jinja", UnpackSpec: "unpack.py.jinja",
              DecodeSpec: "decode.py.jinja", PagedDecodeSpec: "paged_decode.py.jinja",
              CombineSpec: "combine.py.jinja"}
+# the paged store's kernels for CPU engines, in C (`render_cpu`)
+CPU_TEMPLATES = {PagedDecodeSpec: "paged_decode.c.jinja", PackSpec: "pack.c.jinja"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,6 +70,21 @@ def _paged_warps(spec: PagedDecodeSpec) -> int:
     tiles = [block.tokens * max(1, 16 // block.tokens) for block in (spec.guard, spec.body)
              if block is not None]
     return 8 if max(tiles) * dp >= 64 * 128 else 4
+
+
+def render_cpu(spec: PagedDecodeSpec | PackSpec) -> str:
+    """The C source of a paged decode or pack spec for CPU engines (codegen/*.c.jinja,
+    `kvpolicy.runtime.cpu`): the same spec, layouts and constants as its Triton kernel."""
+    template = environment().get_template(CPU_TEMPLATES[type(spec)])
+    if isinstance(spec, PackSpec):
+        return template.render(spec=spec, version=__version__, block=block_view(spec.block),
+                               head=head_view(spec.block.head_dim, spec.block.kv_dtype))
+    blocks = [(prefix, block_view(block)) for prefix, block in (("GUARD_", spec.guard),
+                                                                 ("BODY_", spec.body)) if block]
+    return template.render(spec=spec, version=__version__,
+                           head=head_view(spec.head_dim, spec.kv_dtype),
+                           gqa_group=spec.gqa_group, guard=spec.guard is not None,
+                           blocks=blocks)
 
 
 def render(spec: KernelSpec) -> str:

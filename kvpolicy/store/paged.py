@@ -22,7 +22,9 @@ docs/vllm.md describes the design and what it cannot do.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,26 +48,42 @@ def new_staging(fmt: PageFormat, slots: int, heads: int, device=None):
 
 @dataclass(frozen=True)
 class StoreKernels:
-    """One layer's compiled kernels as the store calls them (`kernels_for`): the paged decode
-    kernel and its combine/mass kernel, the pack kernels of the page plan's layouts. Without
-    them (`None`) the store runs its PyTorch path; with them, one-token decode steps attend in
-    one kernel launch over every request's pages (through the block table) and staged blocks,
-    the launch's attention mass feeds snapkv selection, and sealing packs with the kernels.
-    Prompt chunks (more than one new token) attend with PyTorch either way."""
+    """One layer's compiled kernels as the store calls them: `decode`, one call for every
+    one-token request of a step over their pages (through the block table), staged blocks and
+    new tokens, with `runtime.launch.paged_decode`'s arguments after the modules and its results
+    (out, attention mass), and `packer`, the page layouts' pack kernels (None: the reference
+    packs). On a GPU both are the artifact's Triton kernels (`kernels_for`); on CPU cores the
+    decode is the same spec's C kernel (`cpu_kernels_for`). Without any (`None`) the store runs
+    its PyTorch path. The launch's attention mass feeds snapkv selection either way. Prompt
+    chunks (more than one new token) attend with PyTorch."""
 
-    decode: object  # the loaded paged_decode module
-    combine: object
-    packer: object  # pack(keys, values, positions, layout) with the layout's pack kernel
-    num_splits: int = 4
+    decode: Callable
+    packer: Callable | None = None
 
 
 def kernels_for(compiled, layer: int, num_splits: int | None = None) -> StoreKernels:
-    """The store's kernels for `layer` from a loaded artifact (`kvpolicy.load`)."""
+    """The store's Triton kernels for `layer` from a loaded artifact (`kvpolicy.load`)."""
     from kvpolicy.runtime import launch
     modules = compiled.layer_kernels(layer)
-    return StoreKernels(decode=modules["paged_decode"], combine=modules["combine"],
-                        packer=launch.packer(compiled.kernels),
-                        num_splits=num_splits or compiled.launch.get("num_splits", 4))
+    splits = num_splits or compiled.launch.get("num_splits", 4)
+    return StoreKernels(decode=functools.partial(launch.paged_decode, modules["paged_decode"],
+                                                 modules["combine"], num_splits=splits),
+                        packer=launch.packer(compiled.kernels))
+
+
+def cpu_kernels_for(compiled, layer: int) -> StoreKernels:
+    """The store's CPU kernels for `layer`: the C sources the artifact holds for its paged decode
+    and page pack specs (`kvpolicy.runtime.cpu`), compiled on first use. Raises
+    runtime.cpu.CpuKernelError when they cannot be compiled."""
+    from kvpolicy.runtime import cpu
+    roles = compiled.layers[layer]
+    library = cpu.build(compiled.cpu_source(roles.paged_decode))
+    packs = {uri: compiled.cpu_source(uri) for uri in (roles.pack_page_body,
+                                                       roles.pack_page_guard) if uri}
+    for source in packs.values():
+        cpu.build(source, "pack")  # now, so that a compile error is a start-up error
+    return StoreKernels(decode=functools.partial(cpu.paged_decode, library),
+                        packer=cpu.packer(packs))
 
 
 def layer_pages(pages: torch.Tensor, fmt: PageFormat, layer: int) -> torch.Tensor:
@@ -167,6 +185,9 @@ def seal_blocks(pages: torch.Tensor, staging_buffer: torch.Tensor, blocks: torch
     if blocks.numel() == 0:
         return
     packer = packer or R.pack_blocks
+    if not fmt.selects(layer):  # block by block, whoever sealed them: one call for the step
+        _seal_group(pages, staging_buffer, blocks, slots, fmt, layer, packer, mass)
+        return
     first = 0
     for count in (groups if groups is not None else [1] * blocks.numel()):
         if count:
@@ -272,16 +293,20 @@ def past_segments(block_row: list[int], stage_slots: list[int], start: int, seal
 
 def cached_tokens(pages: torch.Tensor, staging: torch.Tensor, block_row: list[int],
                   stage_slots: list[int], start: int, sealed_by: int, fmt: PageFormat,
-                  layer: int) -> Past:
+                  layer: int, exact: bool = False) -> Past:
     """The past of a chunk that starts at token `start` (`past_segments`), dequantized: the
-    PyTorch path."""
+    PyTorch path. fp32, or with `exact`, when every token of it is staged, in the staging's own
+    16-bit dtype (nothing converted)."""
+    segments = past_segments(block_row, stage_slots, start, sealed_by, fmt, layer)
+    sixteen = exact and all(segment.staged for segment in segments)
     keys, values, staged = [], [], []
     length = 0
-    for segment in past_segments(block_row, stage_slots, start, sealed_by, fmt, layer):
+    for segment in segments:
         if segment.staged:
             n = segment.tokens
-            k = staging[segment.slot, :, :n, 0].float()
-            v = staging[segment.slot, :, :n, 1].float()
+            k = staging[segment.slot, :, :n, 0]
+            v = staging[segment.slot, :, :n, 1]
+            k, v = (k, v) if sixteen else (k.float(), v.float())
             staged.append((segment.slot, length, n))
         else:
             k, v = unpack_pages(pages, torch.tensor(segment.blocks), fmt, layer)
@@ -290,7 +315,8 @@ def cached_tokens(pages: torch.Tensor, staging: torch.Tensor, block_row: list[in
         values.append(v)
         length += k.shape[1]
     if not keys:
-        empty = torch.zeros(pages.shape[1], 0, fmt.head_dim, device=pages.device)
+        empty = torch.zeros(pages.shape[1], 0, fmt.head_dim, device=pages.device,
+                            dtype=staging.dtype if exact else torch.float32)
         return Past(empty, empty, [])
     return Past(torch.cat(keys, 1), torch.cat(values, 1), staged)
 
@@ -305,17 +331,30 @@ def attend(query: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tens
     queries of a KV head are stacked as rows (row g * m + i: group member g, token i), so K and V
     are read once, never copied per query head. With `mass_reduce` (mean / max / sum over a KV
     head's query heads) also returns the attention mass each of the p + m keys received from
-    the chunk's last `observe` queries (all of them when None), [H, p + m]."""
+    the chunk's last `observe` queries (all of them when None), [H, p + m]. With no mass to
+    record, a chunk whose past and new tokens are all in the query's 16-bit dtype (a prompt, or
+    a prompt's later chunk over its staged start: `cached_tokens(exact=True)`) attends in that
+    dtype — PyTorch's flash kernel accumulates in fp32 — as vLLM's own attention does;
+    everything else in fp32."""
     m, q_heads, head_dim = query.shape
     kv_heads = past_keys.shape[0]
     group = q_heads // kv_heads
+    p = past_keys.shape[1]
+    device = query.device
+    if mass_reduce is None and query.dtype in (torch.float16, torch.bfloat16) and \
+            new_keys.dtype == past_keys.dtype == query.dtype:  # all in the engine's dtype
+        keys = torch.cat([past_keys, new_keys.transpose(0, 1)], 1)[None]
+        values = torch.cat([past_values, new_values.transpose(0, 1)], 1)[None]
+        mask = None if p == 0 else \
+            torch.arange(p + m, device=device)[None, :] <= (p + torch.arange(m, device=device))[
+                :, None]
+        return torch.nn.functional.scaled_dot_product_attention(  # 4-D: the flash kernel
+            query.transpose(0, 1)[None], keys, values, attn_mask=mask,
+            is_causal=p == 0 and m > 1, scale=scale, enable_gqa=True)[0].transpose(0, 1).float()
     keys = torch.cat([past_keys, new_keys.float().transpose(0, 1)], 1)  # [H, p + m, D]
     values = torch.cat([past_values, new_values.float().transpose(0, 1)], 1)
-    p = past_keys.shape[1]
     q = query.float().reshape(m, kv_heads, group, head_dim).permute(1, 2, 0, 3)
     q = q.reshape(kv_heads, group * m, head_dim)
-
-    device = query.device
 
     def allowed(rows: torch.Tensor) -> torch.Tensor:  # [rows, p + m]: causal for token row % m
         return torch.arange(p + m, device=device)[None, :] <= (p + rows % m)[:, None]
@@ -324,7 +363,7 @@ def attend(query: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tens
         return out.reshape(kv_heads, group, m, head_dim).permute(2, 0, 1, 3).reshape(
             m, q_heads, head_dim)
 
-    if p == 0 or m == 1:  # no past (a prompt), or one query: PyTorch's fused kernels
+    if p == 0 or m == 1:  # no past, or one query: PyTorch's fused kernels
         out = torch.nn.functional.scaled_dot_product_attention(  # 4-D: the flash kernel
             query.float().transpose(0, 1)[None], keys[None], values[None],
             is_causal=p == 0 and m > 1, scale=scale, enable_gqa=True)[0].transpose(0, 1)
@@ -378,6 +417,8 @@ class StepMetadata:
     spills: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # staging.StepPlan
     restores: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     drops: list[int] = dataclasses.field(default_factory=list)
+    # decode_tables' per-step cache: the layers of a step share their launch tables
+    decode_tables: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def starts(self) -> list[int]:
@@ -440,20 +481,34 @@ def write_step(staging_buffer: torch.Tensor, mass: torch.Tensor | None, key: tor
     stage_tokens(staging_buffer, key[:n], value[:n], md.token_slot, md.token_offset, mass)
 
 
-def attend_decodes(kernels: StoreKernels, pages: torch.Tensor, staging_buffer: torch.Tensor,
-                   mass: torch.Tensor | None, fmt: PageFormat, layer: int, query: torch.Tensor,
-                   key: torch.Tensor, value: torch.Tensor, md: StepMetadata,
-                   requests: list[int], sealed_by: list[int], scale: float,
-                   output: torch.Tensor, record: bool) -> None:
-    """One kernel launch for requests that each add one token this step: their past's segments
-    (`past_segments`) become a block table of pages and a table of staged slots. With `record`,
-    the attention mass the launch computed is added to the staged tokens that received it (the
-    PyTorch path's `accumulate_mass`)."""
-    from kvpolicy.runtime import launch
+@dataclass(frozen=True)
+class DecodeTables:
+    """What a decode launch reads for its requests, as tensors: their rows among the step's
+    tokens, the block table of their sealed pages (and how many, and the body tokens of the
+    last), and the table of their staged blocks (slots, tokens, how many)."""
+
+    rows: torch.Tensor | slice
+    page_table: torch.Tensor
+    page_count: torch.Tensor
+    page_tail: torch.Tensor
+    stage_table: torch.Tensor
+    stage_len: torch.Tensor
+    staged_count: torch.Tensor
+    staged: list[list[tuple[int, int]]]  # per request: (slot, tokens) of its staged blocks
+
+
+def decode_tables(md: StepMetadata, fmt: PageFormat, layer: int, requests: list[int],
+                  sealed_by: list[int], device) -> DecodeTables:
+    """The requests' pasts (`past_segments`) as a launch's tables. Built once per step for every
+    layer whose pages keep the same tokens (`md.decode_tables`): they depend on the layer only
+    through its page counts and whether it selects."""
     page = fmt.layers[layer]
-    bs, device = fmt.block_size, query.device
+    key = (page.selected, page.guard_tokens, page.body_tokens, fmt.selects(layer),
+           tuple(requests), tuple(sealed_by), str(device))
+    cached = md.decode_tables.get(key)
+    if cached is not None:
+        return cached
     starts = md.starts
-    rows = [md.query_start[i] for i in requests]
     page_rows, tails, staged_rows = [], [], []
     for i, end in zip(requests, sealed_by):
         segments = past_segments(md.block_rows[i], md.request_slots[i], starts[i], end, fmt,
@@ -466,24 +521,46 @@ def attend_decodes(kernels: StoreKernels, pages: torch.Tensor, staging_buffer: t
         tails.append(tail)
         staged_rows.append([(seg.slot, seg.tokens) for seg in segments if seg.staged])
 
+    def int32(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
     def table(entries: list[list[int]]) -> torch.Tensor:
         width = max((len(row) for row in entries), default=0)
-        return torch.tensor([row + [0] * (width - len(row)) for row in entries],
-                            dtype=torch.int32, device=device).reshape(len(entries), width)
+        return int32([row + [0] * (width - len(row)) for row in entries]).reshape(
+            len(entries), width)
 
-    index = torch.tensor(rows, device=device)
-    out, received = launch.paged_decode(
-        kernels.decode, kernels.combine, query[index].contiguous(), key[index].contiguous(),
-        value[index].contiguous(), layer_pages(pages, fmt, layer), table(page_rows),
-        torch.tensor([len(r) for r in page_rows], dtype=torch.int32, device=device),
-        torch.tensor(tails, dtype=torch.int32, device=device), page.guard_tokens,
-        page.body_tokens, staging_buffer, table([[s for s, _ in r] for r in staged_rows]),
-        table([[n for _, n in r] for r in staged_rows]),
-        torch.tensor([len(r) for r in staged_rows], dtype=torch.int32, device=device),
-        scale, num_splits=kernels.num_splits, mass_reduce=fmt.gqa if record else None)
-    output[index] = out.to(output.dtype)
+    rows = [md.query_start[i] for i in requests]
+    every = rows == list(range(len(rows)))  # the step's first tokens, in order: no gather
+    tables = DecodeTables(
+        rows=slice(0, len(rows)) if every else torch.tensor(rows, device=device),
+        page_table=table(page_rows), page_count=int32([len(r) for r in page_rows]),
+        page_tail=int32(tails), stage_table=table([[s for s, _ in r] for r in staged_rows]),
+        stage_len=table([[n for _, n in r] for r in staged_rows]),
+        staged_count=int32([len(r) for r in staged_rows]), staged=staged_rows)
+    md.decode_tables[key] = tables
+    return tables
+
+
+def attend_decodes(kernels: StoreKernels, pages: torch.Tensor, staging_buffer: torch.Tensor,
+                   mass: torch.Tensor | None, fmt: PageFormat, layer: int, query: torch.Tensor,
+                   key: torch.Tensor, value: torch.Tensor, md: StepMetadata,
+                   requests: list[int], sealed_by: list[int], scale: float,
+                   output: torch.Tensor, record: bool) -> None:
+    """One kernel launch for requests that each add one token this step: their past's segments
+    become a block table of pages and a table of staged slots (`decode_tables`). With `record`,
+    the attention mass the launch computed is added to the staged tokens that received it (the
+    PyTorch path's `accumulate_mass`)."""
+    page = fmt.layers[layer]
+    t = decode_tables(md, fmt, layer, requests, sealed_by, query.device)
+    out, received = kernels.decode(
+        query[t.rows].contiguous(), key[t.rows].contiguous(), value[t.rows].contiguous(),
+        layer_pages(pages, fmt, layer), t.page_table, t.page_count, t.page_tail,
+        page.guard_tokens, page.body_tokens, staging_buffer, t.stage_table, t.stage_len,
+        t.staged_count, scale, mass_reduce=fmt.gqa if record else None)
+    output[t.rows] = out.to(output.dtype)
     if record:
-        for r, (i, staged) in enumerate(zip(requests, staged_rows)):
+        bs = fmt.block_size
+        for r, (i, staged) in enumerate(zip(requests, t.staged)):
             for k, (slot, n) in enumerate(staged):
                 mass[slot, :, :n] += received[r, :, k * bs:k * bs + n]
             first = md.query_start[i]
@@ -528,7 +605,7 @@ def attend_step(pages: torch.Tensor, staging_buffer: torch.Tensor, mass: torch.T
     def attend_request(i: int, sealed_by: int, record: bool) -> None:
         first, last = md.query_start[i], md.query_start[i + 1]
         past = cached_tokens(pages, staging_buffer, md.block_rows[i], md.request_slots[i],
-                             starts[i], sealed_by, fmt, layer)
+                             starts[i], sealed_by, fmt, layer, exact=not record)
         result = attend(query[first:last], past.keys, past.values, key[first:last],
                         value[first:last], scale, mass_reduce=fmt.gqa if record else None,
                         observe=fmt.observe)

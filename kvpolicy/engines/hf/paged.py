@@ -18,12 +18,14 @@ from their tensors; the page plan gives the same number (`PageFormat.held_bytes`
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from transformers.cache_utils import Cache
 
 from kvpolicy.engines.hf.cache import RoutedLayer
 from kvpolicy.plan.pages import PageFormat, page_format, policy_notes
+from kvpolicy.runtime.cpu import CpuKernelError
 from kvpolicy.store import paged
 from kvpolicy.store.staging import StagingTable
 
@@ -87,8 +89,10 @@ class PagedPolicyCache(Cache):
     layer's format unit; vLLM's --block-size for a comparison). cache_dtype: the staged window's
     and the pages' 16-bit regions' dtype (an artifact's own; vLLM's backend uses the same).
     backend: "torch" (the store's PyTorch path), "triton" (the artifact's compiled paged decode
-    and pack kernels for decode steps; compiles one when given a policy), "auto" (triton on a
-    GPU, torch otherwise)."""
+    and pack kernels for decode steps; compiles one when given a policy), "cpu" (the artifact's
+    C paged decode kernel, `kvpolicy.runtime.cpu`, for a model on the CPU), "auto" (triton on a
+    GPU, cpu otherwise — as vLLM's backend chooses — falling back to torch, with a warning, when
+    no C compiler can build it)."""
 
     def __init__(self, policy, model, block_size: int = 32, cache_dtype: str = "bfloat16",
                  backend: str = "auto"):
@@ -98,24 +102,39 @@ class PagedPolicyCache(Cache):
         from kvpolicy.lang.lower import load_policy
         self.shape = model_shape(model, cache_dtype)
         device = next(model.parameters()).device
+        fallback = backend == "auto"
         if backend == "auto":
-            backend = "triton" if device.type == "cuda" else "torch"
-        if backend not in ("torch", "triton"):
-            raise ValueError(f"backend must be auto, torch or triton, not {backend!r}")
-        self.backend = backend
+            backend = "triton" if device.type == "cuda" else "cpu"
+        if backend not in ("torch", "triton", "cpu"):
+            raise ValueError(f"backend must be auto, torch, triton or cpu, not {backend!r}")
+        if backend == "cpu" and device.type != "cpu":
+            raise ValueError(f"backend cpu runs a model on the CPU, not on {device.type}")
+        compiled_kernels = backend != "torch"
         compiled = None
         if isinstance(policy, Policy):
             self.policy = policy
         elif is_artifact(policy):  # its kernels (triton) only for its cache dtype too
             compiled = load(policy, model=self.shape,
-                            fields=SHAPE_FIELDS if backend == "triton" else MODEL_FIELDS)
+                            fields=SHAPE_FIELDS if compiled_kernels else MODEL_FIELDS)
             self.policy = compiled.policy
         else:
             self.policy = load_policy(policy)
-        if backend == "triton" and compiled is None:
+        if compiled_kernels and compiled is None:
             compiled = compile_to_cache(self.policy, self.shape)
-        self._kernels = ([paged.kernels_for(compiled, i) for i in range(self.shape.num_layers)]
-                         if backend == "triton" else None)
+        self._kernels = None
+        if backend == "triton":
+            self._kernels = [paged.kernels_for(compiled, i) for i in range(self.shape.num_layers)]
+        elif backend == "cpu":
+            try:
+                self._kernels = [paged.cpu_kernels_for(compiled, i)
+                                 for i in range(self.shape.num_layers)]
+            except CpuKernelError as exc:
+                if not fallback:
+                    raise
+                warnings.warn(f"{exc}\nkvpolicy: the store's PyTorch path attends instead",
+                              stacklevel=2)
+                backend = "torch"
+        self.backend = backend
         # staging in cache_dtype; the baseline page (vLLM's own) in the model's dtype
         self.fmt: PageFormat = page_format(self.policy, self.shape, block_size,
                                            dtype_bytes=next(model.parameters()).element_size())
@@ -161,7 +180,7 @@ class PagedPolicyCache(Cache):
         return used
 
     def layer_kernels(self, layer: int) -> paged.StoreKernels | None:
-        """The store's compiled kernels for `layer` (backend triton), or None (PyTorch)."""
+        """The store's compiled kernels for `layer` (backend triton or cpu), or None (torch)."""
         return None if self._kernels is None else self._kernels[layer]
 
     def layer_view(self, layer: int) -> torch.Tensor:

@@ -33,6 +33,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from kvpolicy.engines.vllm.settings import Settings, load_settings, reserve_staging
 from kvpolicy.plan.pages import UnsupportedConfiguration
+from kvpolicy.runtime.cpu import CpuKernelError
 from kvpolicy.store import paged
 from kvpolicy.store.staging import StagingTable
 
@@ -45,6 +46,11 @@ SEALED_BLOCKS: collections.Counter[int] = collections.Counter()
 # staging: blocks whose slot was reclaimed (spilled) and brought back (restored), all steps
 STAGING_MOVES: collections.Counter[str] = collections.Counter()
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning("%s", message)
 
 
 @functools.cache
@@ -161,7 +167,8 @@ class KVPolicyImpl(AttentionImpl):
         self.mass: torch.Tensor | None = None  # attention received by staged tokens (snapkv)
         self.spilled: dict = {}  # staged blocks whose slot was reclaimed (staging.py)
         self.layer_index: int | None = None
-        self.kernels: paged.StoreKernels | None = None  # the artifact's, on a CUDA device
+        self.kernels: paged.StoreKernels | None = None  # settings().kernels, on first forward
+        self.kernels_chosen = False
         self.kv_sharing_target_layer_name = None
 
     def _layer(self, layer) -> int:
@@ -200,8 +207,13 @@ class KVPolicyImpl(AttentionImpl):
             return output
         index = self._layer(layer)
         SEALED_BLOCKS[index] += attn_metadata.seal_blocks.numel()
-        if query.is_cuda and self.kernels is None:  # the compiled kernels run on a GPU
-            self.kernels = settings().kernels(index)
+        if not self.kernels_chosen:
+            self.kernels_chosen = True
+            try:
+                self.kernels = settings().kernels(index, query.device)
+            except CpuKernelError as exc:
+                _warn_once(f"kvpolicy: {exc}\nkvpolicy: decode steps attend with the store's "
+                           "PyTorch path instead (slower; same results within fp32 rounding)")
         return paged.attend_step(kv_cache, self._staging(), self.mass, self.fmt, index,
                                  query, key, value, attn_metadata, self.scale, output,
                                  kernels=self.kernels)

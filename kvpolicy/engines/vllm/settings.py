@@ -19,6 +19,8 @@ from kvpolicy.models import ModelError, ModelShape, shape_from_config
 
 ARTIFACT_ENV = "KVPOLICY_ARTIFACT"
 STAGING_ENV = "KVPOLICY_STAGING_BLOCKS"
+KERNELS_ENV = "KVPOLICY_KERNELS"  # "compiled" (the default) or "torch": see Settings.kernels
+KERNEL_CHOICES = ("compiled", "torch")
 _DTYPE_NAMES = {"torch.float16": "float16", "torch.bfloat16": "bfloat16",
                 "torch.float32": "float32"}
 
@@ -34,6 +36,7 @@ class Settings:
     page_format: PageFormat
     staging_blocks: int
     kv_bytes: int | None = None  # the engine's KV memory as given in bytes, staging included
+    kernel_choice: str = "compiled"  # KVPOLICY_KERNELS
 
     @property
     def staging_bytes(self) -> int:
@@ -58,17 +61,30 @@ class Settings:
             return None
         return (self.pool_bytes // (per_block * f.page_bytes)) / baseline
 
-    def kernels(self, layer: int):
-        """The store's compiled kernels for `layer` (`kvpolicy.store.paged.StoreKernels`), from
-        the artifact, loaded (verified, imported) on first use: the backend calls this on a CUDA
-        device only."""
+    def kernels(self, layer: int, device) -> "paged.StoreKernels | None":
+        """What decode steps of `layer` attend with on `device` (`kvpolicy.store.paged
+        .StoreKernels`): the artifact's Triton kernels on a CUDA device, its C kernel on CPU
+        cores (compiled on first use; raises runtime.cpu.CpuKernelError when it cannot be), or
+        None — the store's PyTorch path — with KVPOLICY_KERNELS=torch. The artifact is loaded
+        (verified, imported) once per process."""
         from kvpolicy.compiler.artifact import SHAPE_FIELDS, load
         from kvpolicy.store import paged
+        if self.kernel_choice == "torch":
+            return None
         compiled = _LOADED.get(self.artifact)
         if compiled is None:
             compiled = _LOADED[self.artifact] = load(self.artifact, model=self.compiled_for,
                                                      fields=SHAPE_FIELDS)
-        return paged.kernels_for(compiled, layer)
+        if getattr(device, "type", device) == "cuda":
+            return paged.kernels_for(compiled, layer)
+        return paged.cpu_kernels_for(compiled, layer)
+
+    def kernels_line(self) -> str:
+        if self.kernel_choice == "torch":
+            return (f"kvpolicy: decode steps attend with the store's PyTorch path "
+                    f"({KERNELS_ENV}=torch)")
+        return ("kvpolicy: decode steps attend in the artifact's compiled kernels: Triton on a "
+                "CUDA device, C on CPU cores (compiled on first use); prompt chunks with PyTorch")
 
     @property
     def notes(self) -> list[str]:
@@ -95,7 +111,8 @@ class Settings:
             text += ("\nkvpolicy: the KV memory was not given in bytes, so staging is outside "
                      "vLLM's accounting (pass --kv-cache-memory-bytes to pay it out of the KV "
                      "memory)")
-        return "\n".join([text] + [f"kvpolicy: note: {n}" for n in self.notes])
+        return "\n".join([text, self.kernels_line()]
+                         + [f"kvpolicy: note: {n}" for n in self.notes])
 
 
 def staging_blocks_for(fmt: PageFormat, max_num_seqs: int, max_batched_tokens: int) -> int:
@@ -141,12 +158,17 @@ def load_settings(artifact: str, vllm_config) -> Settings:
         reasons += exc.reasons
     if reasons:
         raise UnsupportedConfiguration(reasons)
+    choice = os.environ.get(KERNELS_ENV) or "compiled"
+    if choice not in KERNEL_CHOICES:
+        raise UnsupportedConfiguration([f"{KERNELS_ENV}={choice!r}: choose one of "
+                                        f"{', '.join(KERNEL_CHOICES)}"])
     scheduler = vllm_config.scheduler_config
     staging = int(os.environ.get(STAGING_ENV) or staging_blocks_for(
         fmt, scheduler.max_num_seqs, scheduler.max_num_batched_tokens))
     settings = Settings(artifact=artifact, policy=policy, compiled_for=model,
                         page_format=fmt, staging_blocks=staging,
-                        kv_bytes=getattr(cache, "kv_cache_memory_bytes", None))
+                        kv_bytes=getattr(cache, "kv_cache_memory_bytes", None),
+                        kernel_choice=choice)
     if settings.kv_bytes and settings.pool_bytes <= 0:
         raise UnsupportedConfiguration([
             f"full-precision staging ({staging} blocks for {scheduler.max_num_seqs} sequences "
