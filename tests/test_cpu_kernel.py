@@ -16,11 +16,15 @@ import functools
 import pytest
 import torch
 
+from conftest import SHIPPED
+from kvpolicy import load_policy
 from kvpolicy.compiler.codegen import render_cpu
-from kvpolicy.compiler.specs import BlockSpec, PackSpec, PagedDecodeSpec
+from kvpolicy.compiler.specs import BlockSpec, PackSpec, PagedDecodeSpec, specs_for
 from kvpolicy.format import block_layout
 from kvpolicy.lang.ir import QuantFormat
+from kvpolicy.models import resolve_model
 from kvpolicy.plan.pages import PAGE_ALIGN
+from kvpolicy.plan.planner import make_plan
 from kvpolicy.runtime import cpu
 from kvpolicy.runtime import reference as R
 
@@ -32,6 +36,8 @@ INT3_TOK = QuantFormat(bits=3, group=16, axis="token", scale_dtype="bf16")
 INT4_CH = QuantFormat(bits=4, group=16, axis="channel", symmetric=True)
 INT8_TOK = QuantFormat(bits=8, group=64, axis="token", scale_dtype="fp32")
 INT3_CH = QuantFormat(bits=3, group=32, axis="channel", scale_dtype="bf16", symmetric=True)
+INT4_CH128 = QuantFormat(bits=4, group=128, axis="channel")  # 128-token format blocks
+INT2_TOK128 = QuantFormat(bits=2, group=128, axis="token")
 FULL = QuantFormat()
 
 CASES = {  # name: head_dim, kv dtype, gqa group, (guard keys, values) or None, body keys, values
@@ -40,6 +46,7 @@ CASES = {  # name: head_dim, kv dtype, gqa group, (guard keys, values) or None, 
     "int3-bf16-scales-qwen": (128, "bfloat16", 7, None, (INT3_CH, INT3_TOK)),
     "16-bit-guards-fp16": (128, "float16", 4, (FULL, FULL), (INT2_CH, INT3_TOK)),
     "16-bit-keys-mha": (64, "float16", 1, None, (FULL, INT4_CH)),
+    "group-128-blocks": (128, "bfloat16", 2, (INT8_TOK, INT8_TOK), (INT4_CH128, INT2_TOK128)),
 }
 
 
@@ -236,3 +243,21 @@ def test_fp16_conversion_is_exact_on_every_bit_pattern(tmp_path):
 def test_a_compile_error_is_reported_with_the_compilers_message():
     with pytest.raises(cpu.CpuKernelError, match="could not compile"):
         cpu.build_source("this is not C", "nothing")
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "qwen2.5-7b"])
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_policy_has_c_kernels_that_compile(path, model):
+    """Each shipped policy's paged decode and page pack specs, as an artifact carries them,
+    compile with the system C compiler (the libraries a CPU engine loads)."""
+    compiled = specs_for(make_plan(load_policy(path), resolve_model(model), 4096))
+    by_uri = {spec.uri: spec for spec in compiled.specs}
+    built = set()
+    for layer in compiled.layers:
+        for role, kind in (("paged_decode", "paged_decode"), ("pack_page_body", "pack"),
+                           ("pack_page_guard", "pack")):
+            uri = getattr(layer, role)
+            if uri and uri not in built:
+                assert getattr(cpu.build(render_cpu(by_uri[uri]), kind), kind) is not None
+                built.add(uri)
+    assert built
