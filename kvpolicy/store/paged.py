@@ -332,25 +332,27 @@ def attend(query: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tens
     are read once, never copied per query head. With `mass_reduce` (mean / max / sum over a KV
     head's query heads) also returns the attention mass each of the p + m keys received from
     the chunk's last `observe` queries (all of them when None), [H, p + m]. With no mass to
-    record, a chunk whose past and new tokens are all in the query's 16-bit dtype (a prompt, or
-    a prompt's later chunk over its staged start: `cached_tokens(exact=True)`) attends in that
-    dtype — PyTorch's flash kernel accumulates in fp32 — as vLLM's own attention does;
-    everything else in fp32."""
+    record and a 16-bit query, a prompt chunk (m > 1) attends in the query's dtype — PyTorch's
+    flash kernel, which accumulates in fp32 — as vLLM's own attention does, a past dequantized
+    from pages rounded to that dtype as a 16-bit cache would hold it; so does a single token
+    whose past is all staged (`cached_tokens(exact=True)`: nothing is rounded). The result is
+    then in the query's dtype; everything else attends and returns in fp32."""
     m, q_heads, head_dim = query.shape
     kv_heads = past_keys.shape[0]
     group = q_heads // kv_heads
     p = past_keys.shape[1]
     device = query.device
-    if mass_reduce is None and query.dtype in (torch.float16, torch.bfloat16) and \
-            new_keys.dtype == past_keys.dtype == query.dtype:  # all in the engine's dtype
-        keys = torch.cat([past_keys, new_keys.transpose(0, 1)], 1)[None]
-        values = torch.cat([past_values, new_values.transpose(0, 1)], 1)[None]
+    if mass_reduce is None and query.dtype in (torch.float16, torch.bfloat16) and (
+            m > 1 or new_keys.dtype == past_keys.dtype == query.dtype):  # the engine's dtype
+        dtype = query.dtype
+        keys = torch.cat([past_keys.to(dtype), new_keys.to(dtype).transpose(0, 1)], 1)[None]
+        values = torch.cat([past_values.to(dtype), new_values.to(dtype).transpose(0, 1)], 1)[None]
         mask = None if p == 0 else \
             torch.arange(p + m, device=device)[None, :] <= (p + torch.arange(m, device=device))[
                 :, None]
         return torch.nn.functional.scaled_dot_product_attention(  # 4-D: the flash kernel
             query.transpose(0, 1)[None], keys, values, attn_mask=mask,
-            is_causal=p == 0 and m > 1, scale=scale, enable_gqa=True)[0].transpose(0, 1).float()
+            is_causal=p == 0 and m > 1, scale=scale, enable_gqa=True)[0].transpose(0, 1)
     keys = torch.cat([past_keys, new_keys.float().transpose(0, 1)], 1)  # [H, p + m, D]
     values = torch.cat([past_values, new_values.float().transpose(0, 1)], 1)
     q = query.float().reshape(m, kv_heads, group, head_dim).permute(1, 2, 0, 3)
