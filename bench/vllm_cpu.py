@@ -10,7 +10,10 @@ TPOT, measured on this machine's CPU. Results: bench/results/vllm_cpu.json (labe
     .venv/bin/python bench/vllm_cpu.py --throughput 48 --decode 16 --kv-bytes 402653184 \
         --batched 2048 --out bench/results/vllm_cpu_throughput.json
 
-(fixed memory: 48 requests submitted at once into the same KV memory; vLLM's own pages hold
+    .venv/bin/python bench/vllm_cpu.py --throughput 24 --prompt 2048 --decode 128 \
+        --kv-bytes 402653184 --batched 2048 --out bench/results/vllm_cpu_throughput_2k.json
+
+(fixed memory: the requests are submitted at once into the same KV memory; vLLM's own pages hold
 fewer of them at a time than the plugin's, staging paid out of that memory, so requests queue;
 reported: wall time until all are done, generated tokens per second, peak requests running).
 
