@@ -38,6 +38,8 @@ INT8_TOK = QuantFormat(bits=8, group=64, axis="token", scale_dtype="fp32")
 INT3_CH = QuantFormat(bits=3, group=32, axis="channel", scale_dtype="bf16", symmetric=True)
 INT4_CH128 = QuantFormat(bits=4, group=128, axis="channel")  # 128-token format blocks
 INT2_TOK128 = QuantFormat(bits=2, group=128, axis="token")
+INT2_CH8 = QuantFormat(bits=2, group=8, axis="channel")  # groups under 16: the kernel's
+INT4_TOK8 = QuantFormat(bits=4, group=8, axis="token")  # dequantizing paths, not its fused ones
 FULL = QuantFormat()
 
 CASES = {  # name: head_dim, kv dtype, gqa group, (guard keys, values) or None, body keys, values
@@ -47,6 +49,7 @@ CASES = {  # name: head_dim, kv dtype, gqa group, (guard keys, values) or None, 
     "16-bit-guards-fp16": (128, "float16", 4, (FULL, FULL), (INT2_CH, INT3_TOK)),
     "16-bit-keys-mha": (64, "float16", 1, None, (FULL, INT4_CH)),
     "group-128-blocks": (128, "bfloat16", 2, (INT8_TOK, INT8_TOK), (INT4_CH128, INT2_TOK128)),
+    "group-8-formats": (64, "float16", 2, (INT4_TOK8, INT2_CH8), (INT2_CH8, INT4_TOK8)),
 }
 
 
