@@ -223,8 +223,9 @@ def unpack_pages(pages: torch.Tensor, blocks: torch.Tensor, fmt: PageFormat,
 
 @dataclass
 class Past:
-    """A chunk's past as attention sees it: keys, values fp32 [H, p, D], and where the staged
-    tokens among them came from: (staging slot, first index in the p tokens, count)."""
+    """A chunk's past as attention sees it: keys, values [H, p, D] (fp32, or 16-bit:
+    `cached_tokens`), and where the staged tokens among them came from: (staging slot, first
+    index in the p tokens, count)."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -293,12 +294,15 @@ def past_segments(block_row: list[int], stage_slots: list[int], start: int, seal
 
 def cached_tokens(pages: torch.Tensor, staging: torch.Tensor, block_row: list[int],
                   stage_slots: list[int], start: int, sealed_by: int, fmt: PageFormat,
-                  layer: int, exact: bool = False) -> Past:
+                  layer: int, exact: bool = False, dtype: torch.dtype | None = None) -> Past:
     """The past of a chunk that starts at token `start` (`past_segments`), dequantized: the
-    PyTorch path. fp32, or with `exact`, when every token of it is staged, in the staging's own
-    16-bit dtype (nothing converted)."""
+    PyTorch path. fp32; with `dtype` (the 16-bit dtype a prompt chunk attends in, `attend`) in
+    that dtype, page tokens dequantized then rounded to it; or with `exact`, when every token of
+    it is staged, in the staging's own 16-bit dtype (nothing converted)."""
     segments = past_segments(block_row, stage_slots, start, sealed_by, fmt, layer)
-    sixteen = exact and all(segment.staged for segment in segments)
+    if dtype is None:
+        dtype = staging.dtype if exact and all(segment.staged for segment in segments) \
+            else torch.float32
     keys, values, staged = [], [], []
     length = 0
     for segment in segments:
@@ -306,17 +310,15 @@ def cached_tokens(pages: torch.Tensor, staging: torch.Tensor, block_row: list[in
             n = segment.tokens
             k = staging[segment.slot, :, :n, 0]
             v = staging[segment.slot, :, :n, 1]
-            k, v = (k, v) if sixteen else (k.float(), v.float())
             staged.append((segment.slot, length, n))
         else:
             k, v = unpack_pages(pages, torch.tensor(segment.blocks), fmt, layer)
             k, v = k[:, :segment.tokens], v[:, :segment.tokens]
-        keys.append(k)
-        values.append(v)
+        keys.append(k.to(dtype))
+        values.append(v.to(dtype))
         length += k.shape[1]
     if not keys:
-        empty = torch.zeros(pages.shape[1], 0, fmt.head_dim, device=pages.device,
-                            dtype=staging.dtype if exact else torch.float32)
+        empty = torch.zeros(pages.shape[1], 0, fmt.head_dim, device=pages.device, dtype=dtype)
         return Past(empty, empty, [])
     return Past(torch.cat(keys, 1), torch.cat(values, 1), staged)
 
@@ -606,8 +608,10 @@ def attend_step(pages: torch.Tensor, staging_buffer: torch.Tensor, mass: torch.T
 
     def attend_request(i: int, sealed_by: int, record: bool) -> None:
         first, last = md.query_start[i], md.query_start[i + 1]
+        chunk = last - first > 1 and query.dtype in (torch.float16, torch.bfloat16)
         past = cached_tokens(pages, staging_buffer, md.block_rows[i], md.request_slots[i],
-                             starts[i], sealed_by, fmt, layer, exact=not record)
+                             starts[i], sealed_by, fmt, layer, exact=not record,
+                             dtype=query.dtype if chunk and not record else None)
         result = attend(query[first:last], past.keys, past.values, key[first:last],
                         value[first:last], scale, mass_reduce=fmt.gqa if record else None,
                         observe=fmt.observe)
