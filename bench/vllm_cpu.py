@@ -12,6 +12,11 @@ TPOT, measured on this machine's CPU. Results: bench/results/vllm_cpu.json (labe
 
     .venv/bin/python bench/vllm_cpu.py --throughput 24 --prompt 2048 --decode 128 \
         --kv-bytes 402653184 --batched 2048 --out bench/results/vllm_cpu_throughput_2k.json
+    .venv/bin/python bench/vllm_cpu.py --throughput 24 --prompt 2048 --decode 256 \
+        --kv-bytes 402653184 --batched 2048 \
+        --out bench/results/vllm_cpu_throughput_2k_decode256.json
+    .venv/bin/python bench/vllm_cpu.py --throughput 48 --decode 256 --kv-bytes 402653184 \
+        --batched 2048 --out bench/results/vllm_cpu_throughput_decode256.json
 
 (fixed memory: the requests are submitted at once into the same KV memory; vLLM's own pages hold
 fewer of them at a time than the plugin's, staging paid out of that memory, so requests queue;
@@ -120,8 +125,9 @@ def _commit() -> str | None:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(  # earlier records this session rewrote are not the code's
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+             ":(exclude)bench/results"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + (" (with local changes)" if dirty else "")
