@@ -248,6 +248,14 @@ def test_a_compile_error_is_reported_with_the_compilers_message():
         cpu.build_source("this is not C", "nothing")
 
 
+def test_a_head_dim_the_decode_kernel_cannot_vectorize_is_refused_by_name():
+    """The decode kernel reads sixteen channels a vector: a head_dim of 72 must not compile
+    (engines then fall back to the PyTorch path) rather than silently skip channels."""
+    source = render_cpu(spec_for(72, "bfloat16", 2, None, (INT2_CH, INT2_CH)))
+    with pytest.raises(cpu.CpuKernelError, match="multiple of 16"):
+        cpu.build(source)
+
+
 @pytest.mark.parametrize("model", ["smollm2-135m", "qwen2.5-7b"])
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_every_shipped_policy_has_c_kernels_that_compile(path, model):
