@@ -84,8 +84,7 @@ def render_cpu(spec: PagedDecodeSpec | PackSpec) -> str:
     return template.render(spec=spec, version=__version__,
                            head=head_view(spec.head_dim, spec.kv_dtype),
                            gqa_group=spec.gqa_group, guard=spec.guard is not None,
-                           blocks=blocks, tile=-(-max([64] + [b["tokens"] for _, b in blocks])
-                                                 // 16) * 16)
+                           blocks=blocks, tile=max([64] + [b["tokens"] for _, b in blocks]))
 
 
 def render(spec: KernelSpec) -> str:

@@ -296,8 +296,8 @@ def cached_tokens(pages: torch.Tensor, staging: torch.Tensor, block_row: list[in
                   stage_slots: list[int], start: int, sealed_by: int, fmt: PageFormat,
                   layer: int, exact: bool = False, dtype: torch.dtype | None = None) -> Past:
     """The past of a chunk that starts at token `start` (`past_segments`), dequantized: the
-    PyTorch path. fp32; with `dtype` (the 16-bit dtype a prompt chunk attends in, `attend`) in
-    that dtype, page tokens dequantized then rounded to it; or with `exact`, when every token of
+    PyTorch path. fp32; with `dtype` (the 16-bit dtype a prompt chunk attends in, `chunk_dtype`)
+    in that dtype, page tokens dequantized then rounded to it; or with `exact`, when every token of
     it is staged, in the staging's own 16-bit dtype (nothing converted)."""
     segments = past_segments(block_row, stage_slots, start, sealed_by, fmt, layer)
     if dtype is None:
@@ -323,6 +323,14 @@ def cached_tokens(pages: torch.Tensor, staging: torch.Tensor, block_row: list[in
     return Past(torch.cat(keys, 1), torch.cat(values, 1), staged)
 
 
+def chunk_dtype(query: torch.Tensor, record: bool) -> torch.dtype | None:
+    """The dtype a chunk of queries [m, Hq, D] attends in when it is a prompt chunk (m > 1) with
+    no attention mass to record and the engine computes in 16 bits: the engine's (as vLLM's own
+    attention does); None when the rule does not apply (`attend`)."""
+    sixteen = query.dtype in (torch.float16, torch.bfloat16)
+    return query.dtype if sixteen and query.shape[0] > 1 and not record else None
+
+
 def attend(query: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor,
            new_keys: torch.Tensor, new_values: torch.Tensor, scale: float,
            mass_reduce: str | None = None, observe: int | None = None):
@@ -344,8 +352,9 @@ def attend(query: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tens
     group = q_heads // kv_heads
     p = past_keys.shape[1]
     device = query.device
-    if mass_reduce is None and query.dtype in (torch.float16, torch.bfloat16) and (
-            m > 1 or new_keys.dtype == past_keys.dtype == query.dtype):  # the engine's dtype
+    all_staged = mass_reduce is None and query.dtype in (torch.float16, torch.bfloat16) and \
+        new_keys.dtype == past_keys.dtype == query.dtype  # e.g. a token over a staged-only past
+    if chunk_dtype(query, mass_reduce is not None) is not None or all_staged:
         dtype = query.dtype
         keys = torch.cat([past_keys.to(dtype), new_keys.to(dtype).transpose(0, 1)], 1)[None]
         values = torch.cat([past_values.to(dtype), new_values.to(dtype).transpose(0, 1)], 1)[None]
@@ -608,10 +617,9 @@ def attend_step(pages: torch.Tensor, staging_buffer: torch.Tensor, mass: torch.T
 
     def attend_request(i: int, sealed_by: int, record: bool) -> None:
         first, last = md.query_start[i], md.query_start[i + 1]
-        chunk = last - first > 1 and query.dtype in (torch.float16, torch.bfloat16)
         past = cached_tokens(pages, staging_buffer, md.block_rows[i], md.request_slots[i],
                              starts[i], sealed_by, fmt, layer, exact=not record,
-                             dtype=query.dtype if chunk and not record else None)
+                             dtype=chunk_dtype(query[first:last], record))
         result = attend(query[first:last], past.keys, past.values, key[first:last],
                         value[first:last], scale, mass_reduce=fmt.gqa if record else None,
                         observe=fmt.observe)
