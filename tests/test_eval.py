@@ -116,3 +116,25 @@ def test_the_served_engines_refuse_what_they_cannot_score(tmp_path):
                    str(POLICIES / "kivi.kvp"), "--out", str(tmp_path / "y"))
     assert done.returncode == 1 and "not a multiple of the format's 32-token unit" in done.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_reconstruct_policy_runs_its_passes_and_reports_their_cost(smol, tmp_path):
+    model, tokenizer = smol
+    policy = load_policy(POLICIES / "kivi.kvp")
+    from dataclasses import replace
+    from kvpolicy.lang.ir import Score
+    ranked = replace(policy, name="recon", retain=0.5,
+                     score=Score(method="reconstruct", pool="none", pool_kernel=1, gqa="max",
+                                 chunk=256))
+    config = EvalConfig(policies=[baseline_policy(), EvalPolicy("recon", ranked, "recon.kvp")],
+                        tasks=["niah_single"], contexts=[700], samples=1, seed=0,
+                        out=tmp_path / "run")
+    run(config, model, tokenizer, progress=False)
+    lines = {line["policy"]: line for line in load_lines(config.out / "samples.jsonl")}
+    recon, baseline = lines["recon"], lines["baseline"]
+    assert "error" not in recon and recon["measured_bytes"] == recon["planned_bytes"]
+    assert recon["reconstruct_s"] > 0 and "reconstruct_s" not in baseline
+    assert recon["ttft_s"] == pytest.approx(recon["prefill_s"] + recon["compress_s"]
+                                            + recon["query_s"] + recon["reconstruct_s"])
+    report = (config.out / "report.md").read_text()
+    assert "**recon**: vLLM and the paged store cannot run it: score reconstruct" in report

@@ -15,6 +15,7 @@ from kvpolicy.files import reason, shown_path
 
 def cmd_check(args: argparse.Namespace) -> int:
     from kvpolicy.lang.lower import check_file
+    from kvpolicy.plan.pages import paged_refusals
     reporter = Reporter()
     for path in args.files:
         result = check_file(path)
@@ -22,6 +23,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         policy = result.policy
         if policy is None:
             continue
+        for why in paged_refusals(policy):
+            print(printable(f"{path}: note: vLLM and the paged store cannot run this policy: {why}"), file=sys.stderr)
         if args.model is not None or policy.model is not None or args.context is not None:
             model = model_for(policy, args.model, reporter)
             if model is not None:

@@ -232,7 +232,9 @@ def _print_run(run, label: str, name: str, args, needle, device: str) -> None:
     print(f"at the end ({total_tokens:,} tokens): measured {final:,} bytes, "
           f"{relative_size(baseline_final / final)} uncompressed; generated tokens are kept "
           "(packed once a whole block leaves the window)")
-    print(f"measured time: prefill {run.timings['prefill']:.2f} s, compress "
+    passes = (f"reconstruction passes {run.timings['reconstruct']:.2f} s, "
+              if "reconstruct" in run.timings else "")
+    print(f"measured time: prefill {run.timings['prefill']:.2f} s, {passes}compress "
           f"{run.timings['compress']:.2f} s, decode {len(run.token_ids)} tokens "
           f"{run.timings['decode']:.2f} s")
 

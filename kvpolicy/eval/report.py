@@ -133,6 +133,12 @@ def render_report(results: dict) -> str:
         "estimates for Qwen2.5-7B on LongBench v2, a different model and benchmark — for "
         "reference only.",
     ]
+    for entry in config["policies"]:
+        for why in entry.get("paged_refusals", ()):  # what serving engines cannot run
+            lines += ["", f"**{entry['name']}**: vLLM and the paged store cannot run it: {why}."]
+    if any("reconstruct_s" in line for line in results["results"]):
+        lines += ["", "TTFT of a `score reconstruct` policy includes the model's re-reading "
+                  "passes of the context (`reconstruct_s` in each line)."]
     for context in contexts:
         here = [row for row in rows if row["context"] == context]
         tokens = _mean([row["prompt_tokens"] for row in here])

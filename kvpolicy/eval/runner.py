@@ -1,7 +1,9 @@
 """`kvpolicy eval`: the baseline and every policy on the same samples, measured, resumable.
 
 For each context length, task and sample: the context is prefilled once in full precision (the
-prompt's keys, values and last queries are recorded); then, for the baseline (a policy that keeps
+prompt's keys, values and last queries are recorded; for `score reconstruct` policies, the
+model's re-reading passes of the context too, engines/hf/reconstruct.py, whose time is counted in
+those policies' TTFT); then, for the baseline (a policy that keeps
 everything) and each policy, the record is compressed per the policy's plan, the query (the
 question, or the continuation to score) is fed through the compressed cache, and the answer is
 generated greedily. Every (policy, sample) result is appended to `samples.jsonl` as it is made,
@@ -37,9 +39,11 @@ import torch
 
 from kvpolicy.diagnostics import PolicyError
 from kvpolicy.eval.tasks import Sample, make_samples, score
+from kvpolicy.engines.hf import reconstruct
 from kvpolicy.engines.hf.cache import PolicyCache, attend_through
 from kvpolicy.lang.ir import Policy, Score, policy_to_json, uncompressed
 from kvpolicy.models import shape_from_config
+from kvpolicy.plan.pages import paged_refusals
 from kvpolicy.plan.planner import make_plan
 
 BASELINE = "baseline"
@@ -73,7 +77,9 @@ class EvalConfig:
     extra: dict = field(default_factory=dict)  # recorded as-is (e.g. the ablation's target)
 
     def to_json(self) -> dict:
-        return {"policies": [{"name": p.name, "file": p.source, "sha256": p.sha256}
+        return {"policies": [{"name": p.name, "file": p.source, "sha256": p.sha256,
+                              **({"paged_refusals": paged_refusals(p.policy)}
+                                 if paged_refusals(p.policy) else {})}
                              for p in self.policies],
                 "tasks": self.tasks, "contexts": self.contexts, "samples_per_task": self.samples,
                 "seed": self.seed,
@@ -262,6 +268,10 @@ def run(config: EvalConfig, model=None, tokenizer=None, progress: bool = True) -
         sample = samples_cache[key][index]
         context_ids, query_ids = split_prompt(tokenizer, sample, config.question_aware)
         prefill, last_logits, prefill_s = record_prefill(model, context_ids, observe)
+        reconstruct_s = {chunk: reconstruct.record(model, reconstruct.instruction_ids(tokenizer),
+                                                   context_ids, prefill, chunk,
+                                                   reconstruct.special_ids(tokenizer))
+                         for chunk in reconstruct.chunks_needed(p.policy for p in pending)}
         for entry in pending:
             line = {"policy": entry.name, "policy_sha256": entry.sha256, "task": task,
                     "context": context, "sample": index, "seed": config.seed,
@@ -271,6 +281,9 @@ def run(config: EvalConfig, model=None, tokenizer=None, progress: bool = True) -
                 line.update(run_policy(model, tokenizer, entry, sample, prefill, last_logits,
                                        query_ids, config.cache_dtype))
                 line["ttft_s"] = prefill_s + line["compress_s"] + line["query_s"]
+                if entry.policy.score.needs_context_pass:  # the passes are this policy's cost
+                    line["reconstruct_s"] = reconstruct_s[entry.policy.score.chunk]
+                    line["ttft_s"] += line["reconstruct_s"]
             except PolicyError as exc:
                 line["error"] = exc.render()
             with open(lines_path, "a", encoding="utf-8") as handle:

@@ -21,7 +21,7 @@ from kvpolicy.lang import ast
 from kvpolicy.lang.vocabulary import ADAPT_SCOPES
 
 INDENT = "    "
-_SCORE_ARG_ORDER = ("observe", "pool", "gqa")
+_SCORE_ARG_ORDER = ("observe", "chunk", "pool", "gqa")
 
 
 def format_policy(tree: ast.PolicyFile) -> str:

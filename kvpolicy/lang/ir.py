@@ -18,7 +18,7 @@ from kvpolicy.diagnostics import Span
 Axis = Literal["channel", "token"]
 ScaleDtype = Literal["fp16", "bf16", "fp32"]
 Interpolation = Literal["linear", "step", "pyramid", "uniform"]
-ScoreMethod = Literal["snapkv", "keynorm", "recent"]
+ScoreMethod = Literal["snapkv", "keynorm", "recent", "reconstruct"]
 Pooling = Literal["max", "avg", "none"]
 GqaReduce = Literal["mean", "max", "sum"]
 
@@ -93,6 +93,13 @@ class Score:
     pool: Pooling = "max"
     pool_kernel: int = 7
     gqa: GqaReduce = "mean"
+    chunk: int = 512  # reconstruct: context tokens re-read per pass (bounds the extra memory)
+
+    @property
+    def needs_context_pass(self) -> bool:
+        """Does ranking need a second pass over the whole context (reconstruct), so only the
+        whole-prompt runtime, which holds the context before it compresses, can run it?"""
+        return self.method == "reconstruct"
 
 
 @dataclass(frozen=True)

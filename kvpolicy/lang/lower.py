@@ -32,6 +32,10 @@ MAX_EXTENDS_DEPTH = 16
 MIN_GROUP, MAX_GROUP = 8, 1024
 MAX_CLUSTERS = 65536
 MAX_OBSERVE = 65536
+MAX_CHUNK = 65536
+# Defaults that differ by score method (the rest are ir.Score's): reconstruct is KVzip's rule,
+# the maximum over every reconstructing query and query head, unpooled.
+SCORE_DEFAULTS = {"reconstruct": {"pool": "none", "pool_kernel": 1, "gqa": "max"}}
 MAX_POOL_KERNEL = 255
 MAX_LAYER_INDEX = 65535
 MAX_NAME = 64  # characters of a policy name
@@ -310,7 +314,7 @@ class _Statements:
         if method is None:
             return
         allowed = vocab.SCORE_METHODS[method]
-        values: dict[str, Any] = {"method": method}
+        values: dict[str, Any] = {"method": method, **SCORE_DEFAULTS.get(method, {})}
         seen: dict[str, ast.ScoreArg] = {}
         ok = True
         for arg in stmt.args or ():
@@ -336,6 +340,14 @@ class _Statements:
                 observe = numbers.whole(arg.number, "observe", 1, MAX_OBSERVE)
                 ok &= observe is not None
                 values["observe"] = observe
+            elif name == "chunk":
+                if arg.number is None or arg.word is not None:
+                    self.d.error("chunk takes a number of tokens, e.g. `chunk = 512`", arg.span)
+                    ok = False
+                    continue
+                chunk = numbers.whole(arg.number, "chunk", 16, MAX_CHUNK)
+                ok &= chunk is not None
+                values["chunk"] = chunk
             elif name == "pool":
                 ok &= self._pool(arg, values)
             elif name == "gqa":

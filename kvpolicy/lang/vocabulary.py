@@ -18,6 +18,7 @@ SCORE_METHODS: dict[str, tuple[str, ...]] = {
     "snapkv": ("observe", "pool", "gqa"),
     "keynorm": (),
     "recent": (),
+    "reconstruct": ("chunk", "pool", "gqa"),
 }
 POOLINGS = ("max", "avg", "none")
 GQA_REDUCTIONS = ("mean", "max", "sum")

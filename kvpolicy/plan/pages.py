@@ -178,6 +178,20 @@ class PageFormat:
                 "padding_bytes_per_block": self.padding_bytes}
 
 
+def paged_refusals(policy: Policy) -> list[str]:
+    """Why no paged engine (vLLM, the paged store in transformers) can run the policy at all,
+    whatever the model and block size: the one list, read by page_format, `kvpolicy check` and
+    `plan`, and the reports. Empty when paged engines can run it."""
+    reasons = []
+    ranks = policy.evicts or (policy.guard is not None and policy.guard.fraction > 0)
+    if policy.score.needs_context_pass and ranks:
+        reasons.append(f"score {policy.score.method} needs the whole context before it ranks "
+                       "a token (it re-reads it), and pages are ranked as they seal, while the "
+                       "prompt still arrives; run it in the whole-prompt runtime (kvpolicy run, "
+                       "kvpolicy eval --engine hf)")
+    return reasons
+
+
 def policy_notes(policy: Policy, block_size: int) -> list[str]:
     """Where pages realise the policy differently from the whole-prompt (unpaged) Hugging Face
     runtime: the one list of what cannot be paged, printed at start-up by every paged engine and
@@ -225,7 +239,7 @@ def page_format(policy: Policy, model: ModelShape, block_size: int,
                 dtype_bytes: int | None = None) -> PageFormat:
     """The page format of `policy` on `model` with vLLM blocks of `block_size` tokens; raises
     UnsupportedConfiguration listing every reason it cannot be built."""
-    reasons = []
+    reasons = paged_refusals(policy)
     pages = []
     ratios = block_retain_ratios(policy, model)
     for index, (keys, values, guard) in enumerate(layer_formats(policy, model)):

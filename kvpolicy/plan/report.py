@@ -8,6 +8,7 @@ from __future__ import annotations
 from kvpolicy.diagnostics import printable
 from kvpolicy.format import BlockLayout
 from kvpolicy.lang.ir import QuantFormat
+from kvpolicy.plan.pages import paged_refusals
 from kvpolicy.plan.planner import LayerPlan, Plan
 
 SCHEMA = "kvpolicy.plan/1"
@@ -76,6 +77,8 @@ def render_table(plan: Plan) -> str:
             f"{_KIND_LABELS[kind]} {100 * count / plan.compressed_bytes:.1f}%"
             for kind, count in plan.bytes_by_kind().items() if count),
     ]
+    for reason in paged_refusals(policy):
+        lines.append(f"engines: vLLM and the paged store cannot run it: {reason}")
     if policy.adapt is not None and policy.evicts:
         scope = " and ".join(s for s, on in (("layers", policy.adapt.across_layers),
                                              ("KV heads", policy.adapt.across_heads)) if on)
@@ -149,4 +152,5 @@ def to_json(plan: Plan) -> dict:
             for layer in plan.layers
         ],
         "warnings": [w.message for w in plan.warnings],
+        "paged_refusals": paged_refusals(policy),  # empty: vLLM and the paged store run it
     }

@@ -4,7 +4,8 @@ Model-agnostic (plain tensors): the Hugging Face cache and the evaluation runner
 keys, values and observation-window queries they recorded during prefill.
 
 For each layer and (sequence, KV head), following docs/language.md:
-  1. importance of every prompt token (score: snapkv / keynorm / recent);
+  1. importance of every prompt token (score: snapkv / keynorm / recent, or reconstruct from
+     the passes the recorder ran, `PrefillLayer.received`);
   2. budgets: the plan's selected tokens, or — with `adapt` — the pooled budget of each storage
      class redistributed by attention mass (`redistribute`), in whole blocks, totals unchanged;
   3. sinks and window kept in 16 bits; the most important middle tokens selected; the top
@@ -15,7 +16,7 @@ For each layer and (sequence, KV head), following docs/language.md:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +36,10 @@ class PrefillLayer:
     values: torch.Tensor  # [b, H, N, D]
     queries: torch.Tensor  # [b, Hq, w, D]: the last w prompt tokens' queries (w >= observe)
     scaling: float  # the attention's softmax scale
+    # score reconstruct: chunk size → [b, Hq, N], the largest attention weight each prompt token
+    # received while the model re-read the context in passes of that many tokens
+    # (kvpolicy.engines.hf.reconstruct)
+    received: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def importance(policy: Policy, layer: PrefillLayer) -> torch.Tensor:
@@ -45,6 +50,13 @@ def importance(policy: Policy, layer: PrefillLayer) -> torch.Tensor:
         return R.recent_importance(batch, heads, n)
     if score.method == "keynorm":
         return R.keynorm_importance(layer.keys)
+    if score.method == "reconstruct":
+        if score.chunk not in layer.received:
+            raise ValueError(f"score reconstruct(chunk = {score.chunk}) needs the context's "
+                             "reconstruction passes before compressing "
+                             "(kvpolicy.engines.hf.reconstruct.record)")
+        return R.reconstruct_importance(layer.received[score.chunk], heads, score.pool,
+                                        score.pool_kernel, score.gqa)
     observe = min(score.observe, n, layer.queries.shape[2])
     queries = layer.queries[:, :, -observe:]
     positions = torch.arange(n - observe, n)

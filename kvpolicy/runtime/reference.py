@@ -347,12 +347,49 @@ def snapkv_importance(q_observe: torch.Tensor, keys: torch.Tensor, observe_posit
     causal = torch.arange(n)[None, :] > observe_positions[:, None]  # [w, N]
     logits = logits.masked_fill(causal, -math.inf)
     scores = pool_scores(torch.softmax(logits, dim=-1).sum(-2), pool, kernel)  # [b, Hq, N]
-    grouped = scores.reshape(batch, kv_heads, group, n)
+    return reduce_query_heads(scores, kv_heads, gqa)
+
+
+def reduce_query_heads(scores: torch.Tensor, kv_heads: int, gqa: str) -> torch.Tensor:
+    """[b, Hq, N] per query head → [b, H, N] per KV head: mean, max or sum over each group."""
+    batch, q_heads, n = scores.shape
+    grouped = scores.reshape(batch, kv_heads, q_heads // kv_heads, n)
     if gqa == "mean":
         return grouped.mean(2)
     if gqa == "max":
         return grouped.amax(2)
     return grouped.sum(2)
+
+
+def reconstruct_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                          sm_scale: float, first: int):
+    """One pass of KVzip's context reconstruction, in fp32: the queries of a repeat instruction
+    and of a re-read chunk of the context (positions right after the context) attend over the
+    context and causally over themselves.
+
+    query [b, Hq, m, D]; keys, values [b, H, N + m, D] (the context's, then the pass's own) →
+    (out [b, Hq, m, D] in the query's dtype, received [b, Hq, N]: the largest softmax weight each
+    context token receives from the pass's queries from row `first` on — the re-read tokens, not
+    the instruction)."""
+    m = query.shape[2]
+    group = query.shape[1] // keys.shape[1]
+    n = keys.shape[2] - m
+    k = keys.float().repeat_interleave(group, dim=1)
+    v = values.float().repeat_interleave(group, dim=1)
+    logits = query.float() @ k.transpose(-1, -2) * sm_scale  # [b, Hq, m, N + m]
+    future = torch.arange(m)[None, :] > torch.arange(m)[:, None]  # [m, m]
+    logits[..., n:] = logits[..., n:].masked_fill(future, -math.inf)
+    weights = torch.softmax(logits, dim=-1)
+    received = weights[:, :, first:, :n].amax(2)
+    return (weights @ v).to(query.dtype), received
+
+
+def reconstruct_importance(received: torch.Tensor, kv_heads: int, pool: str, kernel: int,
+                           gqa: str) -> torch.Tensor:
+    """KVzip's importance from the reconstruction passes: received [b, Hq, N] (the largest
+    attention weight each context token got from any re-reading query, over every pass) →
+    [b, H, N], pooled along the sequence, reduced over each KV group's query heads."""
+    return reduce_query_heads(pool_scores(received.float(), pool, kernel), kv_heads, gqa)
 
 
 def keynorm_importance(keys: torch.Tensor) -> torch.Tensor:

@@ -288,6 +288,9 @@ def kvpolicy_attention(module, query, key, value, attention_mask, scaling=None, 
     if getattr(layer, "paged", False):  # kvpolicy.engines.hf.paged: one store step
         scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
         return layer.attend(query, scaling).to(query.dtype), None
+    if getattr(layer, "reconstructing", False):  # kvpolicy.engines.hf.reconstruct: a re-read
+        scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+        return layer.attend(query, key, value, scaling), None
     if not isinstance(layer, PolicyLayer):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)

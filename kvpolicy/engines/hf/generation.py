@@ -22,7 +22,8 @@ class Generation:
     token_ids: list[int]
     prompt_tokens: int
     cache: PolicyCache
-    timings: dict = field(default_factory=dict)  # seconds: prefill, compress, decode (total)
+    # seconds: prefill, reconstruct (score reconstruct's passes), compress, decode (total)
+    timings: dict = field(default_factory=dict)
 
     @property
     def plan(self):
@@ -69,6 +70,12 @@ def generate(model, tokenizer, prompt: str | torch.Tensor, policy, max_new_token
         started = time.perf_counter()
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         timings["prefill"] = time.perf_counter() - started
+        if block_size is None and cache.policy.score.needs_context_pass:
+            from kvpolicy.engines.hf import reconstruct
+            records = [layer.prefill for layer in cache.layers]
+            timings["reconstruct"] = reconstruct.record(
+                model, reconstruct.instruction_ids(tokenizer), ids, records,
+                cache.policy.score.chunk, reconstruct.special_ids(tokenizer))
         started = time.perf_counter()
         if block_size is None:
             cache.compress()
