@@ -371,17 +371,19 @@ def reconstruct_attention(query: torch.Tensor, keys: torch.Tensor, values: torch
     (out [b, Hq, m, D] in the query's dtype, received [b, Hq, N]: the largest softmax weight each
     context token receives from the pass's queries from row `first` on — the re-read tokens, not
     the instruction)."""
-    m = query.shape[2]
-    group = query.shape[1] // keys.shape[1]
+    batch, q_heads, m, d = query.shape
+    kv_heads = keys.shape[1]
+    group = q_heads // kv_heads
     n = keys.shape[2] - m
-    k = keys.float().repeat_interleave(group, dim=1)
-    v = values.float().repeat_interleave(group, dim=1)
-    logits = query.float() @ k.transpose(-1, -2) * sm_scale  # [b, Hq, m, N + m]
+    # a KV head's query heads as one matrix of rows: one product per KV head, no key copies
+    rows = query.float().reshape(batch, kv_heads, group * m, d) * sm_scale
+    logits = (rows @ keys.float().transpose(-1, -2)).view(batch, kv_heads, group, m, n + m)
     future = torch.arange(m)[None, :] > torch.arange(m)[:, None]  # [m, m]
-    logits[..., n:] = logits[..., n:].masked_fill(future, -math.inf)
+    logits[..., n:].masked_fill_(future, -math.inf)
     weights = torch.softmax(logits, dim=-1)
-    received = weights[:, :, first:, :n].amax(2)
-    return (weights @ v).to(query.dtype), received
+    received = weights[..., first:, :n].amax(3).reshape(batch, q_heads, n)
+    out = weights.view(batch, kv_heads, group * m, n + m) @ values.float()
+    return out.view(batch, q_heads, m, d).to(query.dtype), received
 
 
 def reconstruct_importance(received: torch.Tensor, kv_heads: int, pool: str, kernel: int,
