@@ -63,7 +63,7 @@ def policies(draw):
         kinds = ["linear", "step"] + (["pyramid"] if len(anchors) >= 2 else [])
         if draw(st.booleans()):
             statements.append(f"interpolate {draw(st.sampled_from(kinds))}")
-    method = draw(st.sampled_from(["snapkv", "keynorm", "recent", None]))
+    method = draw(st.sampled_from(["snapkv", "keynorm", "recent", "reconstruct", None]))
     if method == "snapkv":
         args = []
         if draw(st.booleans()):
@@ -76,13 +76,16 @@ def policies(draw):
             args.append(f"gqa = {draw(st.sampled_from(['mean', 'max', 'sum']))}")
         statements.append(f"score snapkv({', '.join(draw(st.permutations(args)))})"
                           if args or draw(st.booleans()) else "score snapkv")
+    elif method == "reconstruct" and draw(st.booleans()):
+        statements.append(f"score reconstruct(chunk = {draw(st.integers(16, 4096))})")
     elif method is not None:
         statements.append(f"score {method}")
-    if method in ("snapkv", None) and draw(st.booleans()):
-        temperature = draw(st.sampled_from(["0.5", "1", "0.25", "2.0"]))
+    if method in ("snapkv", "reconstruct", None) and draw(st.booleans()):
+        temperature = draw(st.sampled_from(["0.5", "1", "0.25", "2.0", None]))
         scopes = draw(st.sampled_from(["", " across layers", " across heads",
                                        " across heads, layers"]))
-        statements.append(f"adapt temperature {temperature}{scopes}")
+        statements.append(f"adapt temperature {temperature}{scopes}" if temperature else
+                          f"adapt threshold{scopes}")
     if draw(st.booleans()):
         statements.append(f"cluster evicted k {draw(st.integers(1, 64))}")
     higher = [bits for bits in widths if bits > max(key_bits, value_bits)]

@@ -242,6 +242,17 @@ def test_run_command_prints_generation_and_measured_over_planned():
     assert "the policy is written for qwen2.5-7b; running it on smollm2-135m" in result.stderr
 
 
+def test_run_times_the_reconstruction_passes_and_answers_the_needle(write_policy):
+    path = write_policy("policy r {\n    keep sinks 4\n    keep window 64\n    retain 80%\n"
+                        "    score reconstruct(chunk = 256, pool = max 7)\n}\n")
+    result = run_cli("run", str(path), "--needle", "900", "--max-new-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    assert "measured/planned 1.0000" in result.stdout
+    assert "reconstruction passes" in result.stdout
+    # 20% of a 900-token prompt evicted: what the model re-reads keeps the needle
+    assert "(found)" in result.stdout, result.stdout
+
+
 def test_transformers_generate_works_with_the_cache(smol):
     model, tokenizer = smol
     ids = ids_of(tokenizer, "The capital of France is")

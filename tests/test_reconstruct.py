@@ -44,7 +44,7 @@ def test_reconstruct_defaults_are_kvzips_rule():
     ("score reconstruct(observe = 32)", "score reconstruct has no argument 'observe'"),
     ("score snapkv(chunk = 512)", "score snapkv has no argument 'chunk'"),
     ("score reconstruct(chunk = max)", "chunk takes a number of tokens"),
-    ("score reconstruct\n adapt temperature 0.5", "adapt redistributes budgets"),
+    ("score keynorm\n adapt threshold", "adapt redistributes budgets"),
 ])
 def test_reconstruct_arguments_are_checked(text, message):
     result = checked(f"policy p {{ retain 50%\n {text} }}")
@@ -169,3 +169,51 @@ def test_check_and_plan_say_which_engines_run_it(tmp_path):
     as_json = json.loads(run_cli("plan", str(path), "--model", "smollm2-135m", "--context",
                                  "4096", "--json").stdout)
     assert as_json["paged_refusals"] and "reconstruct" in as_json["paged_refusals"][0]
+
+
+# ---- adapt threshold: one threshold on the score across layers and heads -------------------------
+
+def test_adapt_threshold_gives_budget_where_the_important_tokens_are():
+    from kvpolicy.plan.planner import make_plan
+    policy = checked("policy p { keep sinks 4\n keep window 16\n retain 50%\n score reconstruct\n"
+                     " adapt threshold }").policy
+    shape = PRESETS["smollm2-135m"]
+    plan = make_plan(policy, shape, 200)
+    torch.manual_seed(3)
+    scores = [torch.rand(1, shape.num_kv_heads, 200) * 0.1 for _ in plan.layers]
+    scores[2][0, 1, 20:150] = 0.9  # layer 2, head 1 holds most of what matters
+    scores[5][0, 0] = 0.0  # layer 5, head 0 holds nothing that matters
+    masses = [compressor.middle_mass(s, layer) for s, layer in zip(scores, plan.layers)]
+    selected, guards = compressor.redistribute(plan, masses, scores)
+    planned = sum(layer.selected for layer in plan.layers) * shape.num_kv_heads
+    assert sum(int(s.sum()) for s in selected) == planned  # the plan's bytes, exactly
+    unit = plan.layers[0].token_unit
+    assert all(bool((s % unit == 0).all()) for s in selected)
+    assert int(selected[2][0, 1]) >= 130  # the 130 important tokens are kept
+    assert int(selected[5][0, 0]) < plan.layers[5].selected
+    middle = 200 - 4 - 16
+    assert all(int(s.max()) <= middle - unit for s in selected)  # every head still evicts
+
+
+def test_adapt_threshold_keeps_the_pools_top_tokens_in_a_real_compression(tiny):
+    torch.manual_seed(4)
+    context = torch.randint(0, 97, (1, 96))
+    records, _, _ = record_prefill(tiny, context, observe=1)
+    reconstruct.record(tiny, torch.tensor([[3, 4]]), context, records, chunk=32)
+    from kvpolicy.models import shape_from_config
+    from kvpolicy.plan.planner import make_plan
+    shape = shape_from_config(tiny.config.to_dict(), name="tiny", source="transformers",
+                              kv_dtype="float32")
+    policy = checked("policy p { keep window 16\n retain 50%\n score reconstruct(chunk = 32)\n"
+                     " adapt threshold }").policy
+    plan = make_plan(policy, shape, 96)
+    layers = compressor.compress(plan, records)
+    kept = sum(int(layer.body_count.sum()) for layer in layers)
+    assert kept == sum(layer.selected for layer in plan.layers) * shape.num_kv_heads
+    scores = [compressor.importance(policy, r)[0, :, :80] for r in records]  # the middles
+    threshold = torch.cat([s.flatten() for s in scores]).topk(kept).values[-1]
+    counts = [(s > threshold).sum(-1) for s in scores]  # strictly above the pool's threshold
+    unit = plan.layers[0].token_unit
+    for layer, count in zip(layers, counts):  # kept, but for budgets rounded to whole units
+        assert bool((layer.body_count[0] > count - unit).all()), (layer.body_count, count)
+    assert max(int(layer.body_count.max()) for layer in layers) > plan.layers[0].selected

@@ -105,9 +105,10 @@ class InterpolateStmt:
 
 @dataclass(frozen=True)
 class AdaptStmt:
-    temperature: Num | None  # None: `adapt none`
+    temperature: Num | None  # None: `adapt none` or `adapt threshold`
     scopes: tuple[Word, ...]  # empty: the default scope
     span: Span
+    threshold: bool = False  # `adapt threshold`
 
 
 @dataclass(frozen=True)

@@ -208,9 +208,10 @@ def _statement(stmt: ast.Stmt, aligned: bool = True) -> str:
     if isinstance(stmt, ast.InterpolateStmt):
         return f"interpolate {stmt.kind.text}"
     if isinstance(stmt, ast.AdaptStmt):
-        if stmt.temperature is None:
+        if stmt.temperature is None and not stmt.threshold:
             return "adapt none"
-        text = f"adapt temperature {number(stmt.temperature)}"
+        text = ("adapt threshold" if stmt.threshold else
+                f"adapt temperature {number(stmt.temperature)}")
         if stmt.scopes:
             order = sorted(stmt.scopes, key=lambda w: _order(w.text, ADAPT_SCOPES))
             text += " across " + ", ".join(w.text for w in order)

@@ -104,9 +104,10 @@ class Score:
 
 @dataclass(frozen=True)
 class Adapt:
-    temperature: float
+    temperature: float  # the mass rule's; 1.0 (unused) for the threshold rule
     across_layers: bool = True
     across_heads: bool = True
+    rule: Literal["mass", "threshold"] = "mass"  # `adapt temperature T` / `adapt threshold`
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ MIN_GROUP, MAX_GROUP = 8, 1024
 MAX_CLUSTERS = 65536
 MAX_OBSERVE = 65536
 MAX_CHUNK = 65536
+ADAPTABLE_SCORES = ("snapkv", "reconstruct")  # scores on one scale across layers and heads
 # Defaults that differ by score method (the rest are ir.Score's): reconstruct is KVzip's rule,
 # the maximum over every reconstructing query and query head, unpooled.
 SCORE_DEFAULTS = {"reconstruct": {"pool": "none", "pool_kernel": 1, "gqa": "max"}}
@@ -292,10 +293,11 @@ class _Statements:
             self._set("interpolate", kind, stmt.span)
 
     def _AdaptStmt(self, stmt: ast.AdaptStmt) -> None:
-        if stmt.temperature is None:
+        if stmt.temperature is None and not stmt.threshold:
             self._set("adapt", None, stmt.span)
             return
-        temperature = _Numbers(self.d).positive(stmt.temperature, "temperature")
+        temperature = 1.0 if stmt.threshold else _Numbers(self.d).positive(stmt.temperature,
+                                                                           "temperature")
         scopes: dict[str, ast.Word] = {}
         ok = temperature is not None
         for word in stmt.scopes:
@@ -306,7 +308,8 @@ class _Statements:
         if ok:
             layers = not scopes or "layers" in scopes
             heads = not scopes or "heads" in scopes
-            self._set("adapt", ir.Adapt(temperature, layers, heads), stmt.span)
+            self._set("adapt", ir.Adapt(temperature, layers, heads,
+                                        "threshold" if stmt.threshold else "mass"), stmt.span)
 
     def _ScoreStmt(self, stmt: ast.ScoreStmt) -> None:
         words, numbers = _Words(self.d), _Numbers(self.d)
@@ -690,9 +693,9 @@ def _cross_checks(d: Diagnostics, policy: ir.Policy, draft: _Draft) -> None:
         elif not policy.anchors and policy.interpolate != "uniform":
             warn("interpolate has no effect without `retain layer …` anchors", where)
     if policy.adapt is not None:
-        if policy.score.method != "snapkv":
-            d.error(f"adapt redistributes budgets by attention mass, which score "
-                    f"{policy.score.method} does not measure; use score snapkv",
+        if policy.score.method not in ADAPTABLE_SCORES:
+            d.error(f"adapt redistributes budgets by attention, which score "
+                    f"{policy.score.method} does not measure; use score snapkv or reconstruct",
                     spans["adapt"], note("score is set here", spans.get("score")))
         elif not policy.evicts:
             warn("adapt has no effect: the policy evicts nothing", spans["adapt"])

@@ -447,6 +447,10 @@ class _Builder:
     def adapt_stmt(self, tree, span):
         if self._is_none(tree):
             return ast.AdaptStmt(None, (), span)
+        if any(isinstance(c, Token) and c.type == "THRESHOLD" for c in tree.children):
+            scopes = [c for c in self._items(tree) if isinstance(c, Tree)]
+            words = tuple(self.word(s.children[0]) for s in scopes)
+            return ast.AdaptStmt(None, words, span, threshold=True)
         temperature, *scopes = self._items(tree)
         words = tuple(self.word(s.children[0]) for s in scopes)
         return ast.AdaptStmt(self.num(temperature), words, span)

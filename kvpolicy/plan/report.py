@@ -82,10 +82,13 @@ def render_table(plan: Plan) -> str:
     if policy.adapt is not None and policy.evicts:
         scope = " and ".join(s for s, on in (("layers", policy.adapt.across_layers),
                                              ("KV heads", policy.adapt.across_heads)) if on)
+        rule = ("by one threshold on the score (the one that keeps the pooled total)"
+                if policy.adapt.rule == "threshold" else
+                f"by attention mass (temperature {policy.adapt.temperature:g})")
         lines.append(
-            f"adaptive: at prefill, budgets move between {scope} by attention mass (temperature "
-            f"{policy.adapt.temperature:g}) in whole token units, only among layers with the same "
-            "storage; the rows above are the prior, the totals are exact either way")
+            f"adaptive: at prefill, budgets move between {scope} {rule} in whole token units, "
+            "only among layers with the same storage; the rows above are the prior, the totals "
+            "are exact either way")
     return "\n".join(lines)
 
 
@@ -121,7 +124,8 @@ def to_json(plan: Plan) -> dict:
         "effective_retain": plan.effective_retain,
         "bytes_by_kind": plan.bytes_by_kind(),
         "adaptive": None if policy.adapt is None or not policy.evicts else {
-            "temperature": policy.adapt.temperature,
+            "rule": policy.adapt.rule,
+            "temperature": policy.adapt.temperature if policy.adapt.rule == "mass" else None,
             "across_layers": policy.adapt.across_layers,
             "across_heads": policy.adapt.across_heads,
         },

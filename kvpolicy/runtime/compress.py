@@ -94,16 +94,21 @@ def _largest_remainder(total: int, weights: torch.Tensor, caps: torch.Tensor) ->
     return result
 
 
-def redistribute(plan: Plan, masses: list[torch.Tensor]):
+def redistribute(plan: Plan, masses: list[torch.Tensor], scores: list[torch.Tensor] | None = None):
     """Selected and guard tokens per (layer, sequence, KV head): two lists of [b, H] tensors.
 
     Without `adapt`, every head gets the plan's counts. With it, layers that share a storage and
-    evict pool their planned units (per layer instead, without `across layers`); masses[l] [b, H]
-    is the attention mass on layer l's middle tokens, and each (layer, head) gets a share of the
-    pool proportional to mass^(1/T), in whole units, at most its middle minus one unit (so it
-    keeps evicting, and keeps its centroid slots). Without `across heads` the heads of a layer get
-    equal shares. The pool's guard units are then split in proportion to the selected units.
-    Pool totals — and so the plan's bytes — are unchanged."""
+    evict pool their planned units (per layer instead, without `across layers`), and each
+    (layer, head) gets a share of the pool, in whole units, at most its middle minus one unit (so
+    it keeps evicting, and keeps its centroid slots):
+    - `adapt temperature T`: in proportion to mass^(1/T); masses[l] [b, H] is the importance on
+      layer l's middle tokens;
+    - `adapt threshold`: in proportion to how many of its middle tokens score at or above one
+      threshold for the whole pool, the one that would keep the pool's planned tokens (KVzip's
+      non-uniform budgets); scores[l] [b, H, N] is layer l's importance.
+    Without `across heads` the heads of a layer get equal shares. The pool's guard units are then
+    split in proportion to the selected units. Pool totals — and so the plan's bytes — are
+    unchanged."""
     policy = plan.policy
     batch, heads = masses[0].shape
     selected = [torch.full((batch, heads), layer.selected, dtype=torch.long)
@@ -127,8 +132,12 @@ def redistribute(plan: Plan, masses: list[torch.Tensor]):
                                for i in members])
         caps = torch.maximum(middle // unit - 1, planned)  # [layers]
         for b in range(batch):
-            mass = torch.stack([masses[i][b] for i in members]).double().clamp_min(1e-12)
-            weight = mass ** (1.0 / adapt.temperature)  # [layers, heads]
+            if adapt.rule == "threshold":
+                weight = _above_threshold(plan, members, [scores[i][b] for i in members],
+                                          int(planned.sum()) * unit * heads) / unit + 1e-9
+            else:
+                mass = torch.stack([masses[i][b] for i in members]).double().clamp_min(1e-12)
+                weight = mass ** (1.0 / adapt.temperature)  # [layers, heads]
             if adapt.across_heads:
                 units = _largest_remainder(int(planned.sum()) * heads, weight.flatten(),
                                            caps[:, None].expand(-1, heads).flatten())
@@ -146,6 +155,17 @@ def redistribute(plan: Plan, masses: list[torch.Tensor]):
                 selected[index][b] = units[row] * unit
                 guards[index][b] = guard_units[row] * unit
     return selected, guards
+
+
+def _above_threshold(plan: Plan, members: list[int], scores: list[torch.Tensor],
+                     keep: int) -> torch.Tensor:
+    """[layers, heads]: middle tokens per (layer, head) scoring at or above the `keep`-th largest
+    middle score of the pool (scores: [H, N] per member layer)."""
+    middles = [s[:, plan.layers[i].sinks:plan.context - plan.layers[i].window].double()
+               for i, s in zip(members, scores)]
+    pooled = torch.cat([m.flatten() for m in middles])
+    threshold = pooled.topk(min(keep, pooled.numel())).values[-1]
+    return torch.stack([(m >= threshold).sum(-1) for m in middles]).double()
 
 
 # ---- one layer ----------------------------------------------------------------------------------
@@ -250,7 +270,7 @@ def compress(plan: Plan, prefill: list[PrefillLayer], packer=None) -> list[Compr
         raise ValueError(f"the plan is for {plan.context} tokens, the prefill has {n}")
     scores = [importance(plan.policy, layer) for layer in prefill]
     masses = [middle_mass(s, layer) for s, layer in zip(scores, plan.layers)]
-    selected, guards = redistribute(plan, masses)
+    selected, guards = redistribute(plan, masses, scores)
     return [compress_layer(prefill[i], scores[i], layer, selected[i], guards[i], packer)
             for i, layer in enumerate(plan.layers)]
 
