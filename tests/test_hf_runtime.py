@@ -245,7 +245,7 @@ def test_run_command_prints_generation_and_measured_over_planned():
 def test_run_times_the_reconstruction_passes_and_answers_the_needle(write_policy):
     path = write_policy("policy r {\n    keep sinks 4\n    keep window 64\n    retain 80%\n"
                         "    score reconstruct(chunk = 256, pool = max 7)\n}\n")
-    result = run_cli("run", str(path), "--needle", "900", "--max-new-tokens", "12")
+    result = run_cli("run", str(path), "--needle", "900", "--max-new-tokens", "40")
     assert result.returncode == 0, result.stderr
     assert "measured/planned 1.0000" in result.stdout
     assert "reconstruction passes" in result.stdout
