@@ -78,8 +78,8 @@ class EvalConfig:
 
     def to_json(self) -> dict:
         return {"policies": [{"name": p.name, "file": p.source, "sha256": p.sha256,
-                              **({"paged_refusals": paged_refusals(p.policy)}
-                                 if paged_refusals(p.policy) else {})}
+                              **({"paged_refusals": refusals}
+                                 if (refusals := paged_refusals(p.policy)) else {})}
                              for p in self.policies],
                 "tasks": self.tasks, "contexts": self.contexts, "samples_per_task": self.samples,
                 "seed": self.seed,

@@ -33,6 +33,8 @@ MIN_GROUP, MAX_GROUP = 8, 1024
 MAX_CLUSTERS = 65536
 MAX_OBSERVE = 65536
 MAX_CHUNK = 65536
+# score arguments that are a number of tokens: (least, most, the example an error shows)
+TOKEN_ARGS = {"observe": (1, MAX_OBSERVE, 32), "chunk": (16, MAX_CHUNK, 512)}
 ADAPTABLE_SCORES = ("snapkv", "reconstruct")  # scores on one scale across layers and heads
 # Defaults that differ by score method (the rest are ir.Score's): reconstruct is KVzip's rule,
 # the maximum over every reconstructing query and query head, unpooled.
@@ -335,22 +337,16 @@ class _Statements:
                 ok = False
                 continue
             seen[name] = arg
-            if name == "observe":
+            if name in TOKEN_ARGS:
+                least, most, example = TOKEN_ARGS[name]
                 if arg.number is None or arg.word is not None:
-                    self.d.error("observe takes a number of tokens, e.g. `observe = 32`", arg.span)
+                    self.d.error(f"{name} takes a number of tokens, e.g. `{name} = {example}`",
+                                 arg.span)
                     ok = False
                     continue
-                observe = numbers.whole(arg.number, "observe", 1, MAX_OBSERVE)
-                ok &= observe is not None
-                values["observe"] = observe
-            elif name == "chunk":
-                if arg.number is None or arg.word is not None:
-                    self.d.error("chunk takes a number of tokens, e.g. `chunk = 512`", arg.span)
-                    ok = False
-                    continue
-                chunk = numbers.whole(arg.number, "chunk", 16, MAX_CHUNK)
-                ok &= chunk is not None
-                values["chunk"] = chunk
+                tokens = numbers.whole(arg.number, name, least, most)
+                ok &= tokens is not None
+                values[name] = tokens
             elif name == "pool":
                 ok &= self._pool(arg, values)
             elif name == "gqa":

@@ -29,7 +29,7 @@ import time
 import torch
 from transformers.cache_utils import Cache
 
-from kvpolicy.engines.hf.cache import RoutedLayer, attend_through
+from kvpolicy.engines.hf.cache import RoutedLayer, attend_through, route_to
 from kvpolicy.runtime import reference as R
 from kvpolicy.runtime.compress import PrefillLayer
 
@@ -80,7 +80,6 @@ class ReconstructCache(Cache):
         super().__init__(layers=[ReconstructLayer(self, i, r) for i, r in enumerate(records)])
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        from kvpolicy.engines.hf.cache import route_to
         route_to(self.layers[layer_idx])
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
