@@ -26,6 +26,7 @@ specs, so what is planned is what is held.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from math import ceil, lcm, prod
 
@@ -108,6 +109,7 @@ def _aligned(offset: int) -> int:
     return -(-offset // ALIGN) * ALIGN
 
 
+@functools.lru_cache(maxsize=4096)  # pure; planning asks for the same few layouts again and again
 def block_layout(keys: QuantFormat, values: QuantFormat, head_dim: int, kv_dtype: str,
                  positions: bool, tokens: int | None = None) -> BlockLayout:
     if tokens is None:

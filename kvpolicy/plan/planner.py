@@ -22,6 +22,7 @@ sinks, window and selected tokens would come to none keeps its most recent token
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -60,7 +61,7 @@ class LayerPlan:
         """Tokens kept individually per KV head: sinks + window + selected (not centroids)."""
         return self.sinks + self.window + self.selected
 
-    @property
+    @functools.cached_property  # frozen: computed once (planning and reports ask often)
     def bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
