@@ -12,6 +12,7 @@ from kvpolicy.diagnostics import Source
 from kvpolicy.lang.lower import check_source
 from kvpolicy.models import ModelShape
 from kvpolicy.plan.planner import make_plan
+from kvpolicy.plan.solve import solve_retain
 
 COMMON = "keep sinks 4\n    keep window 128\n"
 QUANT_ONLY = ("policy quant_only_matched {\n    " + COMMON +
@@ -30,16 +31,11 @@ def _policy(text: str):
 
 
 def _solve(template: str, shape: ModelShape, context: int, target: float) -> tuple[str, float]:
-    """The retain percentage (two decimals) whose plan ratio is closest to `target`."""
-    def ratio(percent: float) -> float:
-        text = template.replace("RETAIN", f"{percent:.2f}%")
-        return make_plan(_policy(text), shape, context).compression_ratio
-    low, high = 0.0, 100.0  # ratio falls as retain grows
-    for _ in range(30):
-        middle = (low + high) / 2
-        low, high = (middle, high) if ratio(middle) > target else (low, middle)
-    best = min((low, high), key=lambda p: abs(ratio(p) - target))
-    return template.replace("RETAIN", f"{best:.2f}%"), ratio(best)
+    """The template with the retain percentage (two decimals) whose plan ratio is closest to
+    `target`, and that ratio."""
+    percent, ratio = solve_retain(lambda p: _policy(template.replace("RETAIN", f"{p:.2f}%")),
+                                  shape, context, target)
+    return template.replace("RETAIN", f"{percent:.2f}%"), ratio
 
 
 def matched_ablation(shape: ModelShape, context: int) -> list[tuple[str, str, float]]:
