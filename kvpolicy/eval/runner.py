@@ -252,9 +252,11 @@ def run(config: EvalConfig, model=None, tokenizer=None, progress: bool = True) -
         handle.writelines(json.dumps(line) + "\n" for line in lines)
     done = {_key(line) for line in lines}
     observe = max(p.policy.score.observe for p in config.policies)
-    work = [(context, task, index) for context in config.contexts for task in config.tasks
-            for index in range(config.samples)]
-    bar = _bar(len(work) * len(config.policies), len(done), progress)
+    # sample-major: a run stopped part-way has covered every task about equally
+    work = [(context, task, index) for context in config.contexts
+            for index in range(config.samples) for task in config.tasks]
+    wanted = {(p.sha256, t, c, i) for p in config.policies for c, t, i in work}
+    bar = progress_bar(len(wanted), len(done & wanted), progress)
     samples_cache: dict = {}
     for context, task, index in work:
         pending = [p for p in config.policies
@@ -263,8 +265,8 @@ def run(config: EvalConfig, model=None, tokenizer=None, progress: bool = True) -
             continue
         key = (task, context)
         if key not in samples_cache:
-            samples_cache = {key: make_samples(task, tokenizer, context, config.samples,
-                                               config.seed)}
+            samples_cache[key] = make_samples(task, tokenizer, context, config.samples,
+                                              config.seed)
         sample = samples_cache[key][index]
         context_ids, query_ids = split_prompt(tokenizer, sample, config.question_aware)
         prefill, last_logits, prefill_s = record_prefill(model, context_ids, observe)
@@ -291,18 +293,16 @@ def run(config: EvalConfig, model=None, tokenizer=None, progress: bool = True) -
             bar.update(1)
     bar.close()
     lines = load_lines(lines_path)
-    wanted = {(p.sha256, t, c, i) for p in config.policies for c, t, i in work}
     lines = [line for line in lines if _key(line) in wanted]
     write_outputs(config, lines, shape, hardware(config.engine),
                   model_name=config.model or "smollm2-135m")
     return config.out
 
 
-def _bar(total: int, done: int, enabled: bool):
+def progress_bar(total: int, done: int, enabled: bool, desc: str = "kvpolicy eval"):
     try:
         from tqdm import tqdm
-        return tqdm(total=total, initial=done, disable=not enabled, desc="kvpolicy eval",
-                    unit="run")
+        return tqdm(total=total, initial=done, disable=not enabled, desc=desc, unit="run")
     except ImportError:  # pragma: no cover - tqdm comes with transformers
         class Silent:
             def update(self, *_):
