@@ -7,11 +7,12 @@
     kvpolicy run POLICY --prompt TEXT generate on a real model with the policy (a .kvp file or
                                       an artifact directory); measured bytes; --baseline beside it
     kvpolicy eval POLICY...           measured quality, memory and time against the baseline
+    kvpolicy tune --target-ratio R    search for the policy that keeps the most at ratio R
     kvpolicy models                   the built-in model shapes
 
 Diagnostics go to stderr as `file:line:col: error: …`, or name the path or option at fault; exit
 status 1 for any error in the input (the command line included), 70 for a bug in kvpolicy.
-Only `run` and `eval` import torch (kvpolicy/cli/running.py); the others start in well
+Only `run`, `eval` and `tune` import torch (kvpolicy/cli/running.py); the others start in well
 under a second.
 """
 
@@ -27,6 +28,7 @@ from kvpolicy._version import __version__
 from kvpolicy.cli.common import EXIT_ERROR, EXIT_INTERNAL, EXIT_OK, parse_context
 from kvpolicy.cli.policies import cmd_check, cmd_compile, cmd_fmt, cmd_models, cmd_plan
 from kvpolicy.cli.running import QUICK, cmd_eval, cmd_run
+from kvpolicy.cli import tuning
 from kvpolicy.diagnostics import PolicyError, printable
 
 
@@ -142,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "results/eval-<hash of the configuration>)")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(run=cmd_eval)
+
+    tuning.add_parser(commands)
 
     models = commands.add_parser("models", help="list the built-in model shapes")
     models.set_defaults(run=cmd_models)

@@ -1,0 +1,2 @@
+"""`kvpolicy tune`: the candidate space (space.py), the search on a real model (search.py) and
+what it writes (front.py). docs/tune.md."""

@@ -1,0 +1,34 @@
+"""What a `kvpolicy tune` run is asked for (no torch: the command line checks it before any
+model loads)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CALIBRATION_SEED = 1000
+DEFAULT_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "squad")
+
+
+@dataclass
+class TuneConfig:
+    target: float  # the compression ratio every candidate reaches
+    out: Path
+    context: int = 4096
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    samples: int = 4  # per task
+    seed: int = CALIBRATION_SEED
+    space: str = "default"
+    finalists: int = 6
+    servable_only: bool = False
+    cache_dtype: str = "bfloat16"
+    model: str | None = None
+    command: str = ""  # the command line, recorded in the outputs
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"target_ratio": self.target, "context": self.context, "tasks": list(self.tasks),
+                "samples_per_task": self.samples, "seed": self.seed, "space": self.space,
+                "finalists": self.finalists, "servable_only": self.servable_only,
+                "cache_dtype": self.cache_dtype, "model": self.model or "smollm2-135m",
+                "command": self.command, **self.extra}

@@ -1,0 +1,157 @@
+"""`kvpolicy tune`: find the policy that keeps the most at a target compression ratio, by
+measurement on calibration samples — two rungs of successive halving.
+
+1. **Space** (`tune/space.py`): every scorer × key/value bit-width combination, `retain` solved
+   so that each plan reaches the target ratio at every calibration prompt's length.
+2. **Rung 1, the proxy, every candidate**: each calibration prompt is prefilled once in full
+   precision (and re-read once, when a candidate scores by `reconstruct`); every candidate
+   compresses that record and is scored by the negative log-likelihood of the expected answer
+   fed after the question (teacher forcing: one forward, no generation).
+3. **Rung 2, the survivors**: the `finalists` candidates with the lowest mean NLL generate their
+   answers greedily on the same prompts, scored as `kvpolicy eval` scores them.
+4. **The choice**: the finalist with the highest mean accuracy (then the lowest NLL) among those
+   whose *measured* ratio reaches the target on every prompt; written as a formatted .kvp.
+
+Every measurement is a line of `lines.jsonl`, written as it is made: an interrupted run resumes
+where it stopped. Calibration samples come from the task generators with their own seed
+(default 1000; `kvpolicy eval` defaults to 0), so what tune chooses on is never what eval
+reports (tests/test_tune.py checks the default seeds' samples do not share a needle or a
+question). Nothing here knows the evaluation samples.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvpolicy.engines.hf import reconstruct
+from kvpolicy.eval.runner import (EvalPolicy, answer_nll, baseline_policy, load_lines,
+                                  progress_bar, record_prefill, run_policy, split_prompt)
+from kvpolicy.eval.tasks import make_samples
+from kvpolicy.models import shape_from_config
+from kvpolicy.tune.config import TuneConfig
+from kvpolicy.tune.front import ACCURACY, PROXY, RECORDS, means, write_front
+from kvpolicy.tune.space import Candidate, candidates
+
+
+@dataclass
+class Prompt:
+    task: str
+    index: int
+    sample: object
+    context_ids: torch.Tensor
+    query_ids: torch.Tensor
+    answer_ids: torch.Tensor
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.task, self.index
+
+
+def calibration_prompts(tokenizer, config: TuneConfig) -> list[Prompt]:
+    prompts = []
+    for index in range(config.samples):  # sample-major, as eval
+        for task in config.tasks:
+            sample = make_samples(task, tokenizer, config.context, config.samples,
+                                  config.seed)[index]
+            context_ids, query_ids = split_prompt(tokenizer, sample, question_aware=False)
+            answer = " " + ", ".join(sample.answers if task == "niah_multivalue"
+                                     else sample.answers[:1])
+            answer_ids = tokenizer(answer, return_tensors="pt",
+                                   add_special_tokens=False)["input_ids"]
+            prompts.append(Prompt(task, index, sample, context_ids, query_ids, answer_ids))
+    return prompts
+
+
+def _line_key(line: dict) -> tuple:
+    return line["stage"], line["sha256"], line["task"], line["sample"]
+
+
+def finalists(entries: list[EvalPolicy], nll: dict[str, float], count: int) -> list[EvalPolicy]:
+    """The `count` candidates with the lowest mean proxy NLL (ties: by name)."""
+    ranked = sorted((e for e in entries if e.sha256 in nll), key=lambda e: (nll[e.sha256], e.name))
+    return ranked[:count]
+
+
+def tune(config: TuneConfig, model, tokenizer, progress: bool = True) -> dict:
+    """Runs (or resumes) the search; writes config.json, lines.jsonl, front.json, front.png and
+    best.kvp under `config.out`; returns front.json's content."""
+    shape = shape_from_config(model.config.to_dict(), name=config.model or "smollm2-135m",
+                              source="transformers", kv_dtype=config.cache_dtype)
+    prompts = calibration_prompts(tokenizer, config)
+    lengths = sorted({int(p.context_ids.shape[1]) for p in prompts})
+    space = candidates(shape, lengths, config.target, config.space, config.servable_only)
+    by_name: dict[str, Candidate] = {c.name: c for c in space}
+    entries = [baseline_policy()] + [EvalPolicy(c.name, c.policy, "") for c in space]
+    config.out.mkdir(parents=True, exist_ok=True)
+    (config.out / "config.json").write_text(json.dumps(
+        {**config.to_json(), "prompt_tokens": lengths,
+         "candidates": {c.name: c.text for c in space}}, indent=2) + "\n")
+    lines_path = config.out / "lines.jsonl"
+    every = load_lines(lines_path)
+    with open(lines_path, "w", encoding="utf-8") as handle:  # drop a half-written last line
+        handle.writelines(json.dumps(line) + "\n" for line in every)
+    keys = {p.key for p in prompts}  # a resumed run may have measured more samples before
+    lines = [line for line in every if (line["task"], line["sample"]) in keys]
+    done = {_line_key(line) for line in lines if line["stage"] != RECORDS}
+
+    def pending(stage: str, chosen: list[EvalPolicy], prompt: Prompt) -> list[EvalPolicy]:
+        return [e for e in chosen if (stage, e.sha256, prompt.task, prompt.index) not in done]
+
+    def write(line: dict) -> None:
+        lines.append(line)  # and to the file, as it is made
+        with open(lines_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line) + "\n")
+
+    observe = max(e.policy.score.observe for e in entries)
+    records: dict[tuple, tuple] = {}  # kept between the rungs: the prefill is the cost
+
+    def record(prompt: Prompt):
+        if prompt.key not in records:
+            prefill, last_logits, prefill_s = record_prefill(model, prompt.context_ids, observe)
+            passes = {chunk: reconstruct.record(model, reconstruct.instruction_ids(tokenizer),
+                                                prompt.context_ids, prefill, chunk,
+                                                reconstruct.special_ids(tokenizer))
+                      for chunk in reconstruct.chunks_needed(e.policy for e in entries)}
+            write({"stage": RECORDS, "sha256": "", "task": prompt.task, "sample": prompt.index,
+                   "prompt_tokens": int(prompt.context_ids.shape[1]), "prefill_s": prefill_s,
+                   "reconstruct_s": sum(passes.values())})
+            records[prompt.key] = (prefill, last_logits)
+        return records[prompt.key]
+
+    bar = progress_bar(len(prompts) * (len(entries) + min(config.finalists, len(space)) + 1),
+                       sum(1 for key in done if key[0] == PROXY), progress, "kvpolicy tune")
+    for prompt in prompts:  # rung 1: the proxy, every candidate
+        for entry in pending(PROXY, entries, prompt):
+            prefill, last_logits = record(prompt)
+            started = time.perf_counter()
+            result = answer_nll(model, entry, prefill, last_logits, prompt.query_ids,
+                                prompt.answer_ids, config.cache_dtype)
+            write({"stage": PROXY, "name": entry.name, "sha256": entry.sha256,
+                   "task": prompt.task, "sample": prompt.index, **result,
+                   "seconds": time.perf_counter() - started})
+            done.add((PROXY, entry.sha256, prompt.task, prompt.index))
+            bar.update(1)
+    proxy = means(lines, PROXY, "nll")
+    chosen = [entries[0]] + finalists(entries[1:], proxy, config.finalists)
+    bar.update(sum(1 for key in done if key[0] == ACCURACY
+                   and key[1] in {e.sha256 for e in chosen}))  # resumed survivors
+    for prompt in prompts:  # rung 2: the survivors generate
+        for entry in pending(ACCURACY, chosen, prompt):
+            prefill, last_logits = record(prompt)
+            started = time.perf_counter()
+            result = run_policy(model, tokenizer, entry, prompt.sample, prefill, last_logits,
+                                prompt.query_ids, config.cache_dtype)
+            write({"stage": ACCURACY, "name": entry.name, "sha256": entry.sha256,
+                   "task": prompt.task, "sample": prompt.index,
+                   **{k: result[k] for k in ("score", "output", "measured_bytes",
+                                             "compression_ratio")},
+                   "seconds": time.perf_counter() - started})
+            done.add((ACCURACY, entry.sha256, prompt.task, prompt.index))
+            bar.update(1)
+        records.pop(prompt.key, None)
+    bar.close()
+    return write_front(config, entries, by_name, lines, {e.name for e in chosen})
