@@ -101,6 +101,20 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys, args, messa
     assert not out.exists()
 
 
+def test_a_run_directory_with_other_calibration_prompts_is_not_resumed(tmp_path, capsys):
+    """Lines are keyed by task and sample index: resuming a run made at another context or
+    seed would mix measurements of other prompts, so it is refused before any work."""
+    from kvpolicy.cli import main
+    out = tmp_path / "tune"
+    out.mkdir()
+    earlier = {"model": "smollm2-135m", "context": 2048, "seed": 1000, "cache_dtype": "bfloat16"}
+    (out / "config.json").write_text(json.dumps(earlier))
+    assert main(["tune", "--target-ratio", "6", "--out", str(out)]) == 1
+    stderr = capsys.readouterr().err
+    assert "holds a tune run with other calibration prompts (context 2048 (now 4096))" in stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
 # ---- on the real model (slow) -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
