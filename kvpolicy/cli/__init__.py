@@ -12,8 +12,8 @@
 
 Diagnostics go to stderr as `file:line:col: error: …`, or name the path or option at fault; exit
 status 1 for any error in the input (the command line included), 70 for a bug in kvpolicy.
-Only `run`, `eval` and `tune` import torch (kvpolicy/cli/running.py); the others start in well
-under a second.
+Only `run`, `eval` (kvpolicy/cli/running.py) and `tune` (tuning.py) import torch; the others
+start in well under a second.
 """
 
 from __future__ import annotations

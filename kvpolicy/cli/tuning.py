@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from kvpolicy.cli.common import EXIT_ERROR, EXIT_OK, Reporter, unwritable_directory
+from kvpolicy.tune.config import CALIBRATION_SEED, DEFAULT_TASKS, TuneConfig
 
 MAX_TARGET = 64.0  # 2-bit keys and values with nearly everything evicted stay below this
 
@@ -26,12 +27,12 @@ def add_parser(commands) -> None:
                       "(default: the embedded SmolLM2-135M-Instruct)")
     tune.add_argument("--context", type=int, default=4096,
                       help="calibration prompt length in tokens (default 4096)")
-    tune.add_argument("--tasks", default="niah_single,niah_multikey,niah_multivalue,squad",
+    tune.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                       help="comma-separated generation tasks (default: %(default)s)")
     tune.add_argument("--samples", type=int, default=4, help="calibration samples per task "
                       "(default 4)")
-    tune.add_argument("--seed", type=int, default=None, help="calibration seed (default 1000; "
-                      "kvpolicy eval's default is 0: keep them apart)")
+    tune.add_argument("--seed", type=int, default=CALIBRATION_SEED, help="calibration seed "
+                      "(default %(default)s; kvpolicy eval's default is 0: keep them apart)")
     tune.add_argument("--space", choices=("default", "small"), default="default",
                       help="default: 4 scorers x 6 bit-widths; small: 2 x 2 (a smoke test)")
     tune.add_argument("--finalists", type=int, default=6,
@@ -50,7 +51,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from kvpolicy.engines.hf.model import ModelLoadError, model_directory
     from kvpolicy.eval.tasks import ACCURACY_TASKS
     from kvpolicy.models import ModelError, load_config
-    from kvpolicy.tune.config import CALIBRATION_SEED, TuneConfig
     reporter = Reporter()
     problems = []  # the arguments, then the model's shape: all before torch is imported
     if not 1.0 < args.target_ratio <= MAX_TARGET:  # also refuses nan
@@ -89,9 +89,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if problem:
         reporter.fail(problem)
         return EXIT_ERROR
-    seed = CALIBRATION_SEED if args.seed is None else args.seed
     earlier = _earlier_run(out)
-    wanted = {"model": model_name, "context": args.context, "seed": seed,
+    wanted = {"model": model_name, "context": args.context, "seed": args.seed,
               "cache_dtype": args.cache_dtype}
     changed = [f"{k} {earlier[k]} (now {v})" for k, v in wanted.items()
                if earlier is not None and earlier.get(k) != v]
@@ -113,7 +112,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     config = TuneConfig(target=args.target_ratio, out=out, context=args.context,
                         tasks=tuple(tasks), samples=args.samples,
-                        seed=seed,
+                        seed=args.seed,
                         space=args.space, finalists=args.finalists,
                         servable_only=args.servable, cache_dtype=args.cache_dtype,
                         model=args.model, command=shlex.join(["kvpolicy", *sys.argv[1:]]))
@@ -137,7 +136,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"best: {result['best']} -> {out / 'best.kvp'}; front: {out / 'front.json'}, "
           f"{out / 'front.png'}")
     return EXIT_OK
-
 
 
 def _earlier_run(out: Path) -> dict | None:

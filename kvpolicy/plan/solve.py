@@ -8,6 +8,7 @@ the closest ratio or the largest `retain` whose ratio still reaches the target.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from kvpolicy.lang.ir import Policy
@@ -33,8 +34,6 @@ def solve_retain(policy_at: Callable[[float], Policy], shape: ModelShape, contex
     if not at_least:
         best = min((round(low, 2), round(high, 2)), key=lambda p: abs(ratio(p) - target))
         return best, ratio(best)
-    for percent in (round(low, 2), round(low - 0.005, 2), 0.0):  # two decimals, still ≥ target
-        percent = max(percent, 0.0)
-        if ratio(percent) >= target:
-            return percent, ratio(percent)
-    return None
+    percent = math.floor(low * 100) / 100  # two decimals, at or below low: still ≥ target
+    reached = ratio(percent)
+    return (percent, reached) if reached >= target else None

@@ -52,11 +52,12 @@ class Prompt:
 
 
 def calibration_prompts(tokenizer, config: TuneConfig) -> list[Prompt]:
+    samples = {task: make_samples(task, tokenizer, config.context, config.samples, config.seed)
+               for task in config.tasks}  # each task's samples drawn once
     prompts = []
     for index in range(config.samples):  # sample-major, as eval
         for task in config.tasks:
-            sample = make_samples(task, tokenizer, config.context, config.samples,
-                                  config.seed)[index]
+            sample = samples[task][index]
             context_ids, query_ids = split_prompt(tokenizer, sample, question_aware=False)
             answer = " " + ", ".join(sample.answers if task == "niah_multivalue"
                                      else sample.answers[:1])
