@@ -3,7 +3,8 @@ Hugging Face runtime's paged cache (both over kvpolicy.store) decode the same gr
 SmolLM2 from needle prompts long enough that 128-token blocks leave the policy's window, seal and
 evict (650-930 tokens past the window: 2.7k-3k for the seed policies' 2,048-token window, under
 1.1k for KIVI's), and they seal the same blocks; the HF cache holds exactly the page plan's
-bytes.
+bytes. A shipped policy that no paged engine can run (`paged_refusals`: it ranks by
+`score reconstruct`) is refused by both, for the reason the reports print.
 
 Skipped when vLLM is not installed, unless KVPOLICY_REQUIRE_VLLM=1 (CI sets it)."""
 
@@ -22,10 +23,12 @@ if os.environ.get("KVPOLICY_REQUIRE_VLLM") != "1":
 from kvpolicy import load_policy  # noqa: E402
 from kvpolicy.compiler.artifact import compile_policy  # noqa: E402
 from kvpolicy.engines.hf import generate, load_model  # noqa: E402
+from kvpolicy.engines.hf.paged import PagedPolicyCache  # noqa: E402
 from kvpolicy.engines.hf.model import default_model_dir  # noqa: E402
 from kvpolicy.engines.vllm import offline  # noqa: E402
 from kvpolicy.models import resolve_model  # noqa: E402
-from kvpolicy.plan.pages import page_format  # noqa: E402
+from kvpolicy.plan.pages import (UnsupportedConfiguration, page_format,  # noqa: E402
+                                 paged_refusals)
 
 SHIPPED = sorted(p.stem for p in POLICIES.glob("*.kvp"))
 BLOCK = 128  # a multiple of every format unit; extreme's unit (64) keeps 64 of 128: it evicts
@@ -53,6 +56,15 @@ def test_vllm_and_the_hf_runtime_keep_and_decode_the_same(name, smol, tmp_path):
     model, tokenizer = smol
     shape = resolve_model("smollm2-135m")  # pages keep 16-bit regions in bfloat16
     policy = load_policy(POLICIES / f"{name}.kvp")
+    if refusals := paged_refusals(policy):
+        # vLLM's start-up (engines.vllm.settings) and the HF paged cache both ask page_format
+        with pytest.raises(UnsupportedConfiguration) as vllm_refused:
+            page_format(policy, shape, BLOCK, dtype_bytes=4)
+        with pytest.raises(UnsupportedConfiguration) as hf_refused:
+            PagedPolicyCache(policy, model, block_size=BLOCK)
+        assert vllm_refused.value.reasons == hf_refused.value.reasons
+        assert set(refusals) <= set(hf_refused.value.reasons)
+        return
     prompts = needle_prompts(tokenizer, policy.window)
     artifact = tmp_path / name
     compile_policy(policy, shape, artifact)

@@ -16,7 +16,7 @@ from conftest import POLICIES, SHIPPED, run_cli
 from kvpolicy import load_policy, make_plan
 from kvpolicy.diagnostics import Source
 from kvpolicy.eval.haystack import needle_sample
-from kvpolicy.engines.hf import PolicyCache, attend_through, generate, load_model
+from kvpolicy.engines.hf import PolicyCache, attend_through, generate, load_model, reconstruct
 from kvpolicy.lang.lower import check_source
 from kvpolicy.runtime import compress as compressor, reference as R
 
@@ -195,8 +195,10 @@ def test_adaptive_budgets_move_tokens_but_keep_the_bytes(smol):
 
 @pytest.fixture(scope="module")
 def prefills(smol):
-    """One recorded full-precision prefill per context length, shared by every policy."""
+    """One recorded full-precision prefill per context length, shared by every policy, with the
+    reconstruction passes any shipped policy's `score reconstruct` reads."""
     model, tokenizer = smol
+    chunks = reconstruct.chunks_needed(load_policy(path) for path in SHIPPED)
     recorded = {}
     for context in (700, 2300):
         sample = needle_sample(tokenizer, context, 0.5, seed=context)
@@ -205,7 +207,11 @@ def prefills(smol):
                             backend="torch")
         with attend_through(model), torch.no_grad():
             model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        recorded[ids.shape[1]] = ([layer.prefill for layer in cache.layers], cache.shape)
+        records = [layer.prefill for layer in cache.layers]
+        for chunk in sorted(chunks):
+            reconstruct.record(model, reconstruct.instruction_ids(tokenizer), ids, records, chunk,
+                               reconstruct.special_ids(tokenizer))
+        recorded[ids.shape[1]] = (records, cache.shape)
     return recorded
 
 
