@@ -13,7 +13,7 @@ from conftest import POLICIES
 from kvpolicy import load_policy
 from kvpolicy.eval import tasks as T
 from kvpolicy.eval.ablation import matched_ablation
-from kvpolicy.eval.report import render_report
+from kvpolicy.eval.report import relative_interval, render_report, summarize
 from kvpolicy.eval.runner import EvalConfig, EvalPolicy, baseline_policy, load_lines, run
 from kvpolicy.engines.hf import load_model
 from kvpolicy.models import resolve_model
@@ -45,6 +45,30 @@ def test_samples_are_deterministic_and_about_the_asked_length(smol, task):
         assert 300 <= length <= 660, (task, length)
         if task.startswith("niah") or task == "vt":
             assert all(answer in sample.context for answer in sample.answers)
+
+
+def _lines(policy, scores, ratio=4.0):
+    """Scored lines: scores[task] = per-sample scores."""
+    return [{"policy": policy, "task": task, "sample": i, "context": 100, "score": score,
+             "measured_bytes": int(1000 / ratio) + i, "planned_bytes": int(1000 / ratio) + i,
+             "baseline_bytes": 1000, "prompt_tokens": 100, "prefill_s": 0.0, "compress_s": 0.0}
+            for task, values in scores.items() for i, score in enumerate(values)]
+
+
+def test_the_interval_against_the_baseline_is_paired_and_can_exclude_the_baseline():
+    base = _lines("baseline", {"niah_single": [1, 1, 0, 1, 0, 1, 1, 0], "squad": [0.5] * 8}, 1)
+    same = _lines("same", {"niah_single": [1, 1, 0, 1, 0, 1, 1, 0], "squad": [0.5] * 8})
+    assert relative_interval(same, base) == [1.0, 1.0]  # paired: no spread for equal scores
+    lost = _lines("lost", {"niah_single": [0] * 8, "squad": [0.5] * 8})
+    low, high = relative_interval(lost, base)
+    assert high < 1 and low > 0  # loses every needle, keeps squad: strictly between
+    assert relative_interval(lost, base) == [low, high]  # seeded
+    one = _lines("one", {"niah_single": [1], "squad": [0.5]})
+    assert relative_interval(one, base) is None  # one prompt per task: no interval
+    rows = {row["policy"]: row for row in summarize(base + lost)["rows"]}
+    assert rows["lost"]["of_baseline"] == pytest.approx(0.25 / 0.5625)
+    assert rows["lost"]["of_baseline_interval"] == [low, high]
+    assert rows["lost"]["lowest_ratio"] == 1000 / (250 + 7)  # the prompt that compressed least
 
 
 def test_ablation_policies_are_matched_in_ratio():
