@@ -40,8 +40,8 @@ def _mean(values):
 
 
 def _task_mean_accuracy(scores: dict[tuple, float], draw: dict[str, list[tuple]]) -> float:
-    means = [sum(scores[key] for key in keys) / len(keys) for keys in draw.values() if keys]
-    return sum(means) / len(means)
+    """The accuracy as summarize computes it (a mean of task means), over a bootstrap draw."""
+    return _mean([_mean([scores[key] for key in keys]) for keys in draw.values()])
 
 
 def relative_interval(policy_lines: list[dict], baseline_lines: list[dict],
