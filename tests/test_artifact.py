@@ -149,6 +149,40 @@ def test_loaded_kernels_attend_like_the_reference(built):
     assert (got - want).abs().max() <= 1e-2 * want.abs().max() + 1e-3
 
 
+def test_a_policy_no_paged_engine_runs_gets_no_paged_kernels(tmp_path):
+    """`score reconstruct` needs the whole prompt, so vLLM and the paged store refuse it: its
+    artifact carries only the whole-prompt runtime's kernels (no paged decode, no page packs,
+    no C sources), still loads and attends like the reference, and asking it for the store's
+    kernels names the reason."""
+    from kvpolicy.store import paged
+    source = tmp_path / "recon.kvp"
+    source.write_text("policy recon {\n    keep sinks 4\n    keep window 64\n    retain 60%\n"
+                      "    score reconstruct(pool = max 7)\n"
+                      "    keys int4 group 64 per channel\n"
+                      "    values int3 group 64 per token\n}\n")
+    out = tmp_path / "artifact"
+    compile_policy(kvpolicy.load_policy(source), SMOL, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {kernel["kind"] for kernel in manifest["kernels"]} == {"combine", "decode", "pack",
+                                                                  "unpack"}
+    assert manifest["pages"] == {}
+    assert not any(name.endswith(".c") for name in manifest["files"])
+    compiled = kvpolicy.load(out)
+    modules = compiled.layer_kernels(0)
+    assert set(modules) == {"decode", "combine", "pack_body", "unpack_body"}
+    plan = compiled.plan(4096)
+    formats = (plan.layers[0].keys, plan.layers[0].values)  # no guard tokens, no centroids
+    layer = random_layer(seed=5, heads=SMOL.num_kv_heads, head_dim=64, batch=1, centroids=0,
+                         guard=formats, body=formats, guard_counts=[[0] * SMOL.num_kv_heads])
+    q = torch.randn(1, SMOL.num_q_heads, 64)
+    got = launch.decode(modules["decode"], modules["combine"], q, layer, num_splits=2)
+    want, _ = R.attend(q, layer, 1 / math.sqrt(64))
+    assert (got - want).abs().max() <= 1e-2 * want.abs().max() + 1e-3
+    for kernels_for in (paged.kernels_for, paged.cpu_kernels_for):
+        with pytest.raises(ValueError, match="no paged kernels: .*reconstruct"):
+            kernels_for(compiled, 0)
+
+
 def test_one_changed_byte_is_refused(built):
     kernel = next((built / "kernels").glob("decode_*.py"))
     data = bytearray(kernel.read_bytes())

@@ -23,7 +23,7 @@ from kvpolicy.compiler.specs import BlockSpec, PackSpec, PagedDecodeSpec, specs_
 from kvpolicy.format import block_layout
 from kvpolicy.lang.ir import QuantFormat
 from kvpolicy.models import resolve_model
-from kvpolicy.plan.pages import PAGE_ALIGN
+from kvpolicy.plan.pages import PAGE_ALIGN, paged_refusals
 from kvpolicy.plan.planner import make_plan
 from kvpolicy.runtime import cpu
 from kvpolicy.runtime import reference as R
@@ -260,9 +260,16 @@ def test_a_head_dim_the_decode_kernel_cannot_vectorize_is_refused_by_name():
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_every_shipped_policy_has_c_kernels_that_compile(path, model):
     """Each shipped policy's paged decode and page pack specs, as an artifact carries them,
-    compile with the system C compiler (the libraries a CPU engine loads)."""
-    compiled = specs_for(make_plan(load_policy(path), resolve_model(model), 4096))
+    compile with the system C compiler (the libraries a CPU engine loads); a policy no paged
+    engine runs has none."""
+    policy = load_policy(path)
+    compiled = specs_for(make_plan(policy, resolve_model(model), 4096))
     by_uri = {spec.uri: spec for spec in compiled.specs}
+    if paged_refusals(policy):
+        assert not any(isinstance(spec, PagedDecodeSpec) for spec in compiled.specs)
+        assert all(layer.paged_decode is layer.pack_page_body is layer.pack_page_guard is None
+                   for layer in compiled.layers)
+        return
     built = set()
     for layer in compiled.layers:
         for role, kind in (("paged_decode", "paged_decode"), ("pack_page_body", "pack"),

@@ -62,14 +62,29 @@ def _block_regions(spec: DecodeSpec) -> list[dict]:
     return regions
 
 
+def _tile_elements(spec: DecodeSpec | PagedDecodeSpec) -> int:
+    """Elements of the largest block tile a decode kernel's loop holds (a block's tokens, times
+    the blocks one step loads to reach 16 tokens, times the padded head)."""
+    dp = head_view(spec.head_dim, spec.kv_dtype)["dp"]
+    tiles = [block.tokens * max(1, 16 // block.tokens) for block in (spec.guard, spec.body)
+             if block is not None]
+    return max(tiles, default=0) * dp
+
+
+def _decode_warps(spec: DecodeSpec) -> int:
+    """Warps for the whole-prompt decode kernel: 16 when a block tile holds 64+ tokens of a
+    128-wide head, else 4. Measured on sm_90 for 64-token blocks of a 128-wide head (GQA 7):
+    int4 keys / int3 values spill with 4 warps (255 registers + 128 bytes of stack) and with 8
+    (255 + 8), not with 16 (127); int2 / int2 sits at 255 with 4 warps (244 with 8, 128 with
+    16). Smaller tiles stay at 4 (<= 220 registers)."""
+    return 16 if _tile_elements(spec) >= 64 * 128 else 4
+
+
 def _paged_warps(spec: PagedDecodeSpec) -> int:
     """Warps for the paged decode kernel: 8 when a page tile holds 64+ tokens of a 128-wide head
     (with 4, its loop nest spills on sm_90: 255 registers + 48 bytes of stack; with 8, 226 and
     none), else 4."""
-    dp = head_view(spec.head_dim, spec.kv_dtype)["dp"]
-    tiles = [block.tokens * max(1, 16 // block.tokens) for block in (spec.guard, spec.body)
-             if block is not None]
-    return 8 if max(tiles) * dp >= 64 * 128 else 4
+    return 8 if _tile_elements(spec) >= 64 * 128 else 4
 
 
 def render_cpu(spec: PagedDecodeSpec | PackSpec) -> str:
@@ -104,6 +119,7 @@ def render(spec: KernelSpec) -> str:
         context["body"] = block_view(spec.body) if spec.body else None
         context["dense_regions"] = _dense_regions(spec)
         context["block_regions"] = _block_regions(spec)
+        context["num_warps"] = _decode_warps(spec)
     else:
         context["head"] = head_view(spec.head_dim, "float16")
     return template.render(**context)

@@ -13,6 +13,7 @@ from math import ceil
 
 from kvpolicy import format as storage
 from kvpolicy.lang.ir import QuantFormat
+from kvpolicy.plan.pages import paged_refusals
 from kvpolicy.plan.planner import Plan, block_layouts
 
 KV_CODES = {"float16": 0, "bfloat16": 1}
@@ -183,9 +184,10 @@ class LayerKernels:
     pack_guard: str | None
     unpack_guard: str | None
     # paged engines (kvpolicy.store): the decode kernel over pages and staging, and the pack
-    # kernels of the page plan's position-free layouts
-    paged_decode: str
-    pack_page_body: str
+    # kernels of the page plan's position-free layouts; None for a policy no paged engine runs
+    # (plan.pages.paged_refusals)
+    paged_decode: str | None
+    pack_page_body: str | None
     pack_page_guard: str | None
 
 
@@ -197,10 +199,13 @@ class CompiledSpecs:
 
 def specs_for(plan: Plan) -> CompiledSpecs:
     """The kernels a plan needs, per layer: the whole-prompt runtime's (its block layouts) and
-    the paged store's (the same formats in position-free blocks). The plan is the hand-off: its
-    layers' formats and layouts are read, not re-derived. Raises ValueError for a cache the
-    kernels do not support (they read 16-bit keys and values)."""
+    the paged store's (the same formats in position-free blocks) unless the policy is one no
+    paged engine runs (`paged_refusals`: vLLM and the store refuse it before they would load a
+    kernel). The plan is the hand-off: its layers' formats and layouts are read, not
+    re-derived. Raises ValueError for a cache the kernels do not support (they read 16-bit keys
+    and values)."""
     policy, model = plan.policy, plan.model
+    servable = not paged_refusals(policy)
     if model.kv_dtype not in KV_CODES:
         raise ValueError(f"the kernels need a 16-bit cache (float16 or bfloat16), not "
                          f"{model.kv_dtype}")
@@ -221,19 +226,22 @@ def specs_for(plan: Plan) -> CompiledSpecs:
                                 sinks=policy.sinks > 0,
                                 centroids=policy.cluster is not None and policy.evicts,
                                 guard=guard_spec, body=body))
-        page_guard_layout, page_body_layout = block_layouts(policy, model, keys, values, guard,
-                                                            positions=False)
-        page_body = BlockSpec.of(page_body_layout)
-        page_guard = BlockSpec.of(page_guard_layout) if guarded else None
-        paged = add(PagedDecodeSpec(model.head_dim, model.kv_dtype, model.gqa_group,
-                                    guard=page_guard, body=page_body))
+        paged = pack_page_body = pack_page_guard = None
+        if servable:
+            page_guard_layout, page_body_layout = block_layouts(policy, model, keys, values,
+                                                                guard, positions=False)
+            page_body = BlockSpec.of(page_body_layout)
+            page_guard = BlockSpec.of(page_guard_layout) if guarded else None
+            paged = add(PagedDecodeSpec(model.head_dim, model.kv_dtype, model.gqa_group,
+                                        guard=page_guard, body=page_body))
+            pack_page_body = add(PackSpec(page_body))
+            pack_page_guard = add(PackSpec(page_guard)) if page_guard else None
         layers.append(LayerKernels(
             layer=index, decode=decode, combine=combine,
             pack_body=add(PackSpec(body)), unpack_body=add(UnpackSpec(body)),
             pack_guard=add(PackSpec(guard_spec)) if guard_spec else None,
             unpack_guard=add(UnpackSpec(guard_spec)) if guard_spec else None,
-            paged_decode=paged, pack_page_body=add(PackSpec(page_body)),
-            pack_page_guard=add(PackSpec(page_guard)) if page_guard else None))
+            paged_decode=paged, pack_page_body=pack_page_body, pack_page_guard=pack_page_guard))
     return CompiledSpecs(tuple(found[uri] for uri in sorted(found)), tuple(layers))
 
 

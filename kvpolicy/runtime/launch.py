@@ -153,7 +153,7 @@ def decode(decode_kernels: ModuleType, combine_kernels: ModuleType, q: torch.Ten
         layer.body_count.to(torch.int32).contiguous(),
         part_m, part_l, part_acc, kv_heads, num_splits,
         BLOCK_T=block_t, GUARD_STEP=_step(decode_kernels, "GUARD_"),
-        BODY_STEP=_step(decode_kernels, "BODY_"))
+        BODY_STEP=_step(decode_kernels, "BODY_"), num_warps=decode_kernels.NUM_WARPS)
     out, _, _ = _combine(combine_kernels, part_m, part_l, part_acc, num_splits)
     return out.reshape(batch, q_heads, head_dim)
 

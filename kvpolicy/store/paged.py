@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpolicy.plan.pages import PageFormat, UnsupportedConfiguration
+from kvpolicy.plan.pages import PageFormat, UnsupportedConfiguration, paged_refusals
 from kvpolicy.runtime import reference as R
 from kvpolicy.store import staging
 
@@ -61,9 +61,20 @@ class StoreKernels:
     packer: Callable | None = None
 
 
+def _paged_roles(compiled, layer: int):
+    """`layer`'s kernel roles, which must include the paged ones: an artifact of a policy no
+    paged engine runs has none (its start-up refusal comes first; this is the backstop)."""
+    roles = compiled.layers[layer]
+    if roles.paged_decode is None:
+        raise ValueError(f"the artifact of {compiled.policy.name!r} has no paged kernels: "
+                         + "; ".join(paged_refusals(compiled.policy)))
+    return roles
+
+
 def kernels_for(compiled, layer: int, num_splits: int | None = None) -> StoreKernels:
     """The store's Triton kernels for `layer` from a loaded artifact (`kvpolicy.load`)."""
     from kvpolicy.runtime import launch
+    _paged_roles(compiled, layer)
     modules = compiled.layer_kernels(layer)
     splits = num_splits or compiled.launch.get("num_splits", 4)
     return StoreKernels(decode=functools.partial(launch.paged_decode, modules["paged_decode"],
@@ -76,7 +87,7 @@ def cpu_kernels_for(compiled, layer: int) -> StoreKernels:
     and page pack specs (`kvpolicy.runtime.cpu`), compiled on first use. Raises
     runtime.cpu.CpuKernelError when they cannot be compiled."""
     from kvpolicy.runtime import cpu
-    roles = compiled.layers[layer]
+    roles = _paged_roles(compiled, layer)
     library = cpu.build(compiled.cpu_source(roles.paged_decode))
     packs = {uri: compiled.cpu_source(uri) for uri in (roles.pack_page_body,
                                                        roles.pack_page_guard) if uri}

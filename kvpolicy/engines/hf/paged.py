@@ -119,6 +119,10 @@ class PagedPolicyCache(Cache):
             self.policy = compiled.policy
         else:
             self.policy = load_policy(policy)
+        # the gate first: a policy no paged engine runs is refused before anything is compiled
+        # (staging in cache_dtype; the baseline page (vLLM's own) in the model's dtype)
+        self.fmt: PageFormat = page_format(self.policy, self.shape, block_size,
+                                           dtype_bytes=next(model.parameters()).element_size())
         if compiled_kernels and compiled is None:
             compiled = compile_to_cache(self.policy, self.shape)
         self._kernels = None
@@ -135,9 +139,6 @@ class PagedPolicyCache(Cache):
                               stacklevel=2)
                 backend = "torch"
         self.backend = backend
-        # staging in cache_dtype; the baseline page (vLLM's own) in the model's dtype
-        self.fmt: PageFormat = page_format(self.policy, self.shape, block_size,
-                                           dtype_bytes=next(model.parameters()).element_size())
         self.notes = policy_notes(self.policy, block_size)
         self.pool = torch.zeros(0, self.shape.num_layers, self.shape.num_kv_heads, 1,
                                 self.fmt.page_bytes, dtype=torch.uint8, device=device)
