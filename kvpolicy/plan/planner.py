@@ -22,6 +22,7 @@ sinks, window and selected tokens would come to none keeps its most recent token
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -139,9 +140,14 @@ def make_plan(policy: Policy, model: ModelShape, context: int) -> Plan:
     _budget_warnings(d, policy, model, context, sinks + window, schedule)
 
     layers = []
+    planned: dict[tuple, LayerPlan] = {}  # layers alike but for their index are planned once
     for index, ratio in enumerate(schedule.ratios):
         keys, values, guard = formats[index]
-        layers.append(_layer_plan(policy, model, context, index, ratio, keys, values, guard))
+        alike = planned.get((ratio, keys, values, guard))
+        if alike is None:
+            alike = planned[ratio, keys, values, guard] = _layer_plan(
+                policy, model, context, index, ratio, keys, values, guard)
+        layers.append(alike if alike.layer == index else dataclasses.replace(alike, layer=index))
     newest_only = [layer.layer for layer in layers if layer.sinks + layer.selected == 0
                    and policy.window == 0 and layer.window == 1 and layer.evicted > 0]
     if newest_only:
