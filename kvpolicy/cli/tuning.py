@@ -27,6 +27,10 @@ def add_parser(commands) -> None:
                       "(default: the embedded SmolLM2-135M-Instruct)")
     tune.add_argument("--context", type=int, default=4096,
                       help="calibration prompt length in tokens (default 4096)")
+    tune.add_argument("--min-prompt", type=int, metavar="TOKENS",
+                      help="every candidate reaches the target at every prompt length from this "
+                      "one to 1/8 of --context past the longest calibration prompt (default: "
+                      "3/4 of --context; 0: the calibration prompts' lengths only)")
     tune.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                       help="comma-separated generation tasks (default: %(default)s)")
     tune.add_argument("--samples", type=int, default=4, help="calibration samples per task "
@@ -68,6 +72,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.context < 256:
         problems.append(f"--context {args.context}: at least 256 tokens (a prompt shorter "
                         "than its sinks, window and question has nothing to compress)")
+    if args.min_prompt is not None and not 0 <= args.min_prompt <= args.context:
+        problems.append(f"--min-prompt {args.min_prompt}: between 0 and --context "
+                        f"({args.context})")
     if problems:
         for problem in problems:
             reporter.fail(problem)
@@ -100,7 +107,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     try:
         from kvpolicy.engines.hf import load_model
-        from kvpolicy.tune.search import tune
+        from kvpolicy.tune.search import NoCandidates, tune
     except ImportError as exc:
         reporter.fail(f"kvpolicy tune needs the evaluation extras ({exc}); "
                       "pip install 'kvpolicy[eval]'")
@@ -111,7 +118,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         reporter.fail(str(exc))
         return EXIT_ERROR
     config = TuneConfig(target=args.target_ratio, out=out, context=args.context,
-                        tasks=tuple(tasks), samples=args.samples,
+                        min_prompt=args.min_prompt, tasks=tuple(tasks), samples=args.samples,
                         seed=args.seed,
                         space=args.space, finalists=args.finalists,
                         servable_only=args.servable, cache_dtype=args.cache_dtype,
@@ -119,7 +126,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"kvpolicy tune: target {args.target_ratio:g}x, {args.samples} calibration samples x "
           f"{len(tasks)} tasks at ~{args.context} tokens (seed {config.seed}) -> {out} "
           "(rerun the same command to resume)", file=sys.stderr)
-    result = tune(config, model, tokenizer, progress=not args.no_progress)
+    try:
+        result = tune(config, model, tokenizer, progress=not args.no_progress)
+    except NoCandidates as exc:
+        reporter.fail(str(exc))
+        return EXIT_ERROR
     print(f"{'candidate':<20} {'ratio':>7} {'min':>7} {'NLL':>7} {'accuracy':>9}  servable")
     for row in sorted(result["rows"], key=lambda r: (r["accuracy"] is None, r["nll"])):
         accuracy = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"

@@ -15,6 +15,7 @@ class TuneConfig:
     target: float  # the compression ratio every candidate reaches
     out: Path
     context: int = 4096
+    min_prompt: int | None = None  # the target holds from this length on (space.checked_lengths)
     tasks: tuple[str, ...] = DEFAULT_TASKS
     samples: int = 4  # per task
     seed: int = CALIBRATION_SEED
@@ -27,7 +28,9 @@ class TuneConfig:
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"target_ratio": self.target, "context": self.context, "tasks": list(self.tasks),
+        return {"target_ratio": self.target, "context": self.context,
+                "min_prompt": self.context * 3 // 4 if self.min_prompt is None
+                else self.min_prompt, "tasks": list(self.tasks),
                 "samples_per_task": self.samples, "seed": self.seed, "space": self.space,
                 "finalists": self.finalists, "servable_only": self.servable_only,
                 "cache_dtype": self.cache_dtype, "model": self.model or "smollm2-135m",

@@ -2,7 +2,8 @@
 measurement on calibration samples — two rungs of successive halving.
 
 1. **Space** (`tune/space.py`): every scorer × key/value bit-width combination, `retain` solved
-   so that each plan reaches the target ratio at every calibration prompt's length.
+   so that each plan reaches the target ratio at every calibration prompt's length and at every
+   length from `min_prompt` (default 3/4 of the context) to a little past the longest.
 2. **Rung 1, the proxy, every candidate**: each calibration prompt is prefilled once in full
    precision (and re-read once, when a candidate scores by `reconstruct`); every candidate
    compresses that record and is scored by the negative log-likelihood of the expected answer
@@ -34,7 +35,7 @@ from kvpolicy.eval.tasks import make_samples
 from kvpolicy.models import shape_from_config
 from kvpolicy.tune.config import TuneConfig
 from kvpolicy.tune.front import ACCURACY, PROXY, RECORDS, means, write_front
-from kvpolicy.tune.space import Candidate, candidates
+from kvpolicy.tune.space import Candidate, candidates, checked_lengths
 
 
 @dataclass
@@ -77,6 +78,10 @@ def finalists(entries: list[EvalPolicy], nll: dict[str, float], count: int) -> l
     return ranked[:count]
 
 
+class NoCandidates(Exception):
+    """The space has no candidate that reaches the target at every checked length."""
+
+
 def tune(config: TuneConfig, model, tokenizer, progress: bool = True) -> dict:
     """Runs (or resumes) the search; writes config.json, lines.jsonl, front.json, front.png and
     best.kvp under `config.out`; returns front.json's content."""
@@ -84,7 +89,14 @@ def tune(config: TuneConfig, model, tokenizer, progress: bool = True) -> dict:
                               source="transformers", kv_dtype=config.cache_dtype)
     prompts = calibration_prompts(tokenizer, config)
     lengths = sorted({int(p.context_ids.shape[1]) for p in prompts})
-    space = candidates(shape, lengths, config.target, config.space, config.servable_only)
+    checked = checked_lengths(lengths, config.context, config.min_prompt)
+    space = candidates(shape, checked, config.target, config.space, config.servable_only,
+                       calibration=lengths)
+    if not space:
+        raise NoCandidates(f"no candidate of the {config.space} space reaches "
+                           f"{config.target:g}x at every prompt length from {checked[0]:,} to "
+                           f"{checked[-1]:,} tokens (at the shortest, sinks and window alone "
+                           "keep too much); raise --min-prompt or lower --target-ratio")
     by_name: dict[str, Candidate] = {c.name: c for c in space}
     entries = [baseline_policy()] + [EvalPolicy(c.name, c.policy, "") for c in space]
     config.out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ does not matter: that combination is one candidate, without `retain`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from kvpolicy.diagnostics import Source
 from kvpolicy.lang.ir import Policy
@@ -20,7 +20,6 @@ from kvpolicy.lang.lower import check_source
 from kvpolicy.models import ModelShape
 from kvpolicy.plan.pages import paged_refusals
 from kvpolicy.plan.planner import make_plan
-from kvpolicy.plan.solve import solve_retain
 
 # name → (score statement, adapt statement or "")
 SCORERS = {
@@ -74,40 +73,101 @@ def _lowest_ratio(policy: Policy, shape: ModelShape, lengths: Sequence[int]) -> 
     return min(make_plan(policy, shape, n).compression_ratio for n in lengths)
 
 
+def checked_lengths(calibration: Sequence[int], context: int,
+                    min_prompt: int | None = None) -> list[int]:
+    """The prompt lengths a candidate must reach the target at: every calibration prompt's, and
+    every length from `min_prompt` (default 3/4 of `context`) to 1/8 of `context` past the
+    longest calibration prompt — held-out prompts are a little shorter or longer than the
+    calibration ones, and with sinks and a window of fixed size (and budgets in whole token
+    units) the ratio moves with the length. `min_prompt=0`: the calibration lengths only."""
+    lengths = set(calibration)
+    if min_prompt != 0:
+        low = context * 3 // 4 if min_prompt is None else min_prompt
+        high = max([context, *calibration]) + context // 8
+        lengths.update(range(low, max(low, high) + 1))
+    return sorted(lengths)
+
+
+class _Lengths:
+    """Whether a policy's plan reaches the target at every length, checked cheaply: bisections
+    probe a sample of the lengths (the calibration ones, every 64th, the ends, and each length
+    that has failed a full check), and only their answer is checked at every length."""
+
+    def __init__(self, shape: ModelShape, lengths: Sequence[int], target: float,
+                 calibration: Sequence[int] = ()):
+        self.shape, self.lengths, self.target = shape, sorted(set(lengths)), target
+        self.sample = {*calibration, *self.lengths[::64], self.lengths[0], self.lengths[-1]}
+
+    def failing(self, policy: Policy, lengths=None) -> int | None:
+        """The first length (of `lengths`, default all) whose plan misses the target."""
+        for n in sorted(self.sample) if lengths == "sample" else self.lengths:
+            if make_plan(policy, self.shape, n).compression_ratio < self.target:
+                return n
+        return None
+
+    def all_failing(self, policy: Policy) -> list[int]:
+        return [n for n in self.lengths
+                if make_plan(policy, self.shape, n).compression_ratio < self.target]
+
+    def largest_retain(self, policy_at: Callable[[float], Policy]) -> float | None:
+        """The largest retain (two decimals) whose policy reaches the target at every length
+        (bisection over hundredths of a percent on the sample: a plan keeps no fewer tokens at
+        a larger retain; then the whole range, the lengths that fail joining the sample); None
+        when even retain 0% does not (sinks and window alone keep too much)."""
+        if self.failing(policy_at(0.0)) is not None:
+            return None
+        high = 10001  # not known to reach at high/100
+        while True:
+            low = 0
+            while high - low > 1:
+                middle = (low + high) // 2
+                if self.failing(policy_at(middle / 100), "sample") is None:
+                    low = middle
+                else:
+                    high = middle
+            missed = self.all_failing(policy_at(low / 100))
+            if not missed:
+                return low / 100
+            self.sample.update(missed)
+            high = low
+
+
 def candidates(shape: ModelShape, lengths: Sequence[int], target: float,
-               space: str = "default", servable_only: bool = False) -> list[Candidate]:
+               space: str = "default", servable_only: bool = False,
+               calibration: Sequence[int] = ()) -> list[Candidate]:
     """Every candidate of `space` whose planned ratio reaches `target` at each prompt length in
-    `lengths` (a plan's ratio is what the cache measures, so this holds for every calibration
-    prompt), each with the largest `retain` (two decimals) that does. `planned_ratio` is the
-    lowest over the lengths."""
+    `lengths` (a plan's ratio is what the cache measures, so this holds for every prompt of
+    those lengths; `checked_lengths` says which), each with the largest `retain` (two
+    decimals) that does. `planned_ratio` is the lowest over the lengths. `calibration`: lengths
+    worth probing first (the calibration prompts')."""
     scorers, bits = SPACES[space]
     lengths = sorted(set(lengths))
+    check = _Lengths(shape, lengths, target, calibration)
     found: dict[str, Candidate] = {}
     for key_bits, value_bits in bits:
         suffix = "" if key_bits == 16 else f"_k{key_bits}v{value_bits}"
         whole = f"full{suffix or '_16bit'}"
         text = policy_text(whole, "recent", key_bits, value_bits, None)
-        ratio = _lowest_ratio(parse(whole, text), shape, lengths)
-        if ratio >= target:  # quantization alone reaches it: nothing to evict
-            found[whole] = Candidate(whole, text, parse(whole, text), ratio, True)
+        if check.failing(parse(whole, text)) is None:  # quantization alone reaches it: nothing to evict
+            policy = parse(whole, text)
+            found[whole] = Candidate(whole, text, policy, _lowest_ratio(policy, shape, lengths),
+                                     True)
             continue
-        # the bytes do not depend on the scorer: solve once per length, keep the lowest retain
-        solved = [solve_retain(lambda p: parse(whole, policy_text(whole, "recent", key_bits,
-                                                                  value_bits, p)),
-                               shape, n, target, at_least=True) for n in lengths]
-        if any(s is None for s in solved):  # even retain 0% keeps too much (sinks and window)
-            continue
-        start = min(percent for percent, _ in solved)
+        # the bytes depend on the scorer only through adapt: solved once for each
+        solved: dict[str, tuple[float, float] | None] = {}
         for scorer in scorers:
             name = f"{scorer}{suffix}"
-            percent = start
-            while True:  # adapt may round budgets differently: step down until every length fits
-                text = policy_text(name, scorer, key_bits, value_bits, percent)
-                policy = parse(name, text)
-                ratio = _lowest_ratio(policy, shape, lengths)
-                if ratio >= target or percent <= 0:
-                    break
-                percent = max(round(percent - 0.01, 2), 0.0)
-            if ratio >= target:
-                found[name] = Candidate(name, text, policy, ratio, not paged_refusals(policy))
+            adapt = SCORERS[scorer][1]
+            if adapt not in solved:
+                percent = check.largest_retain(
+                    lambda p: parse(name, policy_text(name, scorer, key_bits, value_bits, p)))
+                solved[adapt] = None if percent is None else (percent, _lowest_ratio(
+                    parse(name, policy_text(name, scorer, key_bits, value_bits, percent)),
+                    shape, lengths))
+            if solved[adapt] is None:
+                continue
+            percent, ratio = solved[adapt]
+            text = policy_text(name, scorer, key_bits, value_bits, percent)
+            policy = parse(name, text)
+            found[name] = Candidate(name, text, policy, ratio, not paged_refusals(policy))
     return [c for c in found.values() if c.servable or not servable_only]
