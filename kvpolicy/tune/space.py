@@ -12,7 +12,7 @@ does not matter: that combination is one candidate, without `retain`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from kvpolicy.diagnostics import Source
 from kvpolicy.lang.ir import Policy
@@ -98,34 +98,32 @@ class _Lengths:
         self.shape, self.lengths, self.target = shape, sorted(set(lengths)), target
         self.sample = {*calibration, *self.lengths[::64], self.lengths[0], self.lengths[-1]}
 
-    def failing(self, policy: Policy, lengths=None) -> int | None:
-        """The first length (of `lengths`, default all) whose plan misses the target."""
-        for n in sorted(self.sample) if lengths == "sample" else self.lengths:
-            if make_plan(policy, self.shape, n).compression_ratio < self.target:
-                return n
-        return None
-
-    def all_failing(self, policy: Policy) -> list[int]:
-        return [n for n in self.lengths
+    def failing(self, policy: Policy, lengths: Iterable[int] | None = None) -> list[int]:
+        """The lengths (of `lengths`, default all) whose plan misses the target."""
+        return [n for n in (self.lengths if lengths is None else lengths)
                 if make_plan(policy, self.shape, n).compression_ratio < self.target]
+
+    def reaches_on_sample(self, policy: Policy) -> bool:
+        return all(make_plan(policy, self.shape, n).compression_ratio >= self.target
+                   for n in sorted(self.sample))
 
     def largest_retain(self, policy_at: Callable[[float], Policy]) -> float | None:
         """The largest retain (two decimals) whose policy reaches the target at every length
         (bisection over hundredths of a percent on the sample: a plan keeps no fewer tokens at
         a larger retain; then the whole range, the lengths that fail joining the sample); None
         when even retain 0% does not (sinks and window alone keep too much)."""
-        if self.failing(policy_at(0.0)) is not None:
+        if self.failing(policy_at(0.0)):
             return None
         high = 10001  # not known to reach at high/100
         while True:
             low = 0
             while high - low > 1:
                 middle = (low + high) // 2
-                if self.failing(policy_at(middle / 100), "sample") is None:
+                if self.reaches_on_sample(policy_at(middle / 100)):
                     low = middle
                 else:
                     high = middle
-            missed = self.all_failing(policy_at(low / 100))
+            missed = self.failing(policy_at(low / 100))
             if not missed:
                 return low / 100
             self.sample.update(missed)
@@ -148,8 +146,8 @@ def candidates(shape: ModelShape, lengths: Sequence[int], target: float,
         suffix = "" if key_bits == 16 else f"_k{key_bits}v{value_bits}"
         whole = f"full{suffix or '_16bit'}"
         text = policy_text(whole, "recent", key_bits, value_bits, None)
-        if check.failing(parse(whole, text)) is None:  # quantization alone reaches it: nothing to evict
-            policy = parse(whole, text)
+        policy = parse(whole, text)
+        if not check.failing(policy):  # quantization alone reaches it: nothing to evict
             found[whole] = Candidate(whole, text, policy, _lowest_ratio(policy, shape, lengths),
                                      True)
             continue
