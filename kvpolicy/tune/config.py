@@ -10,6 +10,11 @@ CALIBRATION_SEED = 1000
 DEFAULT_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "squad")
 
 
+def min_prompt_or_default(context: int, min_prompt: int | None) -> int:
+    """The shortest prompt length the target must hold at: 3/4 of the context by default."""
+    return context * 3 // 4 if min_prompt is None else min_prompt
+
+
 @dataclass
 class TuneConfig:
     target: float  # the compression ratio every candidate reaches
@@ -29,8 +34,8 @@ class TuneConfig:
 
     def to_json(self) -> dict:
         return {"target_ratio": self.target, "context": self.context,
-                "min_prompt": self.context * 3 // 4 if self.min_prompt is None
-                else self.min_prompt, "tasks": list(self.tasks),
+                "min_prompt": min_prompt_or_default(self.context, self.min_prompt),
+                "tasks": list(self.tasks),
                 "samples_per_task": self.samples, "seed": self.seed, "space": self.space,
                 "finalists": self.finalists, "servable_only": self.servable_only,
                 "cache_dtype": self.cache_dtype, "model": self.model or "smollm2-135m",

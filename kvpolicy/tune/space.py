@@ -12,7 +12,7 @@ does not matter: that combination is one candidate, without `retain`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 from kvpolicy.diagnostics import Source
 from kvpolicy.lang.ir import Policy
@@ -20,6 +20,7 @@ from kvpolicy.lang.lower import check_source
 from kvpolicy.models import ModelShape
 from kvpolicy.plan.pages import paged_refusals
 from kvpolicy.plan.planner import make_plan
+from kvpolicy.tune.config import min_prompt_or_default
 
 # name → (score statement, adapt statement or "")
 SCORERS = {
@@ -69,20 +70,17 @@ def parse(name: str, text: str) -> Policy:
     return result.policy
 
 
-def _lowest_ratio(policy: Policy, shape: ModelShape, lengths: Sequence[int]) -> float:
-    return min(make_plan(policy, shape, n).compression_ratio for n in lengths)
-
-
 def checked_lengths(calibration: Sequence[int], context: int,
                     min_prompt: int | None = None) -> list[int]:
     """The prompt lengths a candidate must reach the target at: every calibration prompt's, and
-    every length from `min_prompt` (default 3/4 of `context`) to 1/8 of `context` past the
-    longest calibration prompt — held-out prompts are a little shorter or longer than the
-    calibration ones, and with sinks and a window of fixed size (and budgets in whole token
-    units) the ratio moves with the length. `min_prompt=0`: the calibration lengths only."""
+    every length from `min_prompt` (default 3/4 of `context`: `config.min_prompt_or_default`) to
+    1/8 of `context` past the longest calibration prompt — held-out prompts are a little shorter
+    or longer than the calibration ones, and with sinks and a window of fixed size (and budgets
+    in whole token units) the ratio moves with the length. `min_prompt=0`: the calibration
+    lengths only."""
     lengths = set(calibration)
-    if min_prompt != 0:
-        low = context * 3 // 4 if min_prompt is None else min_prompt
+    low = min_prompt_or_default(context, min_prompt)
+    if low != 0:
         high = max([context, *calibration]) + context // 8
         lengths.update(range(low, max(low, high) + 1))
     return sorted(lengths)
@@ -98,21 +96,24 @@ class _Lengths:
         self.shape, self.lengths, self.target = shape, sorted(set(lengths)), target
         self.sample = {*calibration, *self.lengths[::64], self.lengths[0], self.lengths[-1]}
 
-    def failing(self, policy: Policy, lengths: Iterable[int] | None = None) -> list[int]:
-        """The lengths (of `lengths`, default all) whose plan misses the target."""
-        return [n for n in (self.lengths if lengths is None else lengths)
-                if make_plan(policy, self.shape, n).compression_ratio < self.target]
+    def ratios(self, policy: Policy) -> dict[int, float]:
+        """The plan's ratio at every length."""
+        return {n: make_plan(policy, self.shape, n).compression_ratio for n in self.lengths}
+
+    def failing(self, ratios: dict[int, float]) -> list[int]:
+        return [n for n, ratio in ratios.items() if ratio < self.target]
 
     def reaches_on_sample(self, policy: Policy) -> bool:
         return all(make_plan(policy, self.shape, n).compression_ratio >= self.target
                    for n in sorted(self.sample))
 
-    def largest_retain(self, policy_at: Callable[[float], Policy]) -> float | None:
-        """The largest retain (two decimals) whose policy reaches the target at every length
-        (bisection over hundredths of a percent on the sample: a plan keeps no fewer tokens at
-        a larger retain; then the whole range, the lengths that fail joining the sample); None
-        when even retain 0% does not (sinks and window alone keep too much)."""
-        if self.failing(policy_at(0.0)):
+    def largest_retain(self, policy_at: Callable[[float], Policy]) -> tuple[float, float] | None:
+        """(the largest retain (two decimals) whose policy reaches the target at every length,
+        its lowest ratio over them) — by bisection over hundredths of a percent on the sample (a
+        plan keeps no fewer tokens at a larger retain), then the whole range, the lengths that
+        fail joining the sample; None when even retain 0% does not reach it (sinks and window
+        alone keep too much)."""
+        if self.failing(self.ratios(policy_at(0.0))):
             return None
         high = 10001  # not known to reach at high/100
         while True:
@@ -123,9 +124,10 @@ class _Lengths:
                     low = middle
                 else:
                     high = middle
-            missed = self.failing(policy_at(low / 100))
+            ratios = self.ratios(policy_at(low / 100))
+            missed = self.failing(ratios)
             if not missed:
-                return low / 100
+                return low / 100, min(ratios.values())
             self.sample.update(missed)
             high = low
 
@@ -147,9 +149,9 @@ def candidates(shape: ModelShape, lengths: Sequence[int], target: float,
         whole = f"full{suffix or '_16bit'}"
         text = policy_text(whole, "recent", key_bits, value_bits, None)
         policy = parse(whole, text)
-        if not check.failing(policy):  # quantization alone reaches it: nothing to evict
-            found[whole] = Candidate(whole, text, policy, _lowest_ratio(policy, shape, lengths),
-                                     True)
+        ratios = check.ratios(policy)
+        if not check.failing(ratios):  # quantization alone reaches it: nothing to evict
+            found[whole] = Candidate(whole, text, policy, min(ratios.values()), True)
             continue
         # the bytes depend on the scorer only through adapt: solved once for each
         solved: dict[str, tuple[float, float] | None] = {}
@@ -157,11 +159,8 @@ def candidates(shape: ModelShape, lengths: Sequence[int], target: float,
             name = f"{scorer}{suffix}"
             adapt = SCORERS[scorer][1]
             if adapt not in solved:
-                percent = check.largest_retain(
+                solved[adapt] = check.largest_retain(
                     lambda p: parse(name, policy_text(name, scorer, key_bits, value_bits, p)))
-                solved[adapt] = None if percent is None else (percent, _lowest_ratio(
-                    parse(name, policy_text(name, scorer, key_bits, value_bits, percent)),
-                    shape, lengths))
             if solved[adapt] is None:
                 continue
             percent, ratio = solved[adapt]
