@@ -193,15 +193,24 @@ class LayerCounts:
 
 
 def layer_tensors(counts: LayerCounts, guard: BlockLayout, body: BlockLayout, heads: int,
-                  head_dim: int, kv_dtype: str) -> list[TensorSpec]:
-    """Every tensor of one compressed layer (one sequence, all KV heads)."""
+                  head_dim: int, kv_dtype: str,
+                  by_head: tuple[tuple[int, int], ...] | None = None) -> list[TensorSpec]:
+    """Every tensor of one compressed layer (one sequence, all KV heads). `by_head`: each KV
+    head's own (guard, body) tokens when they differ (`adapt heads`); its blocks then lie head
+    after head in one run, [blocks of all heads, bytes], and counts.guard/body are unused."""
     specs: list[TensorSpec] = []
     for region, tokens in (("sinks", counts.sinks), ("window", counts.window)):
         if tokens:
             specs.append(TensorSpec(f"{region}.key", (heads, tokens, head_dim), kv_dtype))
             specs.append(TensorSpec(f"{region}.value", (heads, tokens, head_dim), kv_dtype))
     for region, tokens, layout in (("guard", counts.guard, guard), ("body", counts.body, body)):
-        if tokens:
+        if by_head is not None:
+            index = 0 if region == "guard" else 1
+            blocks = sum(-(-head[index] // layout.tokens) for head in by_head)
+            if blocks:
+                specs.append(TensorSpec(f"{region}.blocks", (blocks, layout.nbytes), "uint8",
+                                        layout))
+        elif tokens:
             blocks = -(-tokens // layout.tokens)
             specs.append(TensorSpec(f"{region}.blocks", (heads, blocks, layout.nbytes), "uint8",
                                     layout))

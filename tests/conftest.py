@@ -52,3 +52,20 @@ def run_cli(*args: str, cwd: Path | None = None):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "kvpolicy", *args], cwd=cwd or ROOT,
                           capture_output=True, text=True, env=env, timeout=600)  # hangs only
+
+
+def calibrated_elsewhere(policy, model) -> bool:
+    """Is `policy` calibrated for another model shape (`adapt heads` weights of other
+    dimensions than `model`'s)? Planning it on `model` is then an error; tests that run every
+    shipped policy on every model assert that error instead (`assert_refused_elsewhere`)."""
+    adapt = policy.adapt
+    return adapt is not None and adapt.static and (
+        len(adapt.head_weights), len(adapt.head_weights[0])) != (model.num_layers,
+                                                                  model.num_kv_heads)
+
+
+def assert_refused_elsewhere(policy, model) -> None:
+    from kvpolicy.diagnostics import PolicyError
+    from kvpolicy.plan.planner import make_plan
+    with pytest.raises(PolicyError, match=f"head weights .* {model.name} has "):
+        make_plan(policy, model, 4096)

@@ -221,7 +221,7 @@ def test_measured_bytes_equal_the_plan(prefills, path):
     for context, (prefill, shape) in prefills.items():
         plan = make_plan(policy, shape, context)
         layers = compressor.compress(plan, prefill)
-        adaptive = policy.adapt is not None and policy.adapt.across_heads
+        adaptive = policy.adapt is not None and policy.adapt.counts_per_sequence
         measured = sum(compressor.measured_bytes(layer, plan_layer, adaptive)
                        for layer, plan_layer in zip(layers, plan.layers))
         assert abs(measured - plan.compressed_bytes) <= 0.01 * plan.compressed_bytes

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import kvpolicy
-from conftest import ROOT, SHIPPED
+from conftest import ROOT, SHIPPED, calibrated_elsewhere
 from kvpolicy.compiler.artifact import compile_policy
 from kvpolicy.models import resolve_model
 
@@ -26,7 +26,10 @@ def test_every_generated_kernel_compiles_for_sm90_without_spills(tmp_path):
         model = resolve_model(model_name)
         for path in SHIPPED:
             out = tmp_path / f"{model_name}-{path.stem}"
-            compile_policy(kvpolicy.load_policy(path), model, out)
+            policy = kvpolicy.load_policy(path)
+            if calibrated_elsewhere(policy, model):  # planning it is an error (test_heads)
+                continue
+            compile_policy(policy, model, out)
             artifacts.append(str(out))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)

@@ -12,7 +12,7 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "kvpolicy"
 FRONT_END = ("kvpolicy.lang", "kvpolicy.plan", "kvpolicy.format", "kvpolicy.models",
-             "kvpolicy.diagnostics", "kvpolicy.files")
+             "kvpolicy.diagnostics", "kvpolicy.files", "kvpolicy.heads")
 HEAVY = ("torch", "triton", "transformers", "vllm", "numpy")
 ENGINES = ("kvpolicy.engines.hf", "kvpolicy.engines.vllm")
 

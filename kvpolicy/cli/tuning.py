@@ -50,6 +50,91 @@ def add_parser(commands) -> None:
     tune.add_argument("--no-progress", action="store_true")
     tune.set_defaults(run=cmd_tune)
 
+    calibrate = commands.add_parser(
+        "calibrate", help="measure per-(layer, KV head) importance for `adapt heads`",
+        description="Re-reads calibration prompts (score reconstruct's passes) and writes each "
+        "(layer, KV head)'s share of the most important context tokens: a head-weights file "
+        "that a policy names with `adapt heads \"FILE\"`. docs/tune.md")
+    calibrate.add_argument("--model", help="a local Hugging Face model directory with weights "
+                           "(default: the embedded SmolLM2-135M-Instruct)")
+    calibrate.add_argument("-o", "--out", metavar="FILE", required=True,
+                           help="the head-weights file to write (.json)")
+    calibrate.add_argument("--context", type=int, default=4096,
+                           help="calibration prompt length in tokens (default 4096)")
+    calibrate.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                           help="comma-separated tasks (default: %(default)s)")
+    calibrate.add_argument("--samples", type=int, default=4,
+                           help="calibration samples per task (default 4)")
+    calibrate.add_argument("--seed", type=int, default=CALIBRATION_SEED,
+                           help="calibration seed (default %(default)s; kvpolicy eval's "
+                           "default is 0: keep them apart)")
+    calibrate.add_argument("--keep", type=float, default=0.5,
+                           help="share of the middle tokens the one threshold keeps "
+                           "(default 0.5)")
+    calibrate.add_argument("--no-progress", action="store_true")
+    calibrate.set_defaults(run=cmd_calibrate)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from kvpolicy.engines.hf.model import ModelLoadError, model_directory
+    from kvpolicy.eval.tasks import ACCURACY_TASKS
+    from kvpolicy.models import ModelError, load_config
+    reporter = Reporter()
+    problems = []
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in ACCURACY_TASKS]
+    if not tasks or unknown:
+        problems.append(f"--tasks {args.tasks!r}: choose from {', '.join(ACCURACY_TASKS)}")
+    if args.samples < 1:
+        problems.append(f"--samples {args.samples}: at least 1 per task")
+    if args.context < 256:
+        problems.append(f"--context {args.context}: at least 256 tokens")
+    if not 0.0 < args.keep < 1.0:  # also refuses nan
+        problems.append(f"--keep {args.keep:g}: between 0 and 1 (exclusive)")
+    out = Path(args.out)
+    if out.is_dir():
+        problems.append(f"--out {out}: is a directory; name the .json file to write")
+    else:
+        problem = unwritable_directory(out.parent if str(out.parent) else Path("."))
+        if problem:
+            problems.append(problem)
+    if problems:
+        for problem in problems:
+            reporter.fail(problem)
+        return EXIT_ERROR
+    try:
+        directory = model_directory(args.model)
+        shape = load_config(directory / "config.json")
+    except (ModelLoadError, ModelError) as exc:
+        reporter.fail(str(exc))
+        return EXIT_ERROR
+    if args.context > shape.max_context:
+        reporter.fail(f"--context {args.context}: beyond the model's context of "
+                      f"{shape.max_context:,} tokens")
+        return EXIT_ERROR
+    try:
+        from kvpolicy.engines.hf import load_model
+        from kvpolicy.tune.calibrate import CalibrateConfig, calibrate
+    except ImportError as exc:
+        reporter.fail(f"kvpolicy calibrate needs the evaluation extras ({exc}); "
+                      "pip install 'kvpolicy[eval]'")
+        return EXIT_ERROR
+    try:
+        model, tokenizer = load_model(directory)
+    except ModelLoadError as exc:
+        reporter.fail(str(exc))
+        return EXIT_ERROR
+    config = CalibrateConfig(out=out, tasks=tuple(tasks), samples=args.samples, seed=args.seed,
+                             context=args.context, keep=args.keep,
+                             model=args.model or "smollm2-135m",
+                             command=shlex.join(["kvpolicy", *sys.argv[1:]]))
+    print(f"kvpolicy calibrate: {args.samples} samples x {len(tasks)} tasks at ~{args.context} "
+          f"tokens (seed {args.seed}) -> {out}", file=sys.stderr)
+    result = calibrate(config, model, tokenizer, progress=not args.no_progress)
+    print(f"wrote {out}: {len(result['weights'])} layers x {len(result['weights'][0])} KV heads "
+          f"from {result['prompts']} prompts (measured {result['seconds']:.0f} s)")
+    return EXIT_OK
+
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from kvpolicy.engines.hf.model import ModelLoadError, model_directory

@@ -109,6 +109,7 @@ class AdaptStmt:
     scopes: tuple[Word, ...]  # empty: the default scope
     span: Span
     threshold: bool = False  # `adapt threshold`
+    heads: "Extends | None" = None  # `adapt heads "FILE"`: the calibration file, as written
 
 
 @dataclass(frozen=True)

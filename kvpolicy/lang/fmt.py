@@ -208,6 +208,8 @@ def _statement(stmt: ast.Stmt, aligned: bool = True) -> str:
     if isinstance(stmt, ast.InterpolateStmt):
         return f"interpolate {stmt.kind.text}"
     if isinstance(stmt, ast.AdaptStmt):
+        if stmt.heads is not None:
+            return f'adapt heads "{stmt.heads.path}"'
         if stmt.temperature is None and not stmt.threshold:
             return "adapt none"
         text = ("adapt threshold" if stmt.threshold else

@@ -104,10 +104,32 @@ class Score:
 
 @dataclass(frozen=True)
 class Adapt:
-    temperature: float  # the mass rule's; 1.0 (unused) for the threshold rule
+    temperature: float  # the mass rule's; 1.0 (unused) for the threshold and heads rules
     across_layers: bool = True
     across_heads: bool = True
-    rule: Literal["mass", "threshold"] = "mass"  # `adapt temperature T` / `adapt threshold`
+    # `adapt temperature T` / `adapt threshold` / `adapt heads "FILE"`
+    rule: Literal["mass", "threshold", "heads"] = "mass"
+    # the heads rule: the calibration's weights, [layers][KV heads] (kvpolicy.heads); part of
+    # the policy's value, so the checked policy no longer needs the file
+    head_weights: tuple[tuple[float, ...], ...] = field(default=(), metadata={"new": True})
+    heads_file: str = field(default="", compare=False)  # as written, for messages
+    span: Span | None = _span()
+
+    def __post_init__(self) -> None:  # from JSON: lists → tuples (hashable, comparable)
+        object.__setattr__(self, "head_weights",
+                           tuple(tuple(float(w) for w in row) for row in self.head_weights))
+
+    @property
+    def counts_per_sequence(self) -> bool:
+        """Does each sequence's cache store its own per-head token counts (budgets that move
+        between KV heads at prefill)?"""
+        return self.across_heads and not self.static
+
+    @property
+    def static(self) -> bool:
+        """Are the budgets fixed before any prompt is seen (the heads rule)? Then the plan knows
+        every (layer, KV head)'s count and the cache stores none per sequence."""
+        return self.rule == "heads"
 
 
 @dataclass(frozen=True)
@@ -187,8 +209,11 @@ _NESTED = {"keys": QuantFormat, "values": QuantFormat, "guard": Guard, "score": 
 
 def _plain(value):
     if dataclasses.is_dataclass(value):
+        # spans and paths are not part of a policy's value; a field added later is left out
+        # while it holds its default, so the policies written before it keep their hashes
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
-                if f.compare}  # spans and paths are not part of a policy's value
+                if f.compare and not (f.metadata.get("new") and getattr(value, f.name) ==
+                                      f.default)}
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     return value

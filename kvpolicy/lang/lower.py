@@ -22,7 +22,7 @@ from typing import Any
 
 from kvpolicy.diagnostics import (Diagnostic, Diagnostics, PolicyError, Source, Span, note,
                                   quoted)
-from kvpolicy import files
+from kvpolicy import files, heads
 from kvpolicy.lang import ast, ir, vocabulary as vocab
 from kvpolicy.lang.parser import parse_source
 from kvpolicy.lang.source import read_source
@@ -163,7 +163,8 @@ class _Lowering:
         draft.fields["path"] = source.path
         if parsed.has_errors:
             draft.cross_checks = False
-        _Statements(self.d, draft, clean=not parsed.has_errors).apply(tree.statements)
+        _Statements(self.d, draft, clean=not parsed.has_errors,
+                    directory=path.parent).apply(tree.statements)
         return draft
 
     def _parent(self, tree: ast.PolicyFile, source: Source, path: Path,
@@ -217,10 +218,12 @@ _OVERRIDABLE = (ast.KeysStmt, ast.ValuesStmt, ast.GuardStmt)
 class _Statements:
     """Applies one file's statements to a draft, checking each on its own."""
 
-    def __init__(self, diagnostics: Diagnostics, draft: _Draft, clean: bool):
+    def __init__(self, diagnostics: Diagnostics, draft: _Draft, clean: bool,
+                 directory: Path = Path(".")):
         self.d = diagnostics
         self.draft = draft
         self.clean = clean
+        self.directory = directory  # the file's: relative paths it names start here
 
     def apply(self, statements: tuple[ast.Stmt, ...]) -> None:
         first: dict[type, ast.Stmt] = {}
@@ -295,6 +298,13 @@ class _Statements:
             self._set("interpolate", kind, stmt.span)
 
     def _AdaptStmt(self, stmt: ast.AdaptStmt) -> None:
+        if stmt.heads is not None:
+            weights = self._head_weights(stmt.heads)
+            if weights is not None:
+                self._set("adapt", ir.Adapt(1.0, rule="heads", head_weights=weights,
+                                            heads_file=stmt.heads.path, span=stmt.span),
+                          stmt.span)
+            return
         if stmt.temperature is None and not stmt.threshold:
             self._set("adapt", None, stmt.span)
             return
@@ -312,6 +322,20 @@ class _Statements:
             heads = not scopes or "heads" in scopes
             self._set("adapt", ir.Adapt(temperature, layers, heads,
                                         "threshold" if stmt.threshold else "mass"), stmt.span)
+
+    def _head_weights(self, named: ast.Extends):
+        """The weights of `adapt heads "FILE"` (relative to the policy's file), or None after
+        reporting why the file cannot be used."""
+        shown = files.shown_path(named.path)
+        if not named.path:
+            self.d.error("`adapt heads` needs the path of a head-weights file (`kvpolicy "
+                         "calibrate` writes one)", named.span)
+            return None
+        try:
+            return heads.read_weights(self.directory / named.path)
+        except heads.HeadsFileError as exc:
+            self.d.error(f"cannot use the head-weights file '{shown}': {exc}", named.span)
+            return None
 
     def _ScoreStmt(self, stmt: ast.ScoreStmt) -> None:
         words, numbers = _Words(self.d), _Numbers(self.d)
@@ -689,7 +713,10 @@ def _cross_checks(d: Diagnostics, policy: ir.Policy, draft: _Draft) -> None:
         elif not policy.anchors and policy.interpolate != "uniform":
             warn("interpolate has no effect without `retain layer …` anchors", where)
     if policy.adapt is not None:
-        if policy.score.method not in ADAPTABLE_SCORES:
+        if policy.adapt.static:
+            if not policy.evicts:
+                warn("adapt has no effect: the policy evicts nothing", spans["adapt"])
+        elif policy.score.method not in ADAPTABLE_SCORES:
             d.error(f"adapt redistributes budgets by attention, which score "
                     f"{policy.score.method} does not measure; use score snapkv or reconstruct",
                     spans["adapt"], note("score is set here", spans.get("score")))

@@ -447,6 +447,10 @@ class _Builder:
     def adapt_stmt(self, tree, span):
         if self._is_none(tree):
             return ast.AdaptStmt(None, (), span)
+        if any(isinstance(c, Token) and c.type == "HEADS" for c in tree.children):
+            string = tree.children[-1]
+            return ast.AdaptStmt(None, (), span,
+                                 heads=ast.Extends(_unquote(string), self.span(string)))
         if any(isinstance(c, Token) and c.type == "THRESHOLD" for c in tree.children):
             scopes = [c for c in self._items(tree) if isinstance(c, Tree)]
             words = tuple(self.word(s.children[0]) for s in scopes)

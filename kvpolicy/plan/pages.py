@@ -189,6 +189,11 @@ def paged_refusals(policy: Policy) -> list[str]:
                        "a token (it re-reads it), and pages are ranked as they seal, while the "
                        "prompt still arrives; run it in the whole-prompt runtime (kvpolicy run, "
                        "kvpolicy eval --engine hf)")
+    if policy.adapt is not None and policy.adapt.static and policy.evicts:
+        reasons.append("adapt heads gives KV heads of one layer different page sizes, and the "
+                       "paged store's pages are one size per layer (per-head pages are not "
+                       "built yet); run it in the whole-prompt runtime (kvpolicy run, "
+                       "kvpolicy eval --engine hf)")
     return reasons
 
 

@@ -52,10 +52,22 @@ class LayerPlan:
     guard_layout: storage.BlockLayout
     body_layout: storage.BlockLayout
     tensors: tuple[storage.TensorSpec, ...]  # every KV head of this layer
+    # `adapt heads`: each KV head's own selected and guard tokens (guard_tokens and body_tokens
+    # above are then the largest head's); None: every KV head keeps the counts above
+    head_selected: tuple[int, ...] | None = None
+    head_guards: tuple[int, ...] | None = None
 
     @property
     def selected(self) -> int:
+        """Selected tokens per KV head (the largest head's with `adapt heads`)."""
         return self.guard_tokens + self.body_tokens
+
+    def selected_by_head(self, kv_heads: int) -> tuple[int, ...]:
+        """Selected tokens of each KV head (the same for all but with `adapt heads`)."""
+        return self.head_selected or (self.selected,) * kv_heads
+
+    def guards_by_head(self, kv_heads: int) -> tuple[int, ...]:
+        return self.head_guards or (self.guard_tokens,) * kv_heads
 
     @property
     def kept_tokens(self) -> int:
@@ -107,7 +119,10 @@ class Plan:
     @property
     def effective_retain(self) -> float:
         """Tokens kept individually (all layers and heads) / tokens in the uncompressed cache."""
-        return sum(layer.kept_tokens for layer in self.layers) / (len(self.layers) * self.context)
+        heads = self.model.num_kv_heads
+        kept = sum(heads * (layer.sinks + layer.window) + sum(layer.selected_by_head(heads))
+                   for layer in self.layers)
+        return kept / (len(self.layers) * heads * self.context)
 
     def bytes_by_kind(self) -> dict[str, int]:
         totals = dict.fromkeys(storage.BYTE_KINDS, 0)
@@ -148,6 +163,9 @@ def make_plan(policy: Policy, model: ModelShape, context: int) -> Plan:
             alike = planned[ratio, keys, values, guard] = _layer_plan(
                 policy, model, context, index, ratio, keys, values, guard)
         layers.append(alike if alike.layer == index else dataclasses.replace(alike, layer=index))
+    if policy.adapt is not None and policy.adapt.static and policy.evicts:
+        layers = _head_budgets(d, policy, model, context, layers)
+        d.raise_if_errors()
     newest_only = [layer.layer for layer in layers if layer.sinks + layer.selected == 0
                    and policy.window == 0 and layer.window == 1 and layer.evicted > 0]
     if newest_only:
@@ -157,6 +175,88 @@ def make_plan(policy: Policy, model: ModelShape, context: int) -> Plan:
                   f"{'each keeps' if many else 'it keeps'} only its most recent token (16-bit)",
                   policy.retain_span)
     return Plan(policy, model, context, tuple(layers), _attributed(d.warnings, policy))
+
+
+def _head_budgets(d: Diagnostics, policy: Policy, model: ModelShape, context: int,
+                  layers: list[LayerPlan]) -> list[LayerPlan]:
+    """`adapt heads`: the evicting layers that share a storage pool their planned token units
+    over their KV heads, and each (layer, KV head) gets a share in proportion to the
+    calibration's weight, in whole units, at most every whole unit of its middle (largest
+    remainders; ties: the lower layer, then head); guards in each head's proportion. Static, so
+    the pool's total — and the bytes — are exact per layer."""
+    weights = policy.adapt.head_weights
+    heads = model.num_kv_heads
+    if len(weights) != model.num_layers or len(weights[0]) != heads:
+        named = f"'{policy.adapt.heads_file}'" if policy.adapt.heads_file else "`adapt heads`"
+        d.error(f"the head weights of {named} are for {len(weights)} layers "
+                f"of {len(weights[0])} KV heads; {model.name} has {model.num_layers} layers of "
+                f"{heads} KV heads (head weights are one model's: run `kvpolicy calibrate "
+                "--model DIR` on this one for its own)", policy.adapt.span)
+        return layers
+    pools: dict[tuple, list[LayerPlan]] = {}
+    for layer in layers:
+        if layer.evicted > 0:
+            pools.setdefault((layer.keys, layer.values, layer.guard, layer.token_unit),
+                             []).append(layer)
+    out = list(layers)
+    for members in pools.values():
+        unit = members[0].token_unit
+        cells = [(layer, h) for layer in members for h in range(heads)]
+        caps = [(context - layer.sinks - layer.window) // unit for layer, _ in cells]
+        total = sum(layer.selected // unit for layer in members) * heads
+        units = _largest_remainder(total, [weights[layer.layer][h] for layer, h in cells], caps)
+        for row, layer in enumerate(members):
+            mine = units[row * heads:(row + 1) * heads]
+            selected = tuple(unit * u for u in mine)
+            guard = layer.guard
+            guarded = tuple(min(n, unit * _round_half_up(guard.fraction * n / unit))
+                            if guard else 0 for n in selected)
+            middle = context - layer.sinks - layer.window
+            evicted = middle - min(selected)  # the most any head evicts
+            centroids = policy.cluster.k if policy.cluster is not None and evicted > 0 else 0
+            counts = storage.LayerCounts(
+                sinks=layer.sinks, window=layer.window, guard=max(guarded),
+                body=max(s - g for s, g in zip(selected, guarded)), centroids=centroids,
+                positions=needs_positions(policy), head_counts=False)
+            tensors = storage.layer_tensors(
+                counts, layer.guard_layout, layer.body_layout, heads, model.head_dim,
+                model.kv_dtype, by_head=tuple((g, s - g) for s, g in zip(selected, guarded)))
+            widest = max(range(heads), key=lambda h: (selected[h], -h))
+            out[layer.layer] = dataclasses.replace(
+                layer, guard_tokens=guarded[widest], body_tokens=selected[widest] - guarded[widest],
+                evicted=evicted, centroids=centroids, tensors=tuple(tensors),
+                head_selected=selected, head_guards=guarded)
+    return out
+
+
+def _largest_remainder(total: int, weights: list[float], caps: list[int]) -> list[int]:
+    """`total` whole units split in proportion to weights, none above its cap: water filling
+    (a cell at its cap leaves the split; the rest share what is left), then the largest
+    remainders (ties: the earlier cell). Every cell's weight 0: equal shares."""
+    total = min(total, sum(caps))
+    result = [0] * len(caps)
+    open_cells = [i for i, cap in enumerate(caps) if cap > 0]
+    while total > sum(result) and open_cells:
+        left = total - sum(result)
+        share = [weights[i] for i in open_cells]
+        if sum(share) <= 0:
+            share = [1.0] * len(open_cells)
+        norm = sum(share)
+        ideal = {i: left * w / norm for i, w in zip(open_cells, share)}
+        capped = [i for i in open_cells if result[i] + ideal[i] >= caps[i]]
+        if capped:  # they fill up; the others share the rest next round
+            for i in capped:
+                result[i] = caps[i]
+            open_cells = [i for i in open_cells if i not in capped]
+            continue
+        for i in open_cells:
+            result[i] += math.floor(ideal[i])
+        left = total - sum(result)
+        order = sorted(open_cells, key=lambda i: (-(ideal[i] - math.floor(ideal[i])), i))
+        for i in order[:left]:
+            result[i] += 1
+        break
+    return result
 
 
 def _attributed(warnings, policy: Policy) -> tuple[Diagnostic, ...]:
@@ -194,7 +294,8 @@ def _layer_plan(policy: Policy, model: ModelShape, context: int, index: int, rat
     counts = storage.LayerCounts(
         sinks=sinks, window=window, guard=guard_tokens, body=selected - guard_tokens,
         centroids=centroids, positions=needs_positions(policy),
-        head_counts=policy.adapt is not None and policy.adapt.across_heads and evicted > 0)
+        head_counts=policy.adapt is not None and policy.adapt.counts_per_sequence
+        and evicted > 0)
     guard_layout, body_layout = block_layouts(policy, model, keys, values, guard)
     tensors = storage.layer_tensors(counts, guard_layout, body_layout, model.num_kv_heads,
                                     model.head_dim, model.kv_dtype)

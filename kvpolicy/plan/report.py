@@ -79,7 +79,17 @@ def render_table(plan: Plan) -> str:
     ]
     for reason in paged_refusals(policy):
         lines.append(f"engines: vLLM and the paged store cannot run it: {reason}")
-    if policy.adapt is not None and policy.evicts:
+    if policy.adapt is not None and policy.adapt.static and policy.evicts:
+        heads = plan.model.num_kv_heads
+        lines.append(
+            f"head budgets (adapt heads \"{policy.adapt.heads_file}\"): static, in proportion "
+            "to the calibration's weights, so every row's bytes are exact; the guard and body "
+            "columns are the largest head's. Selected tokens per KV head:")
+        for layer in plan.layers:
+            if layer.head_selected is not None:
+                lines.append(f"  layer {layer.layer:>3}: "
+                             + " ".join(f"{n:>6,}" for n in layer.selected_by_head(heads)))
+    elif policy.adapt is not None and policy.evicts:
         scope = " and ".join(s for s, on in (("layers", policy.adapt.across_layers),
                                              ("KV heads", policy.adapt.across_heads)) if on)
         rule = ("by one threshold on the score (the one that keeps the pooled total)"
@@ -128,6 +138,7 @@ def to_json(plan: Plan) -> dict:
             "temperature": policy.adapt.temperature if policy.adapt.rule == "mass" else None,
             "across_layers": policy.adapt.across_layers,
             "across_heads": policy.adapt.across_heads,
+            **({"heads_file": policy.adapt.heads_file} if policy.adapt.static else {}),
         },
         "layers": [
             {
@@ -137,6 +148,7 @@ def to_json(plan: Plan) -> dict:
                 "sinks": layer.sinks,
                 "window": layer.window,
                 "selected": layer.selected,
+                "selected_by_head": list(layer.selected_by_head(plan.model.num_kv_heads)),
                 "guard_tokens": layer.guard_tokens,
                 "body_tokens": layer.body_tokens,
                 "evicted": layer.evicted,

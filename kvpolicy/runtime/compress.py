@@ -107,7 +107,8 @@ def redistribute(plan: Plan, masses: list[torch.Tensor], scores: list[torch.Tens
       threshold for the whole pool, the one that would keep the pool's planned tokens (KVzip's
       non-uniform budgets); scores[l] [b, H, N] is layer l's importance.
     Without `across heads` the heads of a layer get equal shares. The pool's guard units are then
-    split in proportion to the selected units. Pool totals — and so the plan's bytes — are
+    split in proportion to the selected units. `adapt heads` is static: the plan's counts
+    (`LayerPlan.selected_by_head`, whole heads chosen by the calibration's weights). Pool totals — and so the plan's bytes — are
     unchanged."""
     policy = plan.policy
     batch, heads = masses[0].shape
@@ -117,6 +118,12 @@ def redistribute(plan: Plan, masses: list[torch.Tensor], scores: list[torch.Tens
               for layer in plan.layers]
     adapt = policy.adapt
     if adapt is None or not policy.evicts:
+        return selected, guards
+    if adapt.static:  # adapt heads: the plan's whole heads, the same for every sequence
+        selected = [torch.tensor(layer.selected_by_head(heads)).expand(batch, -1).clone()
+                    for layer in plan.layers]
+        guards = [torch.tensor(layer.guards_by_head(heads)).expand(batch, -1).clone()
+                  for layer in plan.layers]
         return selected, guards
     pools: dict[tuple, list[int]] = {}
     for layer in plan.layers:

@@ -157,7 +157,8 @@ class PolicyLayer(RoutedLayer):
         if self.compressed is None:
             return 0
         plan_layer = self.owner.plan.layers[self.index]
-        adaptive = self.owner.policy.adapt is not None and self.owner.policy.adapt.across_heads
+        adapt = self.owner.policy.adapt
+        adaptive = adapt is not None and adapt.counts_per_sequence
         return compressor.measured_bytes(self.compressed, plan_layer, adaptive)
 
 

@@ -1,0 +1,100 @@
+"""`kvpolicy calibrate`: per-(layer, KV head) retrieval importance on calibration prompts, for
+`adapt heads "FILE"` (kvpolicy.heads; docs/tune.md).
+
+For each calibration prompt (the tasks' generators at the calibration seed, never the evaluation
+seed), the context is prefilled and re-read (the reconstruct passes, engines/hf/reconstruct.py);
+each context token's importance is the largest attention it received while re-read (pooled and
+reduced over each KV head's query heads as `score reconstruct` does). One threshold over every
+(layer, KV head)'s middle tokens keeps `keep` of them (KVzip's non-uniform budgets); a head's
+weight is its share of the tokens at or above that threshold. The file holds the mean share over
+the prompts: a static budget for heads that, on calibration text, find far-back tokens while the
+model copies the context.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvpolicy.engines.hf import reconstruct
+from kvpolicy.eval.runner import progress_bar, record_prefill, split_prompt
+from kvpolicy.eval.tasks import make_samples
+from kvpolicy.heads import write_weights
+from kvpolicy.runtime import reference as R
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    out: Path
+    tasks: tuple[str, ...]
+    samples: int
+    seed: int
+    context: int
+    keep: float = 0.5  # share of middle tokens the threshold keeps
+    sinks: int = 4
+    window: int = 64
+    pool: str = "max"
+    pool_kernel: int = 7
+    gqa: str = "mean"
+    chunk: int = 512
+    model: str = "smollm2-135m"
+    command: str = ""
+
+
+def head_shares(scores: list[torch.Tensor], sinks: int, window: int, keep: float) -> torch.Tensor:
+    """[layers, KV heads]: each head's share of the middle tokens (after `sinks`, before the
+    last `window`) scoring at or above the one threshold that keeps `keep` of all of them.
+    scores: per layer [KV heads, N]."""
+    n = scores[0].shape[-1]
+    middle = torch.stack([s[:, sinks:n - window] for s in scores]).double()  # [L, H, M]
+    if middle.shape[-1] == 0:
+        raise ValueError(f"a {n}-token prompt has no middle after {sinks} sinks and a "
+                         f"{window}-token window")
+    count = max(1, round(keep * middle.numel()))
+    threshold = middle.flatten().topk(count).values[-1]
+    above = (middle >= threshold).sum(-1).double()
+    return above / above.sum()
+
+
+@torch.no_grad()
+def calibrate(config: CalibrateConfig, model, tokenizer, progress: bool = True) -> dict:
+    """Measures the weights and writes the head-weights file; returns what it wrote about."""
+    heads = model.config.num_key_value_heads
+    layers = model.config.num_hidden_layers
+    total = torch.zeros(layers, heads, dtype=torch.float64)
+    lengths, started, prompts = [], time.perf_counter(), 0
+    bar = progress_bar(config.samples * len(config.tasks), 0, progress, "kvpolicy calibrate")
+    for task in config.tasks:
+        for sample in make_samples(task, tokenizer, config.context, config.samples, config.seed):
+            context_ids, _ = split_prompt(tokenizer, sample, question_aware=False)
+            records, _, _ = record_prefill(model, context_ids, observe=1)
+            reconstruct.record(model, reconstruct.instruction_ids(tokenizer), context_ids,
+                               records, config.chunk, reconstruct.special_ids(tokenizer))
+            scores = [R.reconstruct_importance(r.received[config.chunk], heads, config.pool,
+                                               config.pool_kernel, config.gqa)[0]
+                      for r in records]
+            total += head_shares(scores, config.sinks, config.window, config.keep)
+            lengths.append(int(context_ids.shape[1]))
+            prompts += 1
+            bar.update(1)
+    bar.close()
+    weights = (total / prompts).tolist()
+    seconds = time.perf_counter() - started
+    provenance = {
+        "statistic": f"share of the (layer, KV head) middle tokens at or above the one "
+                     f"threshold that keeps {config.keep:g} of all middle tokens, by reconstruct "
+                     f"importance (pool {config.pool} {config.pool_kernel}, gqa {config.gqa}, "
+                     f"chunk {config.chunk}; sinks {config.sinks}, window {config.window}); mean "
+                     "over the calibration prompts",
+        "calibration": {"tasks": list(config.tasks), "samples_per_task": config.samples,
+                        "seed": config.seed, "context": config.context,
+                        "prompt_tokens": lengths, "measured_seconds": round(seconds, 1)},
+        "command": config.command,
+    }
+    config.out.parent.mkdir(parents=True, exist_ok=True)
+    write_weights(config.out, weights, {"name": config.model, "num_layers": layers,
+                                        "num_kv_heads": heads}, provenance)
+    return {"prompts": prompts, "seconds": seconds, "weights": weights}

@@ -1,0 +1,274 @@
+"""`adapt heads "FILE"`: static per-(layer, KV head) budgets from a calibration file — the file,
+the language, the exact plan, the whole-prompt runtime, the engines that refuse it, and
+`kvpolicy calibrate`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+from kvpolicy import heads as head_file
+from kvpolicy.diagnostics import PolicyError
+from kvpolicy.eval.runner import EvalPolicy
+from kvpolicy.lang.ir import policy_from_json, policy_to_json
+from kvpolicy.lang.lower import check_file
+from kvpolicy.models import PRESETS, ModelShape
+from kvpolicy.plan.pages import UnsupportedConfiguration, page_format, paged_refusals
+from kvpolicy.plan.planner import make_plan
+from kvpolicy.runtime import compress as compressor
+
+SMOL = PRESETS["smollm2-135m"]
+MODEL = {"name": "smollm2-135m", "num_layers": SMOL.num_layers, "num_kv_heads": SMOL.num_kv_heads}
+POLICY = """policy p {
+    keep sinks 4
+    keep window 64
+    retain 40%
+    score recent
+    adapt heads "heads.json"
+    keys   int4 group 64 per channel
+    values int3 group 64 per token
+}
+"""
+
+
+def smol_weights(seed: int = 0) -> list[list[float]]:
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.rand(SMOL.num_layers, SMOL.num_kv_heads, generator=generator) ** 3
+    weights[3] = 0.0  # a layer calibration found nothing in
+    return weights.tolist()
+
+
+def write_policy(tmp_path, text=POLICY, weights=None, model=MODEL):
+    head_file.write_weights(tmp_path / "heads.json", smol_weights() if weights is None
+                            else weights, model, {"statistic": "test"})
+    path = tmp_path / "p.kvp"
+    path.write_text(text)
+    return path
+
+
+def checked(path):
+    result = check_file(path)
+    assert not result.errors, [e.render() for e in result.errors]
+    return result.policy
+
+
+# ---- the file and the language ------------------------------------------------------------------
+
+def test_the_weights_become_part_of_the_policy(tmp_path):
+    policy = checked(write_policy(tmp_path))
+    assert policy.adapt.rule == "heads" and policy.adapt.static
+    assert policy.adapt.head_weights == tuple(tuple(round(w, 6) for w in row)
+                                              for row in smol_weights())
+    again = policy_from_json(json.loads(json.dumps(policy_to_json(policy))))
+    assert again == policy  # artifacts store the weights, not the file's name
+    (tmp_path / "heads.json").unlink()
+    assert make_plan(again, SMOL, 4096).compressed_bytes == \
+        make_plan(policy, SMOL, 4096).compressed_bytes  # the file is no longer needed
+    other = checked(write_policy(tmp_path, weights=smol_weights(seed=1)))
+    assert EvalPolicy("a", other, "").sha256 != EvalPolicy("a", policy, "").sha256
+
+
+def test_fmt_keeps_the_statement(tmp_path):
+    path = write_policy(tmp_path, POLICY.replace("    adapt heads", "  adapt   heads"))
+    out = run_cli("fmt", "--stdout", str(path))
+    assert out.returncode == 0 and '    adapt heads "heads.json"\n' in out.stdout
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ("{not json", "it is not JSON (line 1, column 2"),
+    ('{"kvpolicy": "something-else"}', "not a head-weights file"),
+    ('{"kvpolicy": "head-weights", "version": 7, "weights": [[1]]}', "version 7"),
+    ('{"kvpolicy": "head-weights", "version": 1, "weights": []}', "list of 1 to"),
+    ('{"kvpolicy": "head-weights", "version": 1, "weights": [[1, 2], [3]]}',
+     '"weights"[1] has 1 KV heads, layer 0 has 2'),
+    ('{"kvpolicy": "head-weights", "version": 1, "weights": [[1, -2]]}',
+     '"weights"[0][1] is -2'),
+    ('{"kvpolicy": "head-weights", "version": 1, "weights": [[1, NaN]]}', "is nan"),
+    ('{"kvpolicy": "head-weights", "version": 1, "weights": [[true]]}', "is True"),
+])
+def test_a_bad_weights_file_is_a_located_error(tmp_path, content, message):
+    path = tmp_path / "p.kvp"
+    path.write_text(POLICY)
+    if content is not None:
+        (tmp_path / "heads.json").write_text(content)
+    out = run_cli("check", str(path))
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert f"{path}:6:17: error: cannot use the head-weights file 'heads.json': " in out.stderr
+    assert message in out.stderr, out.stderr
+
+
+def test_a_directory_or_an_empty_name_is_refused(tmp_path):
+    (tmp_path / "heads.json").mkdir()
+    path = tmp_path / "p.kvp"
+    path.write_text(POLICY)
+    assert "is a directory" in check_file(path).errors[0].render()
+    path.write_text(POLICY.replace('"heads.json"', '""'))
+    assert "needs the path of a head-weights file" in check_file(path).errors[0].render()
+
+
+def test_weights_for_another_model_shape_fail_at_plan_time(tmp_path):
+    policy = checked(write_policy(tmp_path, weights=[[1.0, 2.0]] * 4,
+                                  model={"name": "x", "num_layers": 4, "num_kv_heads": 2}))
+    with pytest.raises(PolicyError) as info:
+        make_plan(policy, SMOL, 4096)
+    text = info.value.render()
+    assert ":6:5: error: the head weights of 'heads.json' are for 4 layers of 2 KV heads; " \
+           "smollm2-135m has 30 layers of 3 KV heads" in text
+    out = run_cli("plan", str(tmp_path / "p.kvp"), "--model", "smollm2-135m")
+    assert out.returncode != 0 and "Traceback" not in out.stderr and "4 layers" in out.stderr
+
+
+# ---- the plan: static, proportional, exact ------------------------------------------------------
+
+@pytest.mark.parametrize("context", [300, 1000, 4096, 4111])
+def test_budgets_follow_the_weights_and_keep_the_pools_total(tmp_path, context):
+    policy = checked(write_policy(tmp_path))
+    plan = make_plan(policy, SMOL, context)
+    uniform = make_plan(policy.__class__(**{**policy.__dict__, "adapt": None}), SMOL, context)
+    h = SMOL.num_kv_heads
+    total = sum(sum(layer.selected_by_head(h)) for layer in plan.layers)
+    assert total == sum(layer.selected * h for layer in uniform.layers)  # the pool's units
+    weights = policy.adapt.head_weights
+    for layer in plan.layers:
+        unit, middle = layer.token_unit, context - layer.sinks - layer.window
+        counts = layer.selected_by_head(h)
+        assert all(n % unit == 0 and 0 <= n <= unit * (middle // unit) for n in counts)
+        assert layer.selected == max(counts)
+        assert layer.bytes == sum(t.nbytes for t in layer.tensors)
+    cells = [(weights[layer.layer][j], layer.selected_by_head(h)[j], layer)
+             for layer in plan.layers for j in range(h)]
+    unit = plan.layers[0].token_unit
+    for w1, n1, l1 in cells:  # a heavier head never keeps less, but for rounding and its cap
+        for w2, n2, l2 in cells:
+            full2 = unit * ((context - l2.sinks - l2.window) // unit)
+            if w1 > w2 and n2 < full2:
+                assert n1 >= n2 - unit, (w1, n1, w2, n2)
+    assert plan.layers[3].selected_by_head(h) == (0,) * h or total == sum(
+        unit * ((context - l.sinks - l.window) // unit) * h for l in plan.layers)
+
+
+def test_plan_bytes_count_each_heads_blocks(tmp_path):
+    policy = checked(write_policy(tmp_path))
+    plan = make_plan(policy, SMOL, 4096)
+    layer = next(l for l in plan.layers if len(set(l.selected_by_head(3))) > 1)
+    body = next(t for t in layer.tensors if t.name == "body.blocks")
+    blocks = sum(-(-n // layer.body_layout.tokens) for n in layer.selected_by_head(3))
+    assert body.shape == (blocks, layer.body_layout.nbytes)
+    assert not any(t.name == "selected.head_counts" for t in layer.tensors)  # the plan knows
+    out = json.loads(run_cli("plan", str(tmp_path / "p.kvp"), "--model", "smollm2-135m",
+                             "--context", "4096", "--json").stdout)
+    assert out["compressed_bytes"] == plan.compressed_bytes
+    assert out["layers"][layer.layer]["selected_by_head"] == list(layer.selected_by_head(3))
+    assert out["adaptive"]["rule"] == "heads"
+    table = run_cli("plan", str(tmp_path / "p.kvp"), "--model", "smollm2-135m").stdout
+    assert "head budgets (adapt heads \"heads.json\")" in table
+
+
+def test_all_zero_weights_share_equally(tmp_path):
+    policy = checked(write_policy(tmp_path, weights=[[0.0] * 3] * SMOL.num_layers))
+    plan = make_plan(policy, SMOL, 4096)
+    counts = [n for layer in plan.layers for n in layer.selected_by_head(3)]
+    assert max(counts) - min(counts) <= plan.layers[0].token_unit
+
+
+# ---- the runtime keeps what the plan says ----------------------------------------------------
+
+def test_compression_keeps_each_heads_planned_tokens_and_bytes(tmp_path):
+    tiny = ModelShape("tiny", num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=64,
+                      max_context=512, kv_dtype="float32")
+    policy = checked(write_policy(tmp_path, weights=[[5.0, 1.0], [0.0, 2.0]],
+                                  model={"name": "tiny", "num_layers": 2, "num_kv_heads": 2}))
+    plan = make_plan(policy, tiny, 400)
+    torch.manual_seed(0)
+    prefill = [compressor.PrefillLayer(keys=torch.randn(1, 2, 400, 64),
+                                       values=torch.randn(1, 2, 400, 64),
+                                       queries=torch.randn(1, 4, 32, 64), scaling=0.125)
+               for _ in range(2)]
+    layers = compressor.compress(plan, prefill)
+    for layer, plan_layer in zip(layers, plan.layers):
+        assert layer.body_count[0].tolist() == list(plan_layer.selected_by_head(2))
+        assert compressor.measured_bytes(layer, plan_layer, adaptive_heads=False) == \
+            plan_layer.bytes
+    assert plan.layers[1].selected_by_head(2)[0] == 0 and plan.layers[0].selected_by_head(2)[0] \
+        > plan.layers[0].selected_by_head(2)[1]
+    # score recent: a head keeps its most recent middle tokens
+    n = plan.layers[0].selected_by_head(2)[0]
+    kept = layers[0].body_blocks  # the positions of head 0's tokens
+    from kvpolicy.runtime import reference as R
+    _, _, positions = R.unpack_blocks(kept[:n // plan.layers[0].body_layout.tokens],
+                                      plan.layers[0].body_layout, n)
+    assert positions.tolist() == list(range(400 - 64 - n, 400 - 64))
+
+
+def test_paged_engines_refuse_it_by_name(tmp_path):
+    policy = checked(write_policy(tmp_path))
+    reasons = paged_refusals(policy)
+    assert reasons and "adapt heads" in reasons[0]
+    with pytest.raises(UnsupportedConfiguration) as info:
+        page_format(policy, SMOL, 64)
+    assert any("adapt heads" in r for r in info.value.reasons)
+
+
+# ---- kvpolicy calibrate -------------------------------------------------------------------------
+
+def test_head_shares_follow_the_scores():
+    from kvpolicy.tune.calibrate import head_shares
+    torch.manual_seed(0)
+    scores = [torch.rand(2, 100) * 0.1 for _ in range(3)]
+    scores[1][0, 10:60] = 1.0  # layer 1, head 0 finds what the copy needs
+    shares = head_shares(scores, sinks=4, window=8, keep=0.25)
+    assert shares.shape == (3, 2) and abs(float(shares.sum()) - 1) < 1e-9
+    assert float(shares[1, 0]) == max(shares.flatten().tolist())
+    middle = 3 * 2 * (100 - 4 - 8)
+    exactly = head_shares(scores, sinks=4, window=8, keep=50 / middle)  # its 50 tokens only
+    assert exactly[1, 0] == 1 and float(exactly.sum()) == 1
+    with pytest.raises(ValueError, match="no middle"):
+        head_shares([torch.rand(2, 10)], sinks=4, window=8, keep=0.5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--keep", "0"], "--keep 0: between 0 and 1"),
+    (["--keep", "nan"], "--keep nan"),
+    (["--samples", "0"], "--samples 0: at least 1"),
+    (["--tasks", "ppl"], "--tasks 'ppl'"),
+    (["--context", "10"], "--context 10: at least 256"),
+])
+def test_calibrate_refuses_bad_arguments_before_loading_anything(tmp_path, args, message):
+    out = run_cli("calibrate", "-o", str(tmp_path / "h.json"), *args)
+    assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "h.json").exists()
+
+
+def test_calibrate_refuses_a_directory_as_its_output(tmp_path):
+    out = run_cli("calibrate", "-o", str(tmp_path))
+    assert out.returncode != 0 and "is a directory" in out.stderr
+
+
+@pytest.mark.slow
+def test_calibrate_writes_weights_a_policy_can_use(tmp_path):
+    out = run_cli("calibrate", "-o", str(tmp_path / "heads.json"), "--tasks", "niah_single",
+                  "--samples", "1", "--context", "400", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "heads.json").read_text())
+    assert data["calibration"]["seed"] == 1000 and data["command"].startswith("kvpolicy calibrate")
+    weights = head_file.read_weights(tmp_path / "heads.json")
+    assert len(weights) == SMOL.num_layers and len(weights[0]) == SMOL.num_kv_heads
+    assert abs(sum(map(sum, weights)) - 1) < 1e-4
+    policy = checked(write_policy(tmp_path, weights=weights))  # usable as written
+    assert make_plan(policy, SMOL, 4096).compression_ratio > 1
+
+
+def test_policies_without_head_weights_keep_their_hashes():
+    """The IR gained head_weights after policies were measured: a policy without them serializes
+    as before (no key), so committed runs' lines (keyed by hash) still match."""
+    from kvpolicy.lang.lower import check_source
+    from kvpolicy.diagnostics import Source
+    policy = check_source(Source("t.kvp", "policy p { retain 50%\n score reconstruct\n"
+                                          " adapt threshold }")).policy
+    data = policy_to_json(policy)
+    assert "head_weights" not in data["adapt"] and data["adapt"]["rule"] == "threshold"
+    assert policy_from_json(data) == policy
