@@ -8,12 +8,13 @@
                                       an artifact directory); measured bytes; --baseline beside it
     kvpolicy eval POLICY...           measured quality, memory and time against the baseline
     kvpolicy tune --target-ratio R    search for the policy that keeps the most at ratio R
+    kvpolicy calibrate -o FILE        per-(layer, KV head) weights for `adapt heads "FILE"`
     kvpolicy models                   the built-in model shapes
 
 Diagnostics go to stderr as `file:line:col: error: …`, or name the path or option at fault; exit
 status 1 for any error in the input (the command line included), 70 for a bug in kvpolicy.
-Only `run`, `eval` (kvpolicy/cli/running.py) and `tune` (tuning.py) import torch; the others
-start in well under a second.
+Only `run`, `eval` (kvpolicy/cli/running.py), `tune` and `calibrate` (tuning.py) import torch;
+the others start in well under a second.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """`kvpolicy tune`: search the language's space for the policy that keeps the most at a target
-compression ratio (kvpolicy/tune/search.py; docs/tune.md)."""
+compression ratio (kvpolicy/tune/search.py); `kvpolicy calibrate`: the head weights `adapt
+heads` reads (kvpolicy/tune/calibrate.py). docs/tune.md"""
 
 from __future__ import annotations
 
