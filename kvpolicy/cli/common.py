@@ -119,6 +119,16 @@ def unwritable_directory(path: Path) -> str | None:
 # ---- argument parsing -----------------------------------------------------------------------
 
 
+def loaded_model(directory: Path, reporter: Reporter):
+    """(model, tokenizer) from a model directory, or None after reporting why it cannot load."""
+    from kvpolicy.engines.hf.model import ModelLoadError, load_model
+    try:
+        return load_model(directory)
+    except ModelLoadError as exc:
+        reporter.fail(str(exc))
+        return None
+
+
 def parse_context(text: str) -> int:
     """Tokens: `4096`, `4,096`, `4_096`, `4k` (4,096), or a whole number written like the
     language's numbers (`4e3`)."""

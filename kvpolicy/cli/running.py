@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from kvpolicy.cli.common import (EXIT_ERROR, EXIT_OK, Reporter, parse_context,
+from kvpolicy.cli.common import (EXIT_ERROR, EXIT_OK, Reporter, loaded_model, parse_context,
                                  unwritable_directory)
 from kvpolicy.diagnostics import PolicyError, printable
 
@@ -249,7 +249,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from kvpolicy.eval.runner import (EvalConfig, EvalPolicy, baseline_policy, fit_problems,
                                           run)
         from kvpolicy.eval.tasks import TASKS
-        from kvpolicy.engines.hf import ModelLoadError, load_model
+        from kvpolicy.engines.hf import ModelLoadError
     except ImportError as exc:
         reporter.fail(f"kvpolicy eval needs the evaluation extras ({exc}); "
                       "pip install 'kvpolicy[eval]'")
@@ -339,11 +339,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if problem:
             reporter.fail(problem)
             return EXIT_ERROR
-    try:
-        model, tokenizer = load_model(directory)
-    except ModelLoadError as exc:
-        reporter.fail(str(exc))
+    loaded = loaded_model(directory, reporter)
+    if loaded is None:
         return EXIT_ERROR
+    model, tokenizer = loaded
     extra = {}
     if args.ablation:
         from kvpolicy.eval.ablation import matched_ablation

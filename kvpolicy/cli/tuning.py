@@ -9,7 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from kvpolicy.cli.common import EXIT_ERROR, EXIT_OK, Reporter, unwritable_directory
+from kvpolicy.cli.common import (EXIT_ERROR, EXIT_OK, Reporter, loaded_model,
+                                 unwritable_directory)
 from kvpolicy.tune.config import CALIBRATION_SEED, DEFAULT_TASKS, TuneConfig
 
 MAX_TARGET = 64.0  # 2-bit keys and values with nearly everything evicted stay below this
@@ -77,9 +78,7 @@ def add_parser(commands) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from kvpolicy.engines.hf.model import ModelLoadError, model_directory
     from kvpolicy.eval.tasks import ACCURACY_TASKS
-    from kvpolicy.models import ModelError, load_config
     reporter = Reporter()
     problems = []
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -103,28 +102,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         for problem in problems:
             reporter.fail(problem)
         return EXIT_ERROR
-    try:
-        directory = model_directory(args.model)
-        shape = load_config(directory / "config.json")
-    except (ModelLoadError, ModelError) as exc:
-        reporter.fail(str(exc))
-        return EXIT_ERROR
-    if args.context > shape.max_context:
-        reporter.fail(f"--context {args.context}: beyond the model's context of "
-                      f"{shape.max_context:,} tokens")
+    directory = _calibration_model(args, reporter)
+    if directory is None:
         return EXIT_ERROR
     try:
-        from kvpolicy.engines.hf import load_model
         from kvpolicy.tune.calibrate import CalibrateConfig, calibrate
     except ImportError as exc:
         reporter.fail(f"kvpolicy calibrate needs the evaluation extras ({exc}); "
                       "pip install 'kvpolicy[eval]'")
         return EXIT_ERROR
-    try:
-        model, tokenizer = load_model(directory)
-    except ModelLoadError as exc:
-        reporter.fail(str(exc))
+    loaded = loaded_model(directory, reporter)
+    if loaded is None:
         return EXIT_ERROR
+    model, tokenizer = loaded
     config = CalibrateConfig(out=out, tasks=tuple(tasks), samples=args.samples, seed=args.seed,
                              context=args.context, keep=args.keep,
                              model=args.model or "smollm2-135m",
@@ -138,9 +128,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from kvpolicy.engines.hf.model import ModelLoadError, model_directory
     from kvpolicy.eval.tasks import ACCURACY_TASKS
-    from kvpolicy.models import ModelError, load_config
     reporter = Reporter()
     problems = []  # the arguments, then the model's shape: all before torch is imported
     if not 1.0 < args.target_ratio <= MAX_TARGET:  # also refuses nan
@@ -165,15 +153,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         for problem in problems:
             reporter.fail(problem)
         return EXIT_ERROR
-    try:
-        directory = model_directory(args.model)
-        shape = load_config(directory / "config.json")
-    except (ModelLoadError, ModelError) as exc:
-        reporter.fail(str(exc))
-        return EXIT_ERROR
-    if args.context > shape.max_context:
-        reporter.fail(f"--context {args.context}: beyond the model's context of "
-                      f"{shape.max_context:,} tokens")
+    directory = _calibration_model(args, reporter)
+    if directory is None:
         return EXIT_ERROR
     model_name = args.model or "smollm2-135m"
     out = Path(args.out) if args.out else Path("results") / (
@@ -192,17 +173,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
                       f"({', '.join(changed)}); use another --out")
         return EXIT_ERROR
     try:
-        from kvpolicy.engines.hf import load_model
         from kvpolicy.tune.search import NoCandidates, tune
     except ImportError as exc:
         reporter.fail(f"kvpolicy tune needs the evaluation extras ({exc}); "
                       "pip install 'kvpolicy[eval]'")
         return EXIT_ERROR
-    try:
-        model, tokenizer = load_model(directory)
-    except ModelLoadError as exc:
-        reporter.fail(str(exc))
+    loaded = loaded_model(directory, reporter)
+    if loaded is None:
         return EXIT_ERROR
+    model, tokenizer = loaded
     config = TuneConfig(target=args.target_ratio, out=out, context=args.context,
                         min_prompt=args.min_prompt, tasks=tuple(tasks), samples=args.samples,
                         seed=args.seed,
@@ -233,6 +212,24 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"best: {result['best']} -> {out / 'best.kvp'}; front: {out / 'front.json'}, "
           f"{out / 'front.png'}")
     return EXIT_OK
+
+
+def _calibration_model(args: argparse.Namespace, reporter: Reporter) -> Path | None:
+    """--model's directory, its shape read (no weights) and --context checked against it; None
+    after reporting why not."""
+    from kvpolicy.engines.hf.model import ModelLoadError, model_directory
+    from kvpolicy.models import ModelError, load_config
+    try:
+        directory = model_directory(args.model)
+        shape = load_config(directory / "config.json")
+    except (ModelLoadError, ModelError) as exc:
+        reporter.fail(str(exc))
+        return None
+    if args.context > shape.max_context:
+        reporter.fail(f"--context {args.context}: beyond the model's context of "
+                      f"{shape.max_context:,} tokens")
+        return None
+    return directory
 
 
 def _earlier_run(out: Path) -> dict | None:

@@ -208,9 +208,7 @@ def _head_budgets(d: Diagnostics, policy: Policy, model: ModelShape, context: in
         for row, layer in enumerate(members):
             mine = units[row * heads:(row + 1) * heads]
             selected = tuple(unit * u for u in mine)
-            guard = layer.guard
-            guarded = tuple(min(n, unit * _round_half_up(guard.fraction * n / unit))
-                            if guard else 0 for n in selected)
+            guarded = tuple(_guard_tokens(layer.guard, n, unit) for n in selected)
             middle = context - layer.sinks - layer.window
             evicted = middle - min(selected)  # the most any head evicts
             centroids = policy.cluster.k if policy.cluster is not None and evicted > 0 else 0
@@ -287,8 +285,7 @@ def _layer_plan(policy: Policy, model: ModelShape, context: int, index: int, rat
         selected = min(whole, unit * _round_half_up(wanted / unit))
     if sinks + window + selected == 0:  # never keep nothing: the newest token stays
         window = 1
-    guard_tokens = unit * _round_half_up(guard.fraction * selected / unit) if guard else 0
-    guard_tokens = min(guard_tokens, selected)
+    guard_tokens = _guard_tokens(guard, selected, unit)
     evicted = context - sinks - window - selected
     centroids = policy.cluster.k if policy.cluster is not None and evicted > 0 else 0
     counts = storage.LayerCounts(
@@ -339,6 +336,13 @@ def needs_positions(policy: Policy) -> bool:
     be evicted, or guards pull tokens out of order. (Keys are cached after RoPE, so attention does
     not need positions; later compression steps, importance tracking and inspection do.)"""
     return policy.evicts or policy.guard is not None
+
+
+def _guard_tokens(guard: Guard | None, selected: int, unit: int) -> int:
+    """Guards among `selected` tokens: the guard's fraction, in whole units, at most all."""
+    if guard is None:
+        return 0
+    return min(selected, unit * _round_half_up(guard.fraction * selected / unit))
 
 
 def _round_half_up(x: float) -> int:
