@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from kvpolicy import heads as head_file
 from kvpolicy.diagnostics import PolicyError
 from kvpolicy.eval.runner import EvalPolicy
@@ -165,7 +165,7 @@ def test_plan_bytes_count_each_heads_blocks(tmp_path):
     assert out["layers"][layer.layer]["selected_by_head"] == list(layer.selected_by_head(3))
     assert out["adaptive"]["rule"] == "heads"
     table = run_cli("plan", str(tmp_path / "p.kvp"), "--model", "smollm2-135m").stdout
-    assert "head budgets (adapt heads \"heads.json\")" in table
+    assert "head budgets (adapt heads: the calibration's weights, held in the policy)" in table
 
 
 def test_all_zero_weights_share_equally(tmp_path):
@@ -204,13 +204,118 @@ def test_compression_keeps_each_heads_planned_tokens_and_bytes(tmp_path):
     assert positions.tolist() == list(range(400 - 64 - n, 400 - 64))
 
 
-def test_paged_engines_refuse_it_by_name(tmp_path):
+# ---- per-head pages (the paged store, vLLM) ---------------------------------------------------
+
+def test_pages_split_each_pools_block_units_by_the_weights(tmp_path):
+    """The plan's rule at one sealed block: the evicting layers keep retain x their block units
+    in all (rounded up once), each (layer, KV head) its weight's share in whole units, none above
+    the block; a layer calibration found nothing in keeps none; bytes are each head's page."""
     policy = checked(write_policy(tmp_path))
-    reasons = paged_refusals(policy)
-    assert reasons and "adapt heads" in reasons[0]
-    with pytest.raises(UnsupportedConfiguration) as info:
-        page_format(policy, SMOL, 64)
-    assert any("adapt heads" in r for r in info.value.reasons)
+    assert not paged_refusals(policy)
+    fmt = page_format(policy, SMOL, 256)
+    unit, heads, layers = 64, SMOL.num_kv_heads, SMOL.num_layers
+    counts = [[page.selected for page in fmt.pages_of(layer)] for layer in range(layers)]
+    assert sum(map(sum, counts)) == unit * 144  # 40% of 30 layers x 3 heads x 4 units
+    assert all(n % unit == 0 and 0 <= n <= 256 for row in counts for n in row)
+    assert counts[3] == [0, 0, 0]  # all-zero weights: nothing kept of sealed blocks
+    weights = smol_weights()
+    cells = sorted((w, -layer * heads - h, counts[layer][h]) for layer, row in enumerate(weights)
+                   for h, w in enumerate(row))
+    kept = [n for *_, n in cells]
+    assert kept == sorted(kept)  # more weight never keeps fewer tokens
+    assert max(kept) == 256 and min(kept) == 0
+    # one page per head: a layer's pages of a block are its heads' pages, in head order
+    for layer in range(layers):
+        groups = fmt.head_groups(layer, heads)
+        assert [g.first for g in groups] == sorted(g.first for g in groups)
+        assert sum(g.count for g in groups) == heads
+        assert [g.page.selected for g in groups for _ in range(g.count)] == counts[layer]
+        assert fmt.layer_run(layer, heads) == sum(p.nbytes for p in fmt.pages_of(layer))
+        assert fmt.layers[layer].selected == max(counts[layer])  # the widest head's
+    total = sum(fmt.layer_run(layer, heads) for layer in range(layers))
+    assert fmt.page_bytes == -(-(-(-total // (layers * heads))) // 16) * 16
+    assert fmt.padding_bytes == layers * heads * fmt.page_bytes - total
+    assert fmt.to_json()["selected_tokens_per_block_by_head"] == counts
+
+
+def test_a_rank_holding_some_heads_is_refused(tmp_path):
+    fmt = page_format(checked(write_policy(tmp_path)), SMOL, 128)
+    with pytest.raises(UnsupportedConfiguration, match="tensor-parallel-size 1"):
+        fmt.head_groups(0, 1)
+    kivi = page_format(check_file(ROOT / "policies" / "kivi.kvp").policy, SMOL, 32)
+    assert kivi.layer_offset(2, 1) * 3 == kivi.layer_offset(2, 3)  # uniform pages split
+
+
+def test_an_artifact_of_it_loads_with_its_page_plans(tmp_path):
+    from kvpolicy.compiler.artifact import compile_policy, load
+    policy = checked(write_policy(tmp_path))
+    compile_policy(policy, SMOL, tmp_path / "art")
+    (tmp_path / "heads.json").unlink()  # the artifact holds the weights
+    compiled = load(tmp_path / "art")  # verified: recompiling its manifest's policy agrees
+    assert compiled.layers[0].paged_decode is not None
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["pages"]["128"]["selected_tokens_per_block_by_head"] == [
+        [p.selected for p in page_format(policy, SMOL, 128).pages_of(layer)]
+        for layer in range(SMOL.num_layers)]
+
+
+KEYNORM_GUARDS = """policy p {
+    keep sinks 4
+    keep window 48
+    retain 50%
+    score keynorm
+    adapt heads "heads.json"
+    keys   int4 group 16 per channel
+    values int4 group 16 per token
+    guard 50% of retained at int8 by score
+}
+"""
+
+
+def distinct_head_pages(fmt) -> int:
+    """The first layer whose three KV heads keep three different counts, one of them none."""
+    for layer in range(len(fmt.layers)):
+        counts = [page.selected for page in fmt.pages_of(layer)]
+        if len(set(counts)) == 3 and 0 in counts:
+            return layer
+    raise AssertionError("no such layer")
+
+
+@pytest.mark.parametrize("kind", ["torch", "cpu"])
+def test_each_head_keeps_its_own_share_step_by_step(tmp_path, kind):
+    """Two interleaved requests (a prompt, then one token per step) over shuffled blocks in a
+    layer whose heads keep 3 different counts of every sealed 64-token block (one keeps none):
+    every output is attention over each head's own kept tokens — the rule stated per head in
+    test_vllm_paged — through the store's PyTorch path and through the compiled C kernels."""
+    from kvpolicy.runtime import cpu
+    from test_store_kernels import store_kernels
+    from test_vllm_paged import FakeEngine, expected_with_retention, run_interleaved
+    if kind == "cpu" and cpu.compiler() is None:
+        pytest.skip("no C compiler")
+    policy = checked(write_policy(tmp_path, KEYNORM_GUARDS))
+    fmt = page_format(policy, SMOL, 64)
+    layer = distinct_head_pages(fmt)
+    assert len(fmt.head_groups(layer, 3)) == 3
+    kernels = None if kind == "torch" else store_kernels(policy, tmp_path, layer, kind="cpu")
+    torch.manual_seed(layer)
+    engine = FakeEngine(fmt, layer=layer, dtype=torch.bfloat16)  # staged as an engine stages
+    step = engine.step
+    engine.step = lambda chunks: step(chunks, kernels=kernels)
+    heads, d, q_heads = 3, SMOL.head_dim, 9
+    lengths = {"a": (150, 300), "b": (70, 230)}
+    rows = {"a": [12, 40, 3, 27, 8], "b": [5, 60, 19, 2]}
+    data = {r: tuple(x.bfloat16().float() for x in (  # exact in the bfloat16 staging
+        torch.randn(n, heads, d) * torch.rand(n, heads, 1) * 3, torch.randn(n, heads, d),
+        torch.randn(n, q_heads, d))) for r, (_, n) in lengths.items()}
+    pos = run_interleaved(
+        engine, lengths, rows, data, lambda r, step, pos: r == "a" or pos["a"] >= 160,
+        lambda r, q, start, end: expected_with_retention(fmt, data[r][0], data[r][1], q, start,
+                                                         end, 0.125, lengths[r][0], layer),
+        atol=3e-5 if kind == "torch" else 1e-3)
+    assert pos == {"a": 300, "b": 230}
+    # the other layers' pages of the shuffled blocks were never written
+    others = [view for i, view in enumerate(engine.cache.unbind(1)) if i != layer]
+    assert all(not view.any() for view in others)
 
 
 # ---- kvpolicy calibrate -------------------------------------------------------------------------

@@ -391,14 +391,14 @@ def test_blocks_sealed_together_are_selected_together(write_policy):
             assert torch.equal(held[block, h], want)
 
 
-def expected_with_retention(fmt, keys, values, query, start, end, scale, prompt):
+def expected_with_retention(fmt, keys, values, query, start, end, scale, prompt, layer=0):
     """The retention rule stated independently (keynorm importance). The blocks sealed when the
     `prompt` was prefilled in one step form one group, every later block its own; a group's
     kept tokens are the `selected x g` lowest-norm keys of its span, quantize-dequantized in
     position order at their bits. Blocks sealed by `end` come from their pages unless they were
     sealed in this step and some of them reach into the chunk; the rest of the past and the
-    chunk itself are exact."""
-    bs, page = fmt.block_size, fmt.layers[0]
+    chunk itself are exact. Each KV head keeps its own page's counts (`adapt heads`)."""
+    bs = fmt.block_size
     heads = keys.shape[1]
     first_group = [j for j in range(-(-prompt // bs)) if fmt.sealed(j, prompt)]
     sealed_now = [j for j in range(-(-end // bs)) if fmt.sealed(j, end) and not fmt.sealed(j, start)]
@@ -407,6 +407,7 @@ def expected_with_retention(fmt, keys, values, query, start, end, scale, prompt)
     for j in range(-(-start // bs)):
         group = first_group if j in first_group else [j]
         for h in range(heads):
+            page = fmt.pages_of(layer)[h]
             if fmt.sealed(j, end) and not (straddles and j in sealed_now):
                 if j != group[0]:
                     continue  # the group's kept tokens were added with its first block
@@ -427,15 +428,18 @@ def expected_with_retention(fmt, keys, values, query, start, end, scale, prompt)
                 past_k[h].append(keys[part, h].float())
                 past_v[h].append(values[part, h].float())
     chunk = slice(start, end)
-    k_all = torch.stack([torch.cat(past_k[h] + [keys[chunk, h].float()]) for h in range(heads)])
-    v_all = torch.stack([torch.cat(past_v[h] + [values[chunk, h].float()])
-                         for h in range(heads)])
-    p = k_all.shape[1] - (end - start)
     group = query.shape[1] // heads
-    mask = torch.ones(end - start, p + end - start, dtype=torch.bool).tril(p)
-    return torch.nn.functional.scaled_dot_product_attention(
-        query.float().transpose(0, 1), k_all.repeat_interleave(group, 0),
-        v_all.repeat_interleave(group, 0), attn_mask=mask, scale=scale).transpose(0, 1)
+    out = []
+    for h in range(heads):  # each KV head over its own past (heads may keep different counts)
+        k_all = torch.cat(past_k[h] + [keys[chunk, h].float()])
+        v_all = torch.cat(past_v[h] + [values[chunk, h].float()])
+        p = k_all.shape[0] - (end - start)
+        mask = torch.ones(end - start, p + end - start, dtype=torch.bool).tril(p)
+        q = query[:, h * group:(h + 1) * group].float().transpose(0, 1)
+        out.append(torch.nn.functional.scaled_dot_product_attention(
+            q, k_all.expand(group, -1, -1), v_all.expand(group, -1, -1), attn_mask=mask,
+            scale=scale).transpose(0, 1))
+    return torch.cat(out, 1)
 
 
 @pytest.mark.parametrize("window,sinks", [(0, 0), (48, 4), (64, 0)])

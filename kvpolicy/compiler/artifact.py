@@ -174,10 +174,10 @@ def _report(policy: Policy, model: ModelShape, compiled: CompiledSpecs, plan,
               "Pages in a paged engine (vLLM --block-size N; kvpolicy.store), per KV head of a "
               "block:"]
     for size, fmt in pages.items():
-        kept = "/".join(str(n) for n in sorted({page.selected for page in fmt.layers}))
+        kept = "/".join(map(str, fmt.kept_tokens()))
         lines.append(f"  block {size:>3}: {fmt.page_bytes:,} bytes (16-bit: "
                      f"{fmt.baseline_page_bytes:,}), sealed blocks keep {kept} of {size} tokens "
-                     f"per layer: {fmt.capacity_ratio:.2f}x the tokens in the pool")
+                     f"per layer and KV head: {fmt.capacity_ratio:.2f}x the tokens in the pool")
     lines.append("")
     return "\n".join(lines)
 

@@ -13,13 +13,15 @@ selection rule (kvpolicy.store). Front end: no torch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 from kvpolicy.format import DTYPE_BYTES, BlockLayout, block_tokens
 from kvpolicy.lang.ir import Policy
 from kvpolicy.models import ModelShape
-from kvpolicy.plan.planner import block_layouts, block_retain_ratios, layer_formats
+from kvpolicy.plan.planner import (block_layouts, block_retain_ratios, guarded_tokens,
+                                   largest_remainder, layer_formats)
 
 PAGE_ALIGN = 16  # bytes: every section of a format block is 16-byte aligned, and so every page
 
@@ -65,6 +67,30 @@ class LayerPage:
 
 
 @dataclass(frozen=True)
+class HeadGroup:
+    """Consecutive KV heads of one layer whose pages keep the same tokens — all of a layer's
+    heads, unless `adapt heads` gives them budgets of their own: the store seals and attends
+    them together (one kernel launch per group), over views of their pages, staging, queries
+    and output."""
+
+    layer: int
+    first: int  # its first KV head among the rank's
+    count: int
+    page: LayerPage  # each of its heads' page
+    offset: int  # bytes from the start of the layer's pages of a block to the group's
+    block_size: int
+
+    @property
+    def heads(self) -> slice:
+        return slice(self.first, self.first + self.count)
+
+    @property
+    def selects(self) -> bool:
+        """Does sealing choose tokens by importance (eviction or guards) in these heads?"""
+        return self.page.selected < self.block_size or self.page.guard_tokens > 0
+
+
+@dataclass(frozen=True)
 class PageFormat:
     """How a model's pages are laid out. vLLM gives every layer the same page size, but lays a
     block's pages of all layers side by side (the block-outermost BLHNC layout the backend asks
@@ -79,41 +105,82 @@ class PageFormat:
     kv_heads: int
     head_dim: int
     dtype_bytes: int  # the engine's dtype (vLLM's own 16-bit page, the baseline)
-    layers: tuple[LayerPage, ...]  # per model layer
+    layers: tuple[LayerPage, ...]  # per model layer (with head_pages: its widest head's page)
     score: str = "snapkv"  # the policy's importance: snapkv (attention mass), keynorm, recent
     pool: str = "max"  # snapkv's pooling along the block, and its kernel
     pool_kernel: int = 7
     observe: int = 32  # snapkv: the last queries of each step whose attention counts
     staging_dtype: str = "bfloat16"  # the full-precision window's dtype: the cache dtype
     gqa: str = "mean"  # how a KV head's query heads' attention mass is reduced
-    # bytes of one KV head's pages of the layers before each layer, then of all of them:
+    # `adapt heads`: per layer, each KV head's page (empty: every head has the layer's page)
+    head_pages: tuple[tuple[LayerPage, ...], ...] = ()
+    # bytes of all KV heads' pages of the layers before each layer, then of all of them:
     # computed once (every layer of every step asks)
     _starts: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         starts, total = [], 0
-        for page in self.layers:
+        for layer in range(len(self.layers)):
             starts.append(total)
-            total += page.nbytes
+            total += sum(page.nbytes for page in self.pages_of(layer))
         object.__setattr__(self, "_starts", (*starts, total))
+
+    def pages_of(self, layer: int) -> tuple[LayerPage, ...]:
+        """Each KV head's page in `layer`."""
+        if self.head_pages:
+            return self.head_pages[layer]
+        return (self.layers[layer],) * self.kv_heads
+
+    def kept_tokens(self) -> list[int]:
+        """The distinct numbers of tokens a sealed page keeps, over layers and heads, ascending."""
+        return sorted({page.selected for layer in range(len(self.layers))
+                       for page in self.pages_of(layer)})
+
+    def _check_heads(self, heads: int) -> None:
+        if self.head_pages and heads != self.kv_heads:
+            raise UnsupportedConfiguration([
+                f"adapt heads gives each of the model's {self.kv_heads} KV heads its own page, "
+                f"and this worker holds {heads} of them (tensor parallelism): per-head pages "
+                "are not split across ranks; serve it with --tensor-parallel-size 1"])
+
+    def head_groups(self, layer: int, heads: int) -> tuple[HeadGroup, ...]:
+        """`layer`'s KV heads (`heads`: those this rank holds) in runs of equal pages, in head
+        order: one group of all of them unless the policy gives heads their own pages."""
+        self._check_heads(heads)
+        pages = self.pages_of(layer)[:heads]
+        groups, first, offset = [], 0, 0
+        while first < heads:
+            count = 1
+            while first + count < heads and pages[first + count] == pages[first]:
+                count += 1
+            groups.append(HeadGroup(layer, first, count, pages[first], offset, self.block_size))
+            offset += count * pages[first].nbytes
+            first += count
+        return tuple(groups)
 
     @property
     def staging_dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.staging_dtype]
 
     def layer_bytes(self, layer: int) -> int:
-        """Bytes one KV head of one block needs in `layer`."""
+        """Bytes one KV head of one block needs in `layer` (with head_pages: its widest head)."""
         return self.layers[layer].nbytes
+
+    def layer_run(self, layer: int, heads: int) -> int:
+        """Bytes `layer`'s pages of one block take for `heads` KV heads (those this rank holds)."""
+        self._check_heads(heads)
+        return (self._starts[layer + 1] - self._starts[layer]) * heads // self.kv_heads
 
     def layer_offset(self, layer: int, heads: int) -> int:
         """Where `layer`'s pages of a block start in the block's run of bytes (`heads`: the KV
         heads this rank holds)."""
-        return heads * self._starts[layer]
+        self._check_heads(heads)
+        return self._starts[layer] * heads // self.kv_heads
 
     def selects(self, layer: int) -> bool:
-        """Does sealing choose tokens by importance (eviction or guards) in `layer`?"""
-        page = self.layers[layer]
-        return page.selected < self.block_size or page.guard_tokens > 0
+        """Does sealing choose tokens by importance (eviction or guards) in any head of
+        `layer`?"""
+        return any(group.selects for group in self.head_groups(layer, self.kv_heads))
 
     @property
     def needs_mass(self) -> bool:
@@ -125,14 +192,13 @@ class PageFormat:
         """state_content_bytes published to vLLM: one KV head's share of a block, per layer
         (the mean over layers, rounded up to PAGE_ALIGN bytes, so that every page of the
         block-outermost cache starts aligned for the kernels' 16-byte loads)."""
-        mean = -(-self._starts[-1] // len(self.layers))
+        mean = -(-self._starts[-1] // (len(self.layers) * self.kv_heads))
         return -(-mean // PAGE_ALIGN) * PAGE_ALIGN
 
     @property
     def padding_bytes(self) -> int:
         """Bytes per block (all layers and heads) left unused by the rounding of page_bytes."""
-        return self.kv_heads * (len(self.layers) * self.page_bytes
-                                - sum(page.nbytes for page in self.layers))
+        return self.kv_heads * len(self.layers) * self.page_bytes - self._starts[-1]
 
     @property
     def baseline_page_bytes(self) -> int:
@@ -168,10 +234,17 @@ class PageFormat:
                 + self.staging_bytes(staged))
 
     def to_json(self) -> dict:
+        by_head = {}
+        if self.head_pages:  # adapt heads: each KV head's own, per layer
+            by_head = {"selected_tokens_per_block_by_head":
+                       [[p.selected for p in heads] for heads in self.head_pages],
+                       "guard_tokens_per_block_by_head":
+                       [[p.guard_tokens for p in heads] for heads in self.head_pages]}
         return {"block_size": self.block_size, "window": self.window,
                 "sink_blocks": self.sink_blocks,
                 "selected_tokens_per_block": [p.selected for p in self.layers],
                 "guard_tokens_per_block": [p.guard_tokens for p in self.layers],
+                **by_head,
                 "page_bytes_per_kv_head": self.page_bytes,
                 "baseline_page_bytes_per_kv_head": self.baseline_page_bytes,
                 "capacity_ratio": self.capacity_ratio,
@@ -188,11 +261,6 @@ def paged_refusals(policy: Policy) -> list[str]:
         reasons.append(f"score {policy.score.method} needs the whole context before it ranks "
                        "a token (it re-reads it), and pages are ranked as they seal, while the "
                        "prompt still arrives; run it in the whole-prompt runtime (kvpolicy run, "
-                       "kvpolicy eval --engine hf)")
-    if policy.adapt is not None and policy.adapt.static and policy.evicts:
-        reasons.append("adapt heads gives KV heads of one layer different page sizes, and the "
-                       "paged store's pages are one size per layer (per-head pages are not "
-                       "built yet); run it in the whole-prompt runtime (kvpolicy run, "
                        "kvpolicy eval --engine hf)")
     return reasons
 
@@ -212,7 +280,11 @@ def policy_notes(policy: Policy, block_size: int) -> list[str]:
                          f"{policy.score.observe} queries of every step while it was staged "
                          "(for a prompt prefilled in one step: SnapKV's observation window), "
                          "pooled after the query heads are reduced")
-    if policy.adapt is not None and policy.evicts:
+    if policy.adapt is not None and policy.adapt.static and policy.evicts:
+        notes.append("adapt heads: each KV head's page keeps its share of every sealed block "
+                     "(the calibration's weights over the block's whole format units; the "
+                     "whole-prompt runtime splits a whole context's tokens the same way)")
+    elif policy.adapt is not None and policy.evicts:
         notes.append("adapt: budgets follow the per-layer schedule; a page has one size, so "
                      "there is no redistribution across heads or layers by attention mass")
     if policy.cluster is not None and policy.evicts:
@@ -245,7 +317,7 @@ def page_format(policy: Policy, model: ModelShape, block_size: int,
     """The page format of `policy` on `model` with vLLM blocks of `block_size` tokens; raises
     UnsupportedConfiguration listing every reason it cannot be built."""
     reasons = paged_refusals(policy)
-    pages = []
+    pages, pools = [], {}
     ratios = block_retain_ratios(policy, model)
     for index, (keys, values, guard) in enumerate(layer_formats(policy, model)):
         unit = block_tokens(keys, values, model.head_dim, model.kv_dtype, positions=False)
@@ -257,13 +329,16 @@ def page_format(policy: Policy, model: ModelShape, block_size: int,
         selected = block_size
         if ratios[index] < 1.0:
             selected = min(block_size, unit * max(1, math.ceil(ratios[index] * block_size / unit)))
-        guard_tokens = 0
-        if guard is not None and guard.fraction > 0:
-            guard_tokens = min(selected, unit * math.floor(guard.fraction * selected / unit + 0.5))
+            pools.setdefault((keys, values, guard, unit), []).append(index)
+        guard_tokens = guarded_tokens(guard, selected, unit)
         guard_layout, body_layout = block_layouts(policy, model, keys, values, guard,
                                                   positions=False)
         pages.append(LayerPage(guard=guard_layout, body=body_layout, guard_tokens=guard_tokens,
                                body_tokens=selected - guard_tokens))
+    head_pages = ()
+    if not reasons and policy.adapt is not None and policy.adapt.static and pools:
+        head_pages = _head_pages(policy, model, block_size, ratios, pages, pools, reasons)
+        pages = [max(heads, key=lambda page: page.selected) for heads in head_pages]
     if reasons:
         raise UnsupportedConfiguration(sorted(set(reasons), key=reasons.index))
     score = policy.score
@@ -273,4 +348,34 @@ def page_format(policy: Policy, model: ModelShape, block_size: int,
                       dtype_bytes=dtype_bytes or DTYPE_BYTES[model.kv_dtype],
                       staging_dtype=model.kv_dtype,
                       layers=tuple(pages), score=score.method, pool=score.pool,
-                      pool_kernel=score.pool_kernel, gqa=score.gqa, observe=score.observe)
+                      pool_kernel=score.pool_kernel, gqa=score.gqa, observe=score.observe,
+                      head_pages=head_pages)
+
+
+def _head_pages(policy: Policy, model: ModelShape, block_size: int, ratios, pages: list,
+                pools: dict, reasons: list[str]) -> tuple[tuple[LayerPage, ...], ...]:
+    """`adapt heads` in pages: the plan's rule (`planner._head_budgets`) applied to one sealed
+    block. The evicting layers that share a storage pool keep their retain ratios' share of the
+    pool's block units in all (rounded up once, for the pool), split over their (layer, KV head)
+    cells in proportion to the calibration's weights, in whole units, none above the block's
+    (largest remainders); guards in each head's proportion."""
+    weights = policy.adapt.head_weights
+    heads = model.num_kv_heads
+    if len(weights) != model.num_layers or any(len(row) != heads for row in weights):
+        reasons.append(f"the head weights are for {len(weights)} layers of {len(weights[0])} KV "
+                       f"heads; {model.name} has {model.num_layers} layers of {heads} (run "
+                       "`kvpolicy calibrate --model DIR` on this model)")
+        return ()
+    per_head = [[page] * heads for page in pages]
+    for (_, _, guard, unit), members in pools.items():
+        whole = block_size // unit
+        total = math.ceil(sum(ratios[index] for index in members) * whole * heads - 1e-9)
+        cells = [(index, h) for index in members for h in range(heads)]
+        units = largest_remainder(total, [weights[index][h] for index, h in cells],
+                                  [whole] * len(cells))
+        for (index, h), count in zip(cells, units):
+            selected = unit * count
+            guard_tokens = guarded_tokens(guard, selected, unit)
+            per_head[index][h] = dataclasses.replace(pages[index], guard_tokens=guard_tokens,
+                                                     body_tokens=selected - guard_tokens)
+    return tuple(tuple(row) for row in per_head)

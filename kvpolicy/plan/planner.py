@@ -204,11 +204,11 @@ def _head_budgets(d: Diagnostics, policy: Policy, model: ModelShape, context: in
         cells = [(layer, h) for layer in members for h in range(heads)]
         caps = [(context - layer.sinks - layer.window) // unit for layer, _ in cells]
         total = sum(layer.selected // unit for layer in members) * heads
-        units = _largest_remainder(total, [weights[layer.layer][h] for layer, h in cells], caps)
+        units = largest_remainder(total, [weights[layer.layer][h] for layer, h in cells], caps)
         for row, layer in enumerate(members):
             mine = units[row * heads:(row + 1) * heads]
             selected = tuple(unit * u for u in mine)
-            guarded = tuple(_guard_tokens(layer.guard, n, unit) for n in selected)
+            guarded = tuple(guarded_tokens(layer.guard, n, unit) for n in selected)
             middle = context - layer.sinks - layer.window
             evicted = middle - min(selected)  # the most any head evicts
             centroids = policy.cluster.k if policy.cluster is not None and evicted > 0 else 0
@@ -227,7 +227,7 @@ def _head_budgets(d: Diagnostics, policy: Policy, model: ModelShape, context: in
     return out
 
 
-def _largest_remainder(total: int, weights: list[float], caps: list[int]) -> list[int]:
+def largest_remainder(total: int, weights: list[float], caps: list[int]) -> list[int]:
     """`total` whole units split in proportion to weights, none above its cap: water filling
     (a cell at its cap leaves the split; the rest share what is left), then the largest
     remainders (ties: the earlier cell). Every cell's weight 0: equal shares."""
@@ -285,7 +285,7 @@ def _layer_plan(policy: Policy, model: ModelShape, context: int, index: int, rat
         selected = min(whole, unit * _round_half_up(wanted / unit))
     if sinks + window + selected == 0:  # never keep nothing: the newest token stays
         window = 1
-    guard_tokens = _guard_tokens(guard, selected, unit)
+    guard_tokens = guarded_tokens(guard, selected, unit)
     evicted = context - sinks - window - selected
     centroids = policy.cluster.k if policy.cluster is not None and evicted > 0 else 0
     counts = storage.LayerCounts(
@@ -338,7 +338,7 @@ def needs_positions(policy: Policy) -> bool:
     return policy.evicts or policy.guard is not None
 
 
-def _guard_tokens(guard: Guard | None, selected: int, unit: int) -> int:
+def guarded_tokens(guard: Guard | None, selected: int, unit: int) -> int:
     """Guards among `selected` tokens: the guard's fraction, in whole units, at most all."""
     if guard is None:
         return 0

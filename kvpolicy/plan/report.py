@@ -82,8 +82,8 @@ def render_table(plan: Plan) -> str:
     if policy.adapt is not None and policy.adapt.static and policy.evicts:
         heads = plan.model.num_kv_heads
         lines.append(
-            f"head budgets (adapt heads \"{policy.adapt.heads_file}\"): static, in proportion "
-            "to the calibration's weights, so every row's bytes are exact; the guard and body "
+            "head budgets (adapt heads: the calibration's weights, held in the policy): static, in "
+            "proportion to them, so every row's bytes are exact; the guard and body "
             "columns are the largest head's. Selected tokens per KV head:")
         for layer in plan.layers:
             if layer.head_selected is not None:
@@ -138,7 +138,6 @@ def to_json(plan: Plan) -> dict:
             "temperature": policy.adapt.temperature if policy.adapt.rule == "mass" else None,
             "across_layers": policy.adapt.across_layers,
             "across_heads": policy.adapt.across_heads,
-            **({"heads_file": policy.adapt.heads_file} if policy.adapt.static else {}),
         },
         "layers": [
             {

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpolicy.plan.pages import PageFormat, UnsupportedConfiguration, paged_refusals
+from kvpolicy.plan.pages import HeadGroup, PageFormat, UnsupportedConfiguration, paged_refusals
 from kvpolicy.runtime import reference as R
 from kvpolicy.store import staging
 
@@ -97,11 +97,11 @@ def cpu_kernels_for(compiled, layer: int) -> StoreKernels:
                         packer=cpu.packer(packs))
 
 
-def layer_pages(pages: torch.Tensor, fmt: PageFormat, layer: int) -> torch.Tensor:
-    """`layer`'s pages in vLLM's cache, [num_blocks, H, layer_bytes] (a view: writes land in the
-    cache). `pages` is the layer's own view [num_blocks, H, 1, page_bytes] of the cache that all
-    layers share block by block (BLHNC: block stride = layers x H x page_bytes, layer l's view
-    starting l x H x page_bytes into each block)."""
+def _layer_run(pages: torch.Tensor, fmt: PageFormat, layer: int) -> torch.Tensor:
+    """`layer`'s pages of every block in vLLM's cache, [num_blocks, layer_run bytes] (a view:
+    writes land in the cache). `pages` is the layer's own view [num_blocks, H, 1, page_bytes] of
+    the cache that all layers share block by block (BLHNC: block stride = layers x H x
+    page_bytes, layer l's view starting l x H x page_bytes into each block)."""
     num_blocks, heads = pages.shape[0], pages.shape[1]
     run = len(fmt.layers) * heads * fmt.page_bytes
     if pages.stride(0) != run or pages.storage_offset() < layer * heads * fmt.page_bytes:
@@ -111,8 +111,27 @@ def layer_pages(pages: torch.Tensor, fmt: PageFormat, layer: int) -> torch.Tenso
             "(unset VLLM_KV_CACHE_LAYOUT)"])
     base = torch.as_strided(pages, (num_blocks, run), (run, 1),
                             pages.storage_offset() - layer * heads * fmt.page_bytes)
-    begin, size = fmt.layer_offset(layer, heads), fmt.layer_bytes(layer)
-    return base[:, begin:begin + heads * size].view(num_blocks, heads, size)
+    begin = fmt.layer_offset(layer, heads)
+    return base[:, begin:begin + fmt.layer_run(layer, heads)]
+
+
+def group_pages(pages: torch.Tensor, fmt: PageFormat, group: HeadGroup) -> torch.Tensor:
+    """A head group's pages, [num_blocks, its heads, page bytes] (a view into vLLM's cache;
+    `pages`: the layer's view, as `_layer_run` takes it)."""
+    run = _layer_run(pages, fmt, group.layer)
+    size = group.count * group.page.nbytes
+    return run[:, group.offset:group.offset + size].view(run.shape[0], group.count,
+                                                         group.page.nbytes)
+
+
+def layer_pages(pages: torch.Tensor, fmt: PageFormat, layer: int) -> torch.Tensor:
+    """`layer`'s pages in vLLM's cache, [num_blocks, H, layer_bytes] (a view: writes land in the
+    cache), for a layer whose KV heads keep the same tokens (otherwise: `group_pages`)."""
+    groups = fmt.head_groups(layer, pages.shape[1])
+    if len(groups) != 1:
+        raise ValueError(f"layer {layer}'s KV heads have pages of their own sizes "
+                         "(adapt heads): read them by head group (group_pages)")
+    return group_pages(pages, fmt, groups[0])
 
 
 # ---- writing --------------------------------------------------------------------------------
@@ -155,12 +174,13 @@ def select_tokens(importance: torch.Tensor, selected: int,
 
 
 def _seal_group(pages: torch.Tensor, staging_buffer: torch.Tensor, blocks: torch.Tensor,
-                slots: torch.Tensor, fmt: PageFormat, layer: int, packer, mass) -> None:
-    """One request's blocks sealed in one step (consecutive, in position order)."""
-    page = fmt.layers[layer]
-    g, heads, d, bs = blocks.numel(), pages.shape[1], fmt.head_dim, fmt.block_size
+                slots: torch.Tensor, fmt: PageFormat, group: HeadGroup, packer, mass) -> None:
+    """One request's blocks sealed in one step (consecutive, in position order), in one head
+    group: pages, staging_buffer and mass are the group's views."""
+    page = group.page
+    g, heads, d, bs = blocks.numel(), group.count, fmt.head_dim, fmt.block_size
     tokens = staging_buffer[slots]  # [g, H, bs, 2, D]
-    if not fmt.selects(layer):  # every token, in order, block by block
+    if not group.selects:  # every token, in order, block by block
         regions = [(tokens, page.body)]
     else:
         span = tokens.permute(1, 0, 2, 3, 4).reshape(heads, g * bs, 2, d)
@@ -180,7 +200,8 @@ def _seal_group(pages: torch.Tensor, staging_buffer: torch.Tensor, blocks: torch
         part = packer(chosen_tokens[..., 0, :].reshape(g * heads * n, d),
                       chosen_tokens[..., 1, :].reshape(g * heads * n, d), None, layout)
         packed.append(part.reshape(g, heads, -1))
-    layer_pages(pages, fmt, layer)[blocks] = torch.cat(packed, -1)
+    if packed:  # (a head that keeps none of its blocks' tokens has empty pages)
+        pages[blocks] = torch.cat(packed, -1)
 
 
 def seal_blocks(pages: torch.Tensor, staging_buffer: torch.Tensor, blocks: torch.Tensor,
@@ -195,15 +216,25 @@ def seal_blocks(pages: torch.Tensor, staging_buffer: torch.Tensor, blocks: torch
     defaults to the PyTorch reference; a compiled pack kernel has the same signature."""
     if blocks.numel() == 0:
         return
+    for group in fmt.head_groups(layer, pages.shape[1]):
+        _seal_heads(group_pages(pages, fmt, group), staging_buffer[:, group.heads], blocks,
+                    slots, fmt, group, packer, None if mass is None else mass[:, group.heads],
+                    groups)
+
+
+def _seal_heads(pages: torch.Tensor, staging_buffer: torch.Tensor, blocks: torch.Tensor,
+                slots: torch.Tensor, fmt: PageFormat, group: HeadGroup, packer,
+                mass: torch.Tensor | None, groups: list[int] | None) -> None:
+    """`seal_blocks` in one head group (pages, staging_buffer and mass: the group's views)."""
     packer = packer or R.pack_blocks
-    if not fmt.selects(layer):  # block by block, whoever sealed them: one call for the step
-        _seal_group(pages, staging_buffer, blocks, slots, fmt, layer, packer, mass)
+    if not group.selects:  # block by block, whoever sealed them: one call for the step
+        _seal_group(pages, staging_buffer, blocks, slots, fmt, group, packer, mass)
         return
     first = 0
     for count in (groups if groups is not None else [1] * blocks.numel()):
         if count:
             part = slice(first, first + count)
-            _seal_group(pages, staging_buffer, blocks[part], slots[part], fmt, layer, packer,
+            _seal_group(pages, staging_buffer, blocks[part], slots[part], fmt, group, packer,
                         mass)
         first += count
 
@@ -211,12 +242,17 @@ def seal_blocks(pages: torch.Tensor, staging_buffer: torch.Tensor, blocks: torch
 # ---- reading --------------------------------------------------------------------------------
 
 def unpack_pages(pages: torch.Tensor, blocks: torch.Tensor, fmt: PageFormat,
-                 layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sealed pages → (keys, values) fp32 [H, len(blocks) * selected, D]: each block's guards then
-    its body (attention over the past does not depend on order)."""
-    page = fmt.layers[layer]
-    m, heads = blocks.numel(), pages.shape[1]
-    raw = layer_pages(pages, fmt, layer)[blocks].permute(1, 0, 2)  # [H, m, nbytes]
+                 group: HeadGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """A head group's sealed pages (`group_pages`) → (keys, values) fp32 [its heads,
+    len(blocks) * selected, D]: each block's guards then its body (attention over the past does
+    not depend on order)."""
+    page = group.page
+    m, heads = blocks.numel(), group.count
+    shape = (heads, m * page.selected, fmt.head_dim)
+    if not page.selected:
+        empty = torch.zeros(shape, device=pages.device)
+        return empty, empty
+    raw = pages[blocks].permute(1, 0, 2)  # [H, m, nbytes]
     keys, values = [], []
     for layout, count, begin in ((page.guard, page.guard_tokens, 0),
                                  (page.body, page.body_tokens, page.guard_bytes)):
@@ -228,7 +264,6 @@ def unpack_pages(pages: torch.Tensor, blocks: torch.Tensor, fmt: PageFormat,
         k, v, _ = R.unpack_blocks(flat, layout, heads * m * count)
         keys.append(k.reshape(heads, m, count, fmt.head_dim))
         values.append(v.reshape(heads, m, count, fmt.head_dim))
-    shape = (heads, m * page.selected, fmt.head_dim)
     return torch.cat(keys, 2).reshape(shape), torch.cat(values, 2).reshape(shape)
 
 
@@ -260,7 +295,7 @@ class Segment:
 
 
 def past_segments(block_row: list[int], stage_slots: list[int], start: int, sealed_by: int,
-                  fmt: PageFormat, layer: int) -> list[Segment]:
+                  fmt: PageFormat, group: HeadGroup) -> list[Segment]:
     """Where the past of a chunk that starts at token `start` is read from: blocks sealed by the
     time the sequence had `sealed_by` tokens (the step's start, before this step seals; or its
     end, after) from their pages, the others from staging, up to token `start`. block_row: the
@@ -269,10 +304,10 @@ def past_segments(block_row: list[int], stage_slots: list[int], start: int, seal
     prefill) is read from its page only when the page keeps every token in order; when the
     layer selects, the blocks sealed in this step were selected together, so if any of them
     reaches into the chunk, their pages may hold the chunk's own tokens: all of them are read
-    from their staged copies instead."""
+    from their staged copies instead. Heads whose pages keep no tokens read no pages."""
     bs = fmt.block_size
-    selects = fmt.selects(layer)
-    selected = fmt.layers[layer].selected
+    selects = group.selects
+    selected = group.page.selected
     straddles = False
     if selects:
         sealed_now = [j for j in range(len(block_row))
@@ -294,7 +329,8 @@ def past_segments(block_row: list[int], stage_slots: list[int], start: int, seal
             tokens = (run - j) * selected
             if not selects:  # every token in order: cut at the chunk
                 tokens = min(tokens, start - j * bs)
-            segments.append(Segment(tokens, blocks=tuple(block_row[j:run])))
+            if tokens:
+                segments.append(Segment(tokens, blocks=tuple(block_row[j:run])))
             j = run
         else:
             assert stage_slots[j] >= 0, f"block {j} is neither sealed nor staged"
@@ -305,12 +341,13 @@ def past_segments(block_row: list[int], stage_slots: list[int], start: int, seal
 
 def cached_tokens(pages: torch.Tensor, staging: torch.Tensor, block_row: list[int],
                   stage_slots: list[int], start: int, sealed_by: int, fmt: PageFormat,
-                  layer: int, exact: bool = False, dtype: torch.dtype | None = None) -> Past:
-    """The past of a chunk that starts at token `start` (`past_segments`), dequantized: the
+                  group: HeadGroup, exact: bool = False, dtype: torch.dtype | None = None) -> Past:
+    """The past of a chunk that starts at token `start` (`past_segments`) in one head group
+    (pages, staging: the group's views), dequantized: the
     PyTorch path. fp32; with `dtype` (the 16-bit dtype a prompt chunk attends in, `chunk_dtype`)
     in that dtype, page tokens dequantized then rounded to it; or with `exact`, when every token of
     it is staged, in the staging's own 16-bit dtype (nothing converted)."""
-    segments = past_segments(block_row, stage_slots, start, sealed_by, fmt, layer)
+    segments = past_segments(block_row, stage_slots, start, sealed_by, fmt, group)
     if dtype is None:
         dtype = staging.dtype if exact and all(segment.staged for segment in segments) \
             else torch.float32
@@ -323,13 +360,13 @@ def cached_tokens(pages: torch.Tensor, staging: torch.Tensor, block_row: list[in
             v = staging[segment.slot, :, :n, 1]
             staged.append((segment.slot, length, n))
         else:
-            k, v = unpack_pages(pages, torch.tensor(segment.blocks), fmt, layer)
+            k, v = unpack_pages(pages, torch.tensor(segment.blocks), fmt, group)
             k, v = k[:, :segment.tokens], v[:, :segment.tokens]
         keys.append(k.to(dtype))
         values.append(v.to(dtype))
         length += k.shape[1]
     if not keys:
-        empty = torch.zeros(pages.shape[1], 0, fmt.head_dim, device=pages.device, dtype=dtype)
+        empty = torch.zeros(group.count, 0, fmt.head_dim, device=pages.device, dtype=dtype)
         return Past(empty, empty, [])
     return Past(torch.cat(keys, 1), torch.cat(values, 1), staged)
 
@@ -521,13 +558,13 @@ class DecodeTables:
     staged: list[list[tuple[int, int]]]  # per request: (slot, tokens) of its staged blocks
 
 
-def decode_tables(md: StepMetadata, fmt: PageFormat, layer: int, requests: list[int],
+def decode_tables(md: StepMetadata, fmt: PageFormat, group: HeadGroup, requests: list[int],
                   sealed_by: list[int], device) -> DecodeTables:
     """The requests' pasts (`past_segments`) as a launch's tables. Built once per step for every
-    layer whose pages keep the same tokens (`md.decode_tables`): they depend on the layer only
-    through its page counts and whether it selects."""
-    page = fmt.layers[layer]
-    key = (page.selected, page.guard_tokens, page.body_tokens, fmt.selects(layer),
+    head group whose pages keep the same tokens (`md.decode_tables`): they depend on the group
+    only through its page counts and whether it selects."""
+    page = group.page
+    key = (page.selected, page.guard_tokens, page.body_tokens, group.selects,
            tuple(requests), tuple(sealed_by), str(device))
     cached = md.decode_tables.get(key)
     if cached is not None:
@@ -536,7 +573,7 @@ def decode_tables(md: StepMetadata, fmt: PageFormat, layer: int, requests: list[
     page_rows, tails, staged_rows = [], [], []
     for i, end in zip(requests, sealed_by):
         segments = past_segments(md.block_rows[i], md.request_slots[i], starts[i], end, fmt,
-                                 layer)
+                                 group)
         blocks = [b for seg in segments if not seg.staged for b in seg.blocks]
         last = next((seg for seg in reversed(segments) if not seg.staged), None)
         tail = page.body_tokens if last is None else \
@@ -566,19 +603,20 @@ def decode_tables(md: StepMetadata, fmt: PageFormat, layer: int, requests: list[
 
 
 def attend_decodes(kernels: StoreKernels, pages: torch.Tensor, staging_buffer: torch.Tensor,
-                   mass: torch.Tensor | None, fmt: PageFormat, layer: int, query: torch.Tensor,
+                   mass: torch.Tensor | None, fmt: PageFormat, group: HeadGroup,
+                   query: torch.Tensor,
                    key: torch.Tensor, value: torch.Tensor, md: StepMetadata,
                    requests: list[int], sealed_by: list[int], scale: float,
                    output: torch.Tensor, record: bool) -> None:
     """One kernel launch for requests that each add one token this step: their past's segments
     become a block table of pages and a table of staged slots (`decode_tables`). With `record`,
     the attention mass the launch computed is added to the staged tokens that received it (the
-    PyTorch path's `accumulate_mass`)."""
-    page = fmt.layers[layer]
-    t = decode_tables(md, fmt, layer, requests, sealed_by, query.device)
+    PyTorch path's `accumulate_mass`). Every tensor is the head group's view."""
+    page = group.page
+    t = decode_tables(md, fmt, group, requests, sealed_by, query.device)
     out, received = kernels.decode(
         query[t.rows].contiguous(), key[t.rows].contiguous(), value[t.rows].contiguous(),
-        layer_pages(pages, fmt, layer), t.page_table, t.page_count, t.page_tail,
+        pages, t.page_table, t.page_count, t.page_tail,
         page.guard_tokens, page.body_tokens, staging_buffer, t.stage_table, t.stage_len,
         t.staged_count, scale, mass_reduce=fmt.gqa if record else None)
     output[t.rows] = out.to(output.dtype)
@@ -604,21 +642,40 @@ def attend_step(pages: torch.Tensor, staging_buffer: torch.Tensor, mass: torch.T
     order, where the window is flushed before a new token attends. Otherwise sealing comes first.
     query [n, Hq, D], key/value [n, H, D]; output [n, Hq, D] is written and returned. With
     `kernels` (a CUDA engine and a loaded artifact) one-token requests attend in the compiled
-    paged decode kernel and sealing packs with the compiled pack kernels."""
-    scored = mass is not None and fmt.selects(layer)
+    paged decode kernel and sealing packs with the compiled pack kernels. Each head group of the
+    layer (`PageFormat.head_groups`: all its heads unless `adapt heads` gives them pages of
+    their own) does all of this on its own, over views of its KV heads and their query heads."""
+    heads = staging_buffer.shape[1]
+    per_kv = query.shape[1] // heads
+    for group in fmt.head_groups(layer, heads):
+        kv = group.heads
+        q = slice(group.first * per_kv, (group.first + group.count) * per_kv)
+        _attend_heads(group_pages(pages, fmt, group), staging_buffer[:, kv],
+                      None if mass is None else mass[:, kv], fmt, group, query[:, q],
+                      key[:, kv], value[:, kv], md, scale, output[:, q], packer, kernels)
+    return output
+
+
+def _attend_heads(pages: torch.Tensor, staging_buffer: torch.Tensor, mass: torch.Tensor | None,
+                  fmt: PageFormat, group: HeadGroup, query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor, md: StepMetadata, scale: float, output: torch.Tensor,
+                  packer, kernels: StoreKernels | None) -> None:
+    """`attend_step` in one head group: every tensor is the group's view."""
+    scored = mass is not None and group.selects
     starts = md.starts
     if kernels is not None and packer is None:
         packer = kernels.packer
 
     def seal() -> None:
-        seal_blocks(pages, staging_buffer, md.seal_blocks, md.seal_slots, fmt, layer, packer,
-                    mass, md.seal_groups)
+        if md.seal_blocks.numel():
+            _seal_heads(pages, staging_buffer, md.seal_blocks, md.seal_slots, fmt, group,
+                        packer, mass, md.seal_groups)
 
     def attend_requests(requests: list[int], sealed_by: list[int], record: bool) -> None:
         decodes = [] if kernels is None else \
             [n for n, i in enumerate(requests) if md.query_start[i + 1] - md.query_start[i] == 1]
         if decodes:
-            attend_decodes(kernels, pages, staging_buffer, mass, fmt, layer, query, key, value,
+            attend_decodes(kernels, pages, staging_buffer, mass, fmt, group, query, key, value,
                            md, [requests[n] for n in decodes], [sealed_by[n] for n in decodes],
                            scale, output, record)
         chosen = set(decodes)
@@ -629,7 +686,7 @@ def attend_step(pages: torch.Tensor, staging_buffer: torch.Tensor, mass: torch.T
     def attend_request(i: int, sealed_by: int, record: bool) -> None:
         first, last = md.query_start[i], md.query_start[i + 1]
         past = cached_tokens(pages, staging_buffer, md.block_rows[i], md.request_slots[i],
-                             starts[i], sealed_by, fmt, layer, exact=not record,
+                             starts[i], sealed_by, fmt, group, exact=not record,
                              dtype=chunk_dtype(query[first:last], record))
         result = attend(query[first:last], past.keys, past.values, key[first:last],
                         value[first:last], scale, mass_reduce=fmt.gqa if record else None,
@@ -644,9 +701,8 @@ def attend_step(pages: torch.Tensor, staging_buffer: torch.Tensor, mass: torch.T
     if not scored:
         seal()
         attend_requests(everyone, md.seq_lens, record=False)
-        return output
+        return
     attend_requests(everyone, starts, record=True)
     seal()
     again = [i for i in everyone if md.past_sealed_now[i]]
     attend_requests(again, [md.seq_lens[i] for i in again], record=False)
-    return output

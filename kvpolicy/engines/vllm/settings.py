@@ -93,11 +93,11 @@ class Settings:
 
     def describe(self) -> str:
         f = self.page_format
-        kept = sorted({p.selected for p in f.layers})
+        kept = f.kept_tokens()
         text = (f"kvpolicy: policy {self.policy.name} from {self.artifact}: pages of "
                 f"{f.page_bytes} bytes per KV head per {f.block_size}-token block "
                 f"(16-bit: {f.baseline_page_bytes}; sealed blocks keep "
-                f"{'/'.join(map(str, kept))} of {f.block_size} tokens per layer; padding "
+                f"{'/'.join(map(str, kept))} of {f.block_size} tokens per layer and KV head; padding "
                 f"{f.padding_bytes:,} bytes per block), {f.capacity_ratio:.2f}x the tokens of "
                 f"vLLM's own pages in the same pool memory; full-precision staging: "
                 f"{self.staging_blocks} blocks, {self.staging_bytes:,} bytes")
