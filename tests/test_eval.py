@@ -129,6 +129,16 @@ def test_the_paged_engine_runs_prompts_in_one_step_and_names_itself(smol, tmp_pa
     assert len(lines) == 2 and all(line["measured_bytes"] == line["planned_bytes"] for line in lines)
     assert all(line["measured_bytes"] < line["baseline_bytes"] * 2 for line in lines)
     assert "Engine **paged** (blocks of 32 tokens" in (out / "report.md").read_text()
+    # resumable: a rerun measures only what is missing (a line of other settings does not count)
+    path = out / "samples.jsonl"
+    kept = [json.loads(t) for t in path.read_text().splitlines()]
+    assert {(line["engine"], line["block_size"], line["seed"]) for line in kept} == {("paged", 32, 0)}
+    stale = dict(kept[-1], block_size=64, output="stale")
+    path.write_text("".join(json.dumps(line) + "\n" for line in kept[:-1] + [stale]) + '{"cut')
+    run(config, model, tokenizer, progress=False)
+    again = [json.loads(t) for t in path.read_text().splitlines()]
+    assert again[:-1] == kept[:-1] and again[-1]["output"] != "stale"
+    assert again[-1] == dict(kept[-1], prefill_s=again[-1]["prefill_s"])  # remeasured, same run
 
 
 def test_the_served_engines_refuse_what_they_cannot_score(tmp_path):

@@ -377,8 +377,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"kvpolicy eval: {len(entries)} configurations x {len(tasks)} tasks x "
           f"{len(contexts)} contexts x {samples} samples -> {out} "
           f"({'question-aware' if args.question_aware else 'question-agnostic'}; engine "
-          f"{args.engine}; " + ("rerun the same command to resume)" if not served else
-                                "each prompt in one step)"), file=sys.stderr)
+          f"{args.engine}; " + ("each prompt in one step; " if served else "")
+          + "rerun the same command to resume)", file=sys.stderr)
     run(config, model, tokenizer, progress=not args.no_progress)
     summary = json.loads((out / "results.json").read_text(encoding="utf-8"))["summary"]
     print(f"{'context':>8}  {'configuration':<22} {'ratio':>7} {'accuracy':>9} "

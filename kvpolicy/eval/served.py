@@ -8,6 +8,10 @@ budget is the sum of the prompts). Both run the same store, so their outputs agr
 sample; the baseline is the model's own uncompressed cache (transformers' for "paged", vLLM's own
 attention and pages for "vllm").
 
+Resumable: every line is appended to `samples.jsonl` as it is made ("paged": per prompt;
+"vllm": per configuration, its engine's whole batch) with the engine, block size and seed that
+made it; a rerun of the same command skips what is there for those settings.
+
 Bytes: "paged" counts the pool blocks and staging slots the cache holds after the prompt's step,
 from its tensors; vLLM does not expose one request's blocks, so "vllm" reports the page plan's
 exact count for the same tokens (`PageFormat.held_bytes`; `bytes_source` says which).
@@ -49,11 +53,10 @@ def _answer(tokenizer, sample, token_ids: list[int]) -> tuple[str, list[int]]:
 
 
 @torch.no_grad()
-def _paged_outputs(model, tokenizer, entry, work, config, shape) -> list[dict]:
+def _paged_outputs(model, tokenizer, entry, work, config, shape, emit) -> None:
     from kvpolicy.eval.runner import BASELINE
     from kvpolicy.engines.hf.generation import generate
     from kvpolicy.plan.planner import make_plan
-    lines = []
     for context, task, index, sample, ids in work:
         started = time.perf_counter()
         prompt = torch.tensor([ids])
@@ -71,13 +74,12 @@ def _paged_outputs(model, tokenizer, entry, work, config, shape) -> list[dict]:
             tokens = generation.token_ids
             measured = generation.timings["measured_bytes_after_compress"]
             planned = generation.cache.fmt.held_bytes(len(ids))
-        lines.append(_line(tokenizer, entry, sample, context, task, index, tokens, measured,
-                           planned, baseline_bytes, len(ids), time.perf_counter() - started,
-                           "measured"))
-    return lines
+        emit(_line(config, tokenizer, entry, sample, context, task, index, tokens, measured,
+                   planned,
+                   baseline_bytes, len(ids), time.perf_counter() - started, "measured"))
 
 
-def _vllm_outputs(tokenizer, entry, work, config, shape, model_dir) -> list[dict]:
+def _vllm_outputs(tokenizer, entry, work, config, shape, model_dir, emit) -> None:
     from kvpolicy.compiler.artifact import compile_policy
     from kvpolicy.eval.runner import BASELINE
     from kvpolicy.engines.vllm import offline
@@ -101,20 +103,20 @@ def _vllm_outputs(tokenizer, entry, work, config, shape, model_dir) -> list[dict
         seconds = (time.perf_counter() - started) / len(prompts)
     fmt = None if artifact is None else page_format(entry.policy, shape, config.block_size,
                                                     dtype_bytes=4)
-    lines = []
     for (context, task, index, sample, ids), tokens in zip(work, run.token_ids):
         baseline_bytes = make_plan(entry.policy, shape, len(ids)).baseline_bytes
         held = baseline_bytes if fmt is None else fmt.held_bytes(len(ids))
-        lines.append(_line(tokenizer, entry, sample, context, task, index, tokens, held, held,
-                           baseline_bytes, len(ids), seconds, "page plan"))
-    return lines
+        emit(_line(config, tokenizer, entry, sample, context, task, index, tokens, held, held,
+                   baseline_bytes, len(ids), seconds, "page plan"))
 
 
-def _line(tokenizer, entry, sample, context, task, index, tokens, measured, planned,
+def _line(config, tokenizer, entry, sample, context, task, index, tokens, measured, planned,
           baseline_bytes, prompt_tokens, seconds, source) -> dict:
     output, kept = _answer(tokenizer, sample, tokens)
     return {"policy": entry.name, "policy_sha256": entry.sha256, "task": task,
-            "context": context, "sample": index, "expected": list(sample.answers),
+            "context": context, "sample": index, "engine": config.engine,
+            "block_size": config.block_size, "seed": config.seed,
+            "expected": list(sample.answers),
             "output": output, "token_ids": kept, "score": score(sample, output),
             "measured_bytes": measured, "planned_bytes": planned,
             "baseline_bytes": baseline_bytes, "bytes_source": source,
@@ -125,25 +127,41 @@ def _line(tokenizer, entry, sample, context, task, index, tokens, measured, plan
 
 def run_served(config, model, tokenizer, shape, progress: bool = True) -> Path:
     from kvpolicy.eval.report import write_outputs
-    from kvpolicy.eval.runner import hardware
+    from kvpolicy.eval.runner import _key, hardware, load_lines
     from kvpolicy.engines.hf.model import model_directory
     if "ppl" in config.tasks:
         raise ValueError(f"--engine {config.engine} scores {SCORED} only, not ppl")
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
-    work = _prompts(config, tokenizer)
-    lines = []
-    for entry in config.policies:
-        if progress:
-            print(f"kvpolicy eval: {entry.name} on {config.engine} ({len(work)} prompts)",
-                  flush=True)
-        if config.engine == "paged":
-            lines += _paged_outputs(model, tokenizer, entry, work, config, shape)
-        else:
-            lines += _vllm_outputs(tokenizer, entry, work, config, shape,
-                                   str(model_directory(config.model)))
-    with open(config.out / "samples.jsonl", "w", encoding="utf-8") as handle:
+    path = config.out / "samples.jsonl"
+    settings = {"engine": config.engine, "block_size": config.block_size, "seed": config.seed}
+    lines = [line for line in load_lines(path)  # what an earlier run of these settings made
+             if all(line.get(k) == v for k, v in settings.items())]
+    with open(path, "w", encoding="utf-8") as handle:  # drops a half-written last line
         handle.writelines(json.dumps(line) + "\n" for line in lines)
+    done = {_key(line) for line in lines}
+    work = _prompts(config, tokenizer)
+    wanted = set()
+
+    def emit(line: dict) -> None:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line) + "\n")
+
+    for entry in config.policies:
+        keys = [(entry.sha256, task, context, index) for context, task, index, *_ in work]
+        wanted.update(keys)
+        todo = [item for item, key in zip(work, keys) if key not in done]
+        if progress:
+            print(f"kvpolicy eval: {entry.name} on {config.engine} ({len(todo)} of "
+                  f"{len(work)} prompts to run)", flush=True)
+        if not todo:
+            continue
+        if config.engine == "paged":
+            _paged_outputs(model, tokenizer, entry, todo, config, shape, emit)
+        else:
+            _vllm_outputs(tokenizer, entry, todo, config, shape,
+                          str(model_directory(config.model)), emit)
+    lines = [line for line in load_lines(path) if _key(line) in wanted]
     write_outputs(config, lines, shape, hardware(config.engine),
                   model_name=config.model or "smollm2-135m")
     return config.out
