@@ -259,6 +259,25 @@ def test_an_artifact_of_it_loads_with_its_page_plans(tmp_path):
         for layer in range(SMOL.num_layers)]
 
 
+def test_vllm_settings_load_it_and_refuse_tensor_parallel_ranks(tmp_path):
+    """vLLM's start-up (no engine needed): the artifact loads with per-head pages; a worker that
+    would hold some of the heads (tensor parallelism) is refused before any step."""
+    from types import SimpleNamespace
+
+    from kvpolicy.compiler.artifact import compile_policy
+    from kvpolicy.engines.vllm.settings import load_settings
+    from test_vllm_paged import engine_config
+    compile_policy(checked(write_policy(tmp_path)), SMOL, tmp_path / "art")
+    config = engine_config(block_size=256)
+    settings = load_settings(str(tmp_path / "art"), config)
+    assert settings.page_format.head_pages
+    text = settings.describe()
+    assert "tokens per layer and KV head" in text and "note: adapt heads" in text
+    config.parallel_config = SimpleNamespace(tensor_parallel_size=3)
+    with pytest.raises(UnsupportedConfiguration, match="holds 1 of them"):
+        load_settings(str(tmp_path / "art"), config)
+
+
 KEYNORM_GUARDS = """policy p {
     keep sinks 4
     keep window 48

@@ -156,6 +156,12 @@ def load_settings(artifact: str, vllm_config) -> Settings:
         fmt = page_format(policy, model, cache.block_size, dtype_bytes=DTYPE_BYTES.get(dtype, 2))
     except UnsupportedConfiguration as exc:
         reasons += exc.reasons
+    ranks = getattr(getattr(vllm_config, "parallel_config", None), "tensor_parallel_size", 1)
+    if fmt is not None and fmt.head_pages and ranks != 1:
+        try:  # the page plan's own refusal, at start-up rather than at the first step
+            fmt.head_groups(0, max(1, fmt.kv_heads // ranks))
+        except UnsupportedConfiguration as exc:
+            reasons += exc.reasons
     if reasons:
         raise UnsupportedConfiguration(reasons)
     choice = os.environ.get(KERNELS_ENV) or "compiled"
