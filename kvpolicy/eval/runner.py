@@ -220,7 +220,7 @@ def answer_nll(model, entry: EvalPolicy, prefill, last_logits, query_ids: torch.
 
 # ---- the run --------------------------------------------------------------------------------
 
-def _key(line: dict) -> tuple:
+def line_key(line: dict) -> tuple:
     return (line["policy_sha256"], line["task"], line["context"], line["sample"])
 
 
@@ -270,7 +270,7 @@ def run(config: EvalConfig, model=None, tokenizer=None, progress: bool = True) -
     lines = load_lines(lines_path)
     with open(lines_path, "w", encoding="utf-8") as handle:  # drop a half-written last line
         handle.writelines(json.dumps(line) + "\n" for line in lines)
-    done = {_key(line) for line in lines}
+    done = {line_key(line) for line in lines}
     observe = max(p.policy.score.observe for p in config.policies)
     # sample-major: a run stopped part-way has covered every task about equally
     work = [(context, task, index) for context in config.contexts
@@ -313,7 +313,7 @@ def run(config: EvalConfig, model=None, tokenizer=None, progress: bool = True) -
             bar.update(1)
     bar.close()
     lines = load_lines(lines_path)
-    lines = [line for line in lines if _key(line) in wanted]
+    lines = [line for line in lines if line_key(line) in wanted]
     write_outputs(config, lines, shape, hardware(config.engine),
                   model_name=config.model or "smollm2-135m")
     return config.out

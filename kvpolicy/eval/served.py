@@ -75,8 +75,8 @@ def _paged_outputs(model, tokenizer, entry, work, config, shape, emit) -> None:
             measured = generation.timings["measured_bytes_after_compress"]
             planned = generation.cache.fmt.held_bytes(len(ids))
         emit(_line(config, tokenizer, entry, sample, context, task, index, tokens, measured,
-                   planned,
-                   baseline_bytes, len(ids), time.perf_counter() - started, "measured"))
+                   planned, baseline_bytes, len(ids), time.perf_counter() - started,
+                   "measured"))
 
 
 def _vllm_outputs(tokenizer, entry, work, config, shape, model_dir, emit) -> None:
@@ -127,7 +127,7 @@ def _line(config, tokenizer, entry, sample, context, task, index, tokens, measur
 
 def run_served(config, model, tokenizer, shape, progress: bool = True) -> Path:
     from kvpolicy.eval.report import write_outputs
-    from kvpolicy.eval.runner import _key, hardware, load_lines
+    from kvpolicy.eval.runner import hardware, line_key, load_lines
     from kvpolicy.engines.hf.model import model_directory
     if "ppl" in config.tasks:
         raise ValueError(f"--engine {config.engine} scores {SCORED} only, not ppl")
@@ -139,7 +139,7 @@ def run_served(config, model, tokenizer, shape, progress: bool = True) -> Path:
              if all(line.get(k) == v for k, v in settings.items())]
     with open(path, "w", encoding="utf-8") as handle:  # drops a half-written last line
         handle.writelines(json.dumps(line) + "\n" for line in lines)
-    done = {_key(line) for line in lines}
+    done = {line_key(line) for line in lines}
     work = _prompts(config, tokenizer)
     wanted = set()
 
@@ -161,7 +161,7 @@ def run_served(config, model, tokenizer, shape, progress: bool = True) -> Path:
         else:
             _vllm_outputs(tokenizer, entry, todo, config, shape,
                           str(model_directory(config.model)), emit)
-    lines = [line for line in load_lines(path) if _key(line) in wanted]
+    lines = [line for line in load_lines(path) if line_key(line) in wanted]
     write_outputs(config, lines, shape, hardware(config.engine),
                   model_name=config.model or "smollm2-135m")
     return config.out

@@ -90,6 +90,19 @@ class HeadGroup:
         return self.page.selected < self.block_size or self.page.guard_tokens > 0
 
 
+def _runs_of_equal_pages(layer: int, pages: tuple[LayerPage, ...],
+                         block_size: int) -> tuple[HeadGroup, ...]:
+    groups, first, offset = [], 0, 0
+    while first < len(pages):
+        count = 1
+        while first + count < len(pages) and pages[first + count] == pages[first]:
+            count += 1
+        groups.append(HeadGroup(layer, first, count, pages[first], offset, block_size))
+        offset += count * pages[first].nbytes
+        first += count
+    return tuple(groups)
+
+
 @dataclass(frozen=True)
 class PageFormat:
     """How a model's pages are laid out. vLLM gives every layer the same page size, but lays a
@@ -114,16 +127,20 @@ class PageFormat:
     gqa: str = "mean"  # how a KV head's query heads' attention mass is reduced
     # `adapt heads`: per layer, each KV head's page (empty: every head has the layer's page)
     head_pages: tuple[tuple[LayerPage, ...], ...] = ()
-    # bytes of all KV heads' pages of the layers before each layer, then of all of them:
-    # computed once (every layer of every step asks)
+    # bytes of all KV heads' pages of the layers before each layer, then of all of them, and
+    # each layer's head groups over all KV heads: computed once (every layer of every step asks)
     _starts: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _groups: tuple[tuple[HeadGroup, ...], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        starts, total = [], 0
+        starts, total, groups = [], 0, []
         for layer in range(len(self.layers)):
             starts.append(total)
-            total += sum(page.nbytes for page in self.pages_of(layer))
+            pages = self.pages_of(layer)
+            total += sum(page.nbytes for page in pages)
+            groups.append(_runs_of_equal_pages(layer, pages, self.block_size))
         object.__setattr__(self, "_starts", (*starts, total))
+        object.__setattr__(self, "_groups", tuple(groups))
 
     def pages_of(self, layer: int) -> tuple[LayerPage, ...]:
         """Each KV head's page in `layer`."""
@@ -136,7 +153,9 @@ class PageFormat:
         return sorted({page.selected for layer in range(len(self.layers))
                        for page in self.pages_of(layer)})
 
-    def _check_heads(self, heads: int) -> None:
+    def check_rank_heads(self, heads: int) -> None:
+        """Raises UnsupportedConfiguration when a worker holding `heads` of the model's KV heads
+        (tensor parallelism) cannot hold its share of the pages: per-head pages do not split."""
         if self.head_pages and heads != self.kv_heads:
             raise UnsupportedConfiguration([
                 f"adapt heads gives each of the model's {self.kv_heads} KV heads its own page, "
@@ -146,17 +165,11 @@ class PageFormat:
     def head_groups(self, layer: int, heads: int) -> tuple[HeadGroup, ...]:
         """`layer`'s KV heads (`heads`: those this rank holds) in runs of equal pages, in head
         order: one group of all of them unless the policy gives heads their own pages."""
-        self._check_heads(heads)
-        pages = self.pages_of(layer)[:heads]
-        groups, first, offset = [], 0, 0
-        while first < heads:
-            count = 1
-            while first + count < heads and pages[first + count] == pages[first]:
-                count += 1
-            groups.append(HeadGroup(layer, first, count, pages[first], offset, self.block_size))
-            offset += count * pages[first].nbytes
-            first += count
-        return tuple(groups)
+        self.check_rank_heads(heads)
+        groups = self._groups[layer]
+        if heads == self.kv_heads:
+            return groups
+        return (dataclasses.replace(groups[0], count=heads),)  # uniform pages: one group
 
     @property
     def staging_dtype_bytes(self) -> int:
@@ -168,13 +181,13 @@ class PageFormat:
 
     def layer_run(self, layer: int, heads: int) -> int:
         """Bytes `layer`'s pages of one block take for `heads` KV heads (those this rank holds)."""
-        self._check_heads(heads)
+        self.check_rank_heads(heads)
         return (self._starts[layer + 1] - self._starts[layer]) * heads // self.kv_heads
 
     def layer_offset(self, layer: int, heads: int) -> int:
         """Where `layer`'s pages of a block start in the block's run of bytes (`heads`: the KV
         heads this rank holds)."""
-        self._check_heads(heads)
+        self.check_rank_heads(heads)
         return self._starts[layer] * heads // self.kv_heads
 
     def selects(self, layer: int) -> bool:

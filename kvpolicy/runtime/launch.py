@@ -184,9 +184,9 @@ def paged_decode(decode_kernels: ModuleType, combine_kernels: ModuleType, q: tor
     """One decode step of b requests over a paged layer (`kvpolicy.store`), one new token each.
 
     q [b, Hq, D]; new_key, new_value [b, H, D] (the step's tokens, fp16/bf16/fp32); pages: the
-    layer's pages [blocks, H, bytes] uint8 (`store.paged.layer_pages`, any strides with unit
-    byte stride); page_table [b, P] physical blocks each request reads from its pages,
-    page_count [b] how many, page_tail [b] body tokens of the last (every page's guard_tokens +
+    layer's pages [blocks, H, bytes] uint8 (`store.paged.group_pages`: one head group's; any
+    strides with unit byte stride); page_table [b, P] physical blocks each request reads from
+    its pages, page_count [b] how many, page_tail [b] body tokens of the last (every page's guard_tokens +
     body_tokens otherwise); staging [slots, H, block_size, 2, D] in the cache dtype;
     stage_table, stage_len [b, S]: the staging slots of each request's staged blocks and their
     tokens, staged_count [b] how many.

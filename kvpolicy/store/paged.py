@@ -209,13 +209,11 @@ def seal_blocks(pages: torch.Tensor, staging_buffer: torch.Tensor, blocks: torch
                 mass: torch.Tensor | None = None, groups: list[int] | None = None) -> None:
     """Selects, quantizes and packs whole staged blocks into their pages.
 
-    pages: the layer's view of the uint8 cache (`layer_pages`); blocks, slots [m] int64 (the
+    pages: the layer's view of the uint8 cache (as vLLM hands it); blocks, slots [m] int64 (the
     physical block and the staging slot holding its tokens), grouped by request: `groups` gives
     how many consecutive entries each request sealed (default: each block alone); mass: the
     layer's attention-mass buffer (snapkv importance). `packer(keys, values, positions, layout)`
     defaults to the PyTorch reference; a compiled pack kernel has the same signature."""
-    if blocks.numel() == 0:
-        return
     for group in fmt.head_groups(layer, pages.shape[1]):
         _seal_heads(group_pages(pages, fmt, group), staging_buffer[:, group.heads], blocks,
                     slots, fmt, group, packer, None if mass is None else mass[:, group.heads],
@@ -226,6 +224,8 @@ def _seal_heads(pages: torch.Tensor, staging_buffer: torch.Tensor, blocks: torch
                 slots: torch.Tensor, fmt: PageFormat, group: HeadGroup, packer,
                 mass: torch.Tensor | None, groups: list[int] | None) -> None:
     """`seal_blocks` in one head group (pages, staging_buffer and mass: the group's views)."""
+    if blocks.numel() == 0:
+        return
     packer = packer or R.pack_blocks
     if not group.selects:  # block by block, whoever sealed them: one call for the step
         _seal_group(pages, staging_buffer, blocks, slots, fmt, group, packer, mass)
@@ -604,8 +604,7 @@ def decode_tables(md: StepMetadata, fmt: PageFormat, group: HeadGroup, requests:
 
 def attend_decodes(kernels: StoreKernels, pages: torch.Tensor, staging_buffer: torch.Tensor,
                    mass: torch.Tensor | None, fmt: PageFormat, group: HeadGroup,
-                   query: torch.Tensor,
-                   key: torch.Tensor, value: torch.Tensor, md: StepMetadata,
+                   query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, md: StepMetadata,
                    requests: list[int], sealed_by: list[int], scale: float,
                    output: torch.Tensor, record: bool) -> None:
     """One kernel launch for requests that each add one token this step: their past's segments
@@ -667,9 +666,8 @@ def _attend_heads(pages: torch.Tensor, staging_buffer: torch.Tensor, mass: torch
         packer = kernels.packer
 
     def seal() -> None:
-        if md.seal_blocks.numel():
-            _seal_heads(pages, staging_buffer, md.seal_blocks, md.seal_slots, fmt, group,
-                        packer, mass, md.seal_groups)
+        _seal_heads(pages, staging_buffer, md.seal_blocks, md.seal_slots, fmt, group, packer,
+                    mass, md.seal_groups)
 
     def attend_requests(requests: list[int], sealed_by: list[int], record: bool) -> None:
         decodes = [] if kernels is None else \

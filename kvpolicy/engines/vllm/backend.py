@@ -89,7 +89,7 @@ class KVPolicyBackend(AttentionBackend):
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
         # a block's pages of all layers side by side, so layers of different sizes share them
-        # (paged.layer_pages); a page is [H, 1 state, page bytes]
+        # (paged.group_pages); a page is [H, 1 state, page bytes]
         return (KVCacheLayout.BLHNC,)
 
     @classmethod

@@ -97,8 +97,8 @@ class Settings:
         text = (f"kvpolicy: policy {self.policy.name} from {self.artifact}: pages of "
                 f"{f.page_bytes} bytes per KV head per {f.block_size}-token block "
                 f"(16-bit: {f.baseline_page_bytes}; sealed blocks keep "
-                f"{'/'.join(map(str, kept))} of {f.block_size} tokens per layer and KV head; padding "
-                f"{f.padding_bytes:,} bytes per block), {f.capacity_ratio:.2f}x the tokens of "
+                f"{'/'.join(map(str, kept))} of {f.block_size} tokens per layer and KV head; "
+                f"padding {f.padding_bytes:,} bytes per block), {f.capacity_ratio:.2f}x the tokens of "
                 f"vLLM's own pages in the same pool memory; full-precision staging: "
                 f"{self.staging_blocks} blocks, {self.staging_bytes:,} bytes")
         if self.kv_bytes:
@@ -159,7 +159,7 @@ def load_settings(artifact: str, vllm_config) -> Settings:
     ranks = getattr(getattr(vllm_config, "parallel_config", None), "tensor_parallel_size", 1)
     if fmt is not None and fmt.head_pages and ranks != 1:
         try:  # the page plan's own refusal, at start-up rather than at the first step
-            fmt.head_groups(0, max(1, fmt.kv_heads // ranks))
+            fmt.check_rank_heads(max(1, fmt.kv_heads // ranks))
         except UnsupportedConfiguration as exc:
             reasons += exc.reasons
     if reasons:
