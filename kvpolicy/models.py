@@ -32,6 +32,14 @@ class ModelShape:
     kv_dtype: str = "bfloat16"  # dtype of the cache's full-precision regions (KV_DTYPE_BYTES)
     hf_id: str = ""  # where the preset's numbers come from
     source: str = "preset"  # "preset" or the config.json it was read from
+    # Sliding-window layers (Gemma 3, Mistral-style local attention): the model's own indices of
+    # the layers that only ever attend the last `sliding_window` tokens. Their cache is bounded
+    # by the window whatever the context, so a policy does not govern them: they hold their last
+    # `sliding_window - 1` tokens at full precision, as the model's own cache does. `num_layers`
+    # counts the other (full-attention) layers, whose cache grows with the context: the layers a
+    # policy plans, numbered 0..num_layers-1 in model order.
+    window_layers: tuple[int, ...] = ()
+    sliding_window: int = 0
 
     @property
     def gqa_group(self) -> int:
@@ -43,11 +51,40 @@ class ModelShape:
 
     @property
     def baseline_bytes_per_token(self) -> int:
-        """Keys and values of one token, every layer and KV head, in the cache dtype."""
+        """Keys and values of one token in every full-attention layer and KV head, in the cache
+        dtype (sliding-window layers: `window_bytes`)."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.kv_bytes
 
+    @property
+    def model_layers(self) -> int:
+        """All the model's decoder layers: full-attention and sliding-window."""
+        return self.num_layers + len(self.window_layers)
+
+    def window_tokens(self, context: int) -> int:
+        """Tokens a sliding-window layer holds after `context` tokens (the model's own rule:
+        the last sliding_window - 1; the next query is the window's last token)."""
+        return min(context, self.sliding_window - 1) if self.window_layers else 0
+
+    def window_bytes(self, context: int) -> int:
+        """What every sliding-window layer holds after `context` tokens, in the cache dtype:
+        the same with and without a policy."""
+        return (2 * len(self.window_layers) * self.num_kv_heads * self.head_dim * self.kv_bytes
+                * self.window_tokens(context))
+
+    def policy_layers(self) -> list[int | None]:
+        """For each model layer: its index among the layers a policy plans, or None for a
+        sliding-window layer."""
+        sliding, index, out = set(self.window_layers), 0, []
+        for layer in range(self.model_layers):
+            if layer in sliding:
+                out.append(None)
+            else:
+                out.append(index)
+                index += 1
+        return out
+
     def to_json(self) -> dict:
-        return {
+        data = {
             "name": self.name,
             "num_layers": self.num_layers,
             "num_q_heads": self.num_q_heads,
@@ -57,6 +94,10 @@ class ModelShape:
             "kv_dtype": self.kv_dtype,
             "source": self.source,
         }
+        if self.window_layers:  # absent otherwise: the shapes of other models hash as before
+            data["window_layers"] = list(self.window_layers)
+            data["sliding_window"] = self.sliding_window
+        return data
 
 
 PRESETS: dict[str, ModelShape] = {m.name: m for m in (
@@ -65,6 +106,9 @@ PRESETS: dict[str, ModelShape] = {m.name: m for m in (
     ModelShape("qwen2.5-0.5b", 24, 14, 2, 64, 32768, hf_id="Qwen/Qwen2.5-0.5B-Instruct"),
     ModelShape("llama-3.1-8b", 32, 32, 8, 128, 131072, hf_id="meta-llama/Llama-3.1-8B-Instruct"),
     ModelShape("smollm2-135m", 30, 9, 3, 64, 8192, hf_id="HuggingFaceTB/SmolLM2-135M-Instruct"),
+    # 18 layers: every 6th attends the whole context, the other 15 a 512-token sliding window
+    ModelShape("gemma3-270m", 3, 4, 1, 256, 32768, hf_id="google/gemma-3-270m",
+               window_layers=tuple(i for i in range(18) if i % 6 != 5), sliding_window=512),
 )}
 
 # The model `kvpolicy` uses when neither the command line nor the policy names one: the seed's
@@ -118,8 +162,26 @@ def model_from_json(data) -> ModelShape:
     for key in ("name", "source"):
         if not isinstance(data.get(key), str):
             raise ModelError(f"'{key}' must be a string")
+    window = _window_layers(data.get("window_layers", []), data.get("sliding_window", 0),
+                            values["num_layers"])
     return ModelShape(name=data["name"], kv_dtype=data["kv_dtype"], source=data["source"],
-                      **values)
+                      **values, **window)
+
+
+def _window_layers(layers, width, num_layers: int) -> dict:
+    """window_layers and sliding_window as a manifest writes them, checked (ModelError)."""
+    if not isinstance(layers, list) or any(isinstance(i, bool) or not isinstance(i, int)
+                                           for i in layers):
+        raise ModelError("'window_layers' must be a list of layer indices")
+    total = num_layers + len(layers)
+    if total > MAX_LAYERS or sorted(set(layers)) != layers or (layers and not
+                                                             0 <= layers[0] <= layers[-1] < total):
+        raise ModelError(f"'window_layers' must be increasing layer indices below {total}")
+    if layers and (isinstance(width, bool) or not isinstance(width, int)
+                   or not 1 <= width <= MAX_POSITIONS):
+        raise ModelError(f"'sliding_window' must be an integer from 1 to {MAX_POSITIONS:,}, "
+                         f"got {quoted(repr(width))}")
+    return {"window_layers": tuple(layers), "sliding_window": width if layers else 0}
 
 
 def resolve_model(spec: str, relative_to: str | os.PathLike[str] | None = None) -> ModelShape:
@@ -229,6 +291,32 @@ def shape_from_config(config: dict, name: str, source: str,
         dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
         kv_dtype = dtype if dtype in ("float16", "bfloat16") else "bfloat16"
     name = printable(name if len(name) <= MAX_NAME else name[:MAX_NAME - 1] + "…")
-    return ModelShape(name=name, num_layers=layers, num_q_heads=q_heads, num_kv_heads=kv_heads,
-                      head_dim=head_dim, max_context=max_context, kv_dtype=kv_dtype,
-                      source=source)
+    sliding = _sliding_layers(config, layers, path)
+    window = number("sliding_window", MAX_POSITIONS) if sliding else 0
+    if len(sliding) == layers:
+        raise ModelError(f"model config {path}: every layer is a sliding-window layer; there is "
+                         "no growing cache for a policy to compress")
+    return ModelShape(name=name, num_layers=layers - len(sliding), num_q_heads=q_heads,
+                      num_kv_heads=kv_heads, head_dim=head_dim, max_context=max_context,
+                      kv_dtype=kv_dtype, source=source, window_layers=sliding,
+                      sliding_window=window)
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _sliding_layers(config: dict, layers: int, path: str) -> tuple[int, ...]:
+    """The indices of the config's sliding-window layers, from its `layer_types` (transformers'
+    per-layer attention kinds); none when it has no such list."""
+    types = config.get("layer_types")
+    if types is None:
+        return ()
+    if not isinstance(types, list) or len(types) != layers:
+        raise ModelError(f"model config {path}: 'layer_types' must list one attention kind for "
+                         f"each of the {layers} layers")
+    for index, kind in enumerate(types):
+        if kind not in LAYER_TYPES:
+            raise ModelError(f"model config {path}: layer {index} is "
+                             f"'{quoted(printable(str(kind))[:40])}'; kvpolicy supports "
+                             f"{' and '.join(LAYER_TYPES)} layers")
+    return tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")

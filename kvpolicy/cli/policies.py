@@ -130,8 +130,12 @@ def cmd_models(args: argparse.Namespace) -> int:
           f"{'max context':>11} {'16-bit KV bytes/token':>21}  from")
     for model in PRESETS.values():
         default = "  (default)" if model.name == DEFAULT_PLAN_MODEL else ""
-        print(f"{model.name:<14} {model.num_layers:>6} {model.num_q_heads:>7} "
+        layers = (f"{model.num_layers}+{len(model.window_layers)}w" if model.window_layers
+                  else str(model.num_layers))
+        print(f"{model.name:<14} {layers:>6} {model.num_q_heads:>7} "
               f"{model.num_kv_heads:>8} {model.head_dim:>8} {model.max_context:>11,} "
               f"{model.baseline_bytes_per_token:>21,}  {model.hf_id}{default}")
-    print("\nAny model: --model path/to/config.json or a model directory that holds one.")
+    print("\nN+Mw layers: N full-attention layers (the policy's) and M sliding-window layers, "
+          "which hold\ntheir window at 16 bits whatever the policy (not in bytes/token).")
+    print("Any model: --model path/to/config.json or a model directory that holds one.")
     return EXIT_OK

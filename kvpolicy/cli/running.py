@@ -216,7 +216,9 @@ def _print_run(run, label: str, name: str, args, needle, device: str) -> None:
     measured = run.measured_bytes_after_compress
     final = run.cache.nbytes()["total"]
     total_tokens = run.prompt_tokens + len(run.token_ids)
-    baseline_final = run.cache.shape.baseline_bytes_per_token * total_tokens
+    shape = run.cache.shape
+    baseline_final = (shape.baseline_bytes_per_token * total_tokens
+                      + shape.window_bytes(total_tokens))
     print(run.text)
     print()
     if needle is not None:

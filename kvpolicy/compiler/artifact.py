@@ -58,8 +58,9 @@ DEFAULT_LAUNCH = {"num_splits": 8, "block_t": 32}
 # The fields of a model shape an artifact's kernels depend on: the model's (MODEL_FIELDS), and
 # the dtype of the cache's full-precision regions, which the kernels read and write. A runtime
 # that uses an artifact only for its policy (PyTorch attention) checks MODEL_FIELDS.
-SHAPE_FIELDS = ("num_layers", "num_q_heads", "num_kv_heads", "head_dim", "kv_dtype")
-MODEL_FIELDS = SHAPE_FIELDS[:-1]
+MODEL_FIELDS = ("num_layers", "num_q_heads", "num_kv_heads", "head_dim", "window_layers",
+                "sliding_window")
+SHAPE_FIELDS = MODEL_FIELDS + ("kv_dtype",)
 
 
 class ArtifactError(ValueError):

@@ -96,12 +96,19 @@ class Plan:
 
     @property
     def baseline_bytes(self) -> int:
-        """Keys and values of every token at 16 bits (the uncompressed cache)."""
-        return self.model.baseline_bytes_per_token * self.context
+        """Keys and values of every token at 16 bits (the uncompressed cache), and the
+        sliding-window layers' windows."""
+        return self.model.baseline_bytes_per_token * self.context + self.window_bytes
+
+    @property
+    def window_bytes(self) -> int:
+        """What the model's sliding-window layers hold (`ModelShape.window_bytes`): the same
+        in the baseline and under the policy, which does not govern them."""
+        return self.model.window_bytes(self.context)
 
     @property
     def compressed_bytes(self) -> int:
-        return sum(layer.bytes for layer in self.layers)
+        return sum(layer.bytes for layer in self.layers) + self.window_bytes
 
     @property
     def compression_ratio(self) -> float:
@@ -171,7 +178,7 @@ def make_plan(policy: Policy, model: ModelShape, context: int) -> Plan:
     if newest_only:
         many = len(newest_only) > 1
         d.warning(f"at context {context}, the budget of layer{'s' if many else ''} "
-                  f"{_ranges(newest_only)} rounds to no token; "
+                  f"{ranges(newest_only)} rounds to no token; "
                   f"{'each keeps' if many else 'it keeps'} only its most recent token (16-bit)",
                   policy.retain_span)
     return Plan(policy, model, context, tuple(layers), _attributed(d.warnings, policy))
@@ -454,7 +461,7 @@ def _budget_warnings(d: Diagnostics, policy: Policy, model: ModelShape, context:
     elif len(schedule.at_floor) < model.num_layers:
         many = len(schedule.at_floor) > 1
         message = (f"at context {context}, layer{'s' if many else ''} "
-                   f"{_ranges(schedule.at_floor)} would keep fewer tokens than sinks + window "
+                   f"{ranges(schedule.at_floor)} would keep fewer tokens than sinks + window "
                    f"({floor_tokens}); {'they are' if many else 'it is'} held at {_pct(floor)}")
         if policy.retain is not None:
             message += f" and the other layers are scaled to keep the mean at {_pct(policy.retain)}"
@@ -465,7 +472,8 @@ def _pct(ratio: float | None) -> str:
     return f"{100 * (ratio or 0):.4g}%"
 
 
-def _ranges(indices) -> str:
+def ranges(indices) -> str:
+    """'0–4, 6–10': increasing indices in runs."""
     parts, start, prev = [], None, None
     for i in list(indices) + [None]:
         if start is None:

@@ -9,14 +9,14 @@ from kvpolicy.diagnostics import printable
 from kvpolicy.format import BlockLayout
 from kvpolicy.lang.ir import QuantFormat
 from kvpolicy.plan.pages import paged_refusals
-from kvpolicy.plan.planner import LayerPlan, Plan
+from kvpolicy.plan.planner import LayerPlan, Plan, ranges
 
 SCHEMA = "kvpolicy.plan/1"
 MIB = 1024 * 1024
 
 _KIND_LABELS = {"full": "16-bit keys/values", "codes": "packed codes",
                 "scales": "scales/zeros", "index": "positions", "centroids": "centroids",
-                "padding": "alignment padding"}
+                "padding": "alignment padding", "sliding windows": "sliding-window layers"}
 
 
 def format_label(fmt: QuantFormat) -> str:
@@ -44,6 +44,10 @@ def render_table(plan: Plan) -> str:
         f"policy   {policy.name}" + (f"  ({printable(policy.path)})" if policy.path else ""),
         f"model    {model.name}: {model.num_layers} layers, {model.num_q_heads} query / "
         f"{model.num_kv_heads} KV heads, head_dim {model.head_dim}, {model.kv_dtype} cache",
+        *([f"         + {len(model.window_layers)} sliding-window layers (model layers "
+           f"{ranges(model.window_layers)}), each holding its last {model.sliding_window - 1:,} "
+           "tokens at full precision: not governed by the policy, counted in both totals"]
+          if model.window_layers else []),
         f"context  {context:,} tokens",
         f"retain   {100 * plan.mean_retain:.2f}% planned (mean of the per-layer ratios); "
         f"{100 * plan.effective_retain:.2f}% of tokens kept individually "
@@ -67,7 +71,7 @@ def render_table(plan: Plan) -> str:
         "not measured):",
         f"{'':<22}{'bytes/token':>12}  {'MiB':>10}  {'ratio':>7}  {'savings':>8}",
         f"{'baseline (' + _short(plan.model.kv_dtype) + ')':<22}"
-        f"{plan.model.baseline_bytes_per_token:>12,.1f}  "
+        f"{plan.baseline_bytes / context:>12,.1f}  "
         f"{plan.baseline_bytes / MIB:>10,.1f}  {'1.00x':>7}  {'-':>8}",
         f"{policy.name[:21]:<22}{plan.compressed_bytes / context:>12,.1f}  "
         f"{plan.compressed_bytes / MIB:>10,.1f}  {plan.compression_ratio:>6.2f}x  "
@@ -75,7 +79,8 @@ def render_table(plan: Plan) -> str:
         "",
         "where the bytes go: " + ", ".join(
             f"{_KIND_LABELS[kind]} {100 * count / plan.compressed_bytes:.1f}%"
-            for kind, count in plan.bytes_by_kind().items() if count),
+            for kind, count in [*plan.bytes_by_kind().items(),
+                                ("sliding windows", plan.window_bytes)] if count),
     ]
     for reason in paged_refusals(policy):
         lines.append(f"engines: vLLM and the paged store cannot run it: {reason}")
@@ -133,6 +138,7 @@ def to_json(plan: Plan) -> dict:
         "mean_retain": plan.mean_retain,
         "effective_retain": plan.effective_retain,
         "bytes_by_kind": plan.bytes_by_kind(),
+        "window_bytes": plan.window_bytes,  # the sliding-window layers' (ModelShape.window_bytes)
         "adaptive": None if policy.adapt is None or not policy.evicts else {
             "rule": policy.adapt.rule,
             "temperature": policy.adapt.temperature if policy.adapt.rule == "mass" else None,

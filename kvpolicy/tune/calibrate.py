@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from kvpolicy.engines.hf import reconstruct
+from kvpolicy.engines.hf.cache import model_shape
 from kvpolicy.eval.runner import progress_bar, record_prefill, split_prompt
 from kvpolicy.eval.tasks import make_samples
 from kvpolicy.heads import write_weights
@@ -62,8 +63,9 @@ def head_shares(scores: list[torch.Tensor], sinks: int, window: int, keep: float
 @torch.no_grad()
 def calibrate(config: CalibrateConfig, model, tokenizer, progress: bool = True) -> dict:
     """Measures the weights and writes the head-weights file; returns what it wrote about."""
-    heads = model.config.num_key_value_heads
-    layers = model.config.num_hidden_layers
+    shape = model_shape(model)
+    heads, layers = shape.num_kv_heads, shape.num_layers  # the layers a policy governs
+    governed = [i for i, p in enumerate(shape.policy_layers()) if p is not None]
     total = torch.zeros(layers, heads, dtype=torch.float64)
     lengths, started, prompts = [], time.perf_counter(), 0
     bar = progress_bar(config.samples * len(config.tasks), 0, progress, "kvpolicy calibrate")
@@ -75,7 +77,7 @@ def calibrate(config: CalibrateConfig, model, tokenizer, progress: bool = True) 
                                records, config.chunk, reconstruct.special_ids(tokenizer))
             scores = [R.reconstruct_importance(r.received[config.chunk], heads, config.pool,
                                                config.pool_kernel, config.gqa)[0]
-                      for r in records]
+                      for r in (records[i] for i in governed)]
             total += head_shares(scores, config.sinks, config.window, config.keep)
             lengths.append(int(context_ids.shape[1]))
             prompts += 1

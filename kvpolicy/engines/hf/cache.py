@@ -36,7 +36,7 @@ from kvpolicy.lang.ir import Policy, policy_to_json
 from kvpolicy.lang.lower import load_policy
 from kvpolicy.models import ModelShape, shape_from_config
 from kvpolicy.plan.planner import make_plan
-from kvpolicy.runtime import compress as compressor, dense
+from kvpolicy.runtime import compress as compressor, dense, reference as R
 from kvpolicy.runtime.compressed import CompressedLayer
 from kvpolicy.runtime.reference import pack_blocks
 
@@ -65,11 +65,90 @@ class RoutedLayer(CacheLayerMixin):
         return -1
 
 
-class PolicyLayer(RoutedLayer):
-    """One model layer's cache: the recorded prefill, then the compressed layer."""
+class WindowLayer(RoutedLayer):
+    """A sliding-window layer's cache (`ModelShape.window_layers`): its last `window - 1`
+    tokens at the cache's full precision, as the model's own cache holds them; attention over
+    them and the new tokens is causal within the window (a query at position p sees keys at
+    p - window + 1 .. p). No policy governs it. During a prefill the whole prompt's keys and
+    values are recorded (`prefill`) like a PolicyLayer's, so that a recorded prefill rebuilds
+    either kind of layer."""
 
-    def __init__(self, owner: "PolicyCache", index: int):
+    windowed = True  # what kvpolicy_attention dispatches on
+
+    def __init__(self, owner, index: int, window: int, dtype: torch.dtype):
         super().__init__(owner, index)
+        self.window, self.cache_dtype = window, dtype
+        self.prefill: compressor.PrefillLayer | None = None
+        self.keys = self.values = None  # [b, H, <= window - 1, D]
+        self.seen = 0
+        self._first = 0  # position of the first key the last update returned
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.keys is None:
+            if self.seen == 0:
+                self.prefill = compressor.PrefillLayer(key_states, value_states, None, 1.0)
+            keys, values = key_states, value_states
+        else:
+            keys = torch.cat([self.keys.to(key_states.dtype), key_states], dim=2)
+            values = torch.cat([self.values.to(value_states.dtype), value_states], dim=2)
+        self._first = self.seen - (0 if self.keys is None else self.keys.shape[2])
+        self.seen += key_states.shape[2]
+        self._hold(keys, values)
+        return keys, values
+
+    def load(self, record: compressor.PrefillLayer, prompt: int) -> None:
+        """This layer after a recorded prefill of `prompt` tokens (the record is only read)."""
+        self.lazy_initialization(record.keys, record.values)
+        self.seen = prompt
+        self._hold(record.keys, record.values)
+
+    def _hold(self, keys, values) -> None:
+        keep = max(self.window - 1, 0)
+        self.keys = keys[:, :, keys.shape[2] - min(keep, keys.shape[2]):].to(self.cache_dtype)
+        self.values = values[:, :, values.shape[2] - min(keep, values.shape[2]):].to(
+            self.cache_dtype)
+
+    def attend(self, query, key, value, scaling: float) -> torch.Tensor:
+        """query [b, Hq, m, D] (the newest m tokens), key/value as `update` returned them →
+        attention output [b, m, Hq, D] (the model's layout)."""
+        return window_attention(query, key, value, scaling, self.seen - query.shape[2],
+                                self._first, self.window)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def window_attention(query, key, value, scaling: float, first_query: int, first_key: int,
+                     window: int) -> torch.Tensor:
+    """Sliding-window causal attention: query [b, Hq, m, D] at positions first_query.., keys
+    and values [b, H, L, D] at first_key..; a query at p sees the keys at p - window + 1 .. p.
+    → [b, m, Hq, D]."""
+    queries = torch.arange(first_query, first_query + query.shape[2], device=query.device)
+    keys = torch.arange(first_key, first_key + key.shape[2], device=query.device)
+    distance = queries[:, None] - keys[None, :]
+    mask = (distance >= 0) & (distance < window)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key.to(query.dtype), value.to(query.dtype), attn_mask=mask, scale=scaling,
+        enable_gqa=True)
+    return out.transpose(1, 2).contiguous()
+
+
+class PolicyLayer(RoutedLayer):
+    """One model layer's cache: the recorded prefill, then the compressed layer. `index`: the
+    model's layer; `plan_index`: the plan's (they differ when the model has sliding-window
+    layers, which a policy does not govern)."""
+
+    def __init__(self, owner: "PolicyCache", index: int, plan_index: int | None = None):
+        super().__init__(owner, index)
+        self.plan_index = index if plan_index is None else plan_index
         self.prefill: compressor.PrefillLayer | None = None
         self.compressed: CompressedLayer | None = None
         self.seen = 0  # tokens this layer has been given (prompt + generated)
@@ -140,7 +219,7 @@ class PolicyLayer(RoutedLayer):
         """One decode step: query [b, Hq, D] → [b, Hq, D] over the compressed layer."""
         if self.owner.kernels is not None:
             from kvpolicy.runtime import launch
-            modules = self.owner.kernels.layer_kernels(self.index)
+            modules = self.owner.kernels.layer_kernels(self.plan_index)
             return launch.decode(modules["decode"], modules["combine"], query.contiguous(),
                                  self.compressed, scaling,
                                  num_splits=self.owner.kernels.launch["num_splits"])
@@ -156,7 +235,7 @@ class PolicyLayer(RoutedLayer):
     def nbytes(self) -> int:
         if self.compressed is None:
             return 0
-        plan_layer = self.owner.plan.layers[self.index]
+        plan_layer = self.owner.plan.layers[self.plan_index]
         adapt = self.owner.policy.adapt
         adaptive = adapt is not None and adapt.counts_per_sequence
         return compressor.measured_bytes(self.compressed, plan_layer, adaptive)
@@ -205,7 +284,16 @@ class PolicyCache(Cache):
         else:
             self.packer = pack_blocks
         self.plan = None
-        super().__init__(layers=[PolicyLayer(self, i) for i in range(self.shape.num_layers)])
+        held = R.torch_dtype(self.shape.kv_dtype)
+        super().__init__(layers=[
+            PolicyLayer(self, i, p) if p is not None else
+            WindowLayer(self, i, self.shape.sliding_window, held)
+            for i, p in enumerate(self.shape.policy_layers())])
+
+    @property
+    def policy_layers(self) -> list["PolicyLayer"]:
+        """The layers the policy governs, in the plan's order."""
+        return [layer for layer in self.layers if isinstance(layer, PolicyLayer)]
 
     @classmethod
     def from_prefill(cls, policy, model, prefill: list[compressor.PrefillLayer],
@@ -214,7 +302,13 @@ class PolicyCache(Cache):
         are read, not changed). The prompt's forward is not repeated."""
         cache = cls(policy, model, cache_dtype=cache_dtype, backend=backend)
         prompt = prefill[0].keys.shape[2]
+        if len(prefill) != len(cache.layers):
+            raise ValueError(f"the prefill records {len(prefill)} layers, the model has "
+                             f"{len(cache.layers)}")
         for layer, record in zip(cache.layers, prefill):
+            if isinstance(layer, WindowLayer):
+                layer.load(record, prompt)
+                continue
             layer.lazy_initialization(record.keys, record.values)
             layer.prefill, layer.seen = record, prompt
         cache.compress()
@@ -232,15 +326,17 @@ class PolicyCache(Cache):
         """Plans the policy for the recorded prompt and packs every layer."""
         if self.plan is not None:
             return
-        prompt = self.layers[0].seen
+        layers = self.policy_layers
+        prompt = layers[0].seen
         self.plan = make_plan(self.policy, self.shape, prompt)
-        prefill = [layer.prefill for layer in self.layers]
+        prefill = [layer.prefill for layer in layers]
         if any(p is None or p.queries is None for p in prefill):
             raise RuntimeError("compress() needs a prefill through attend_through(cache)")
-        for layer, packed in zip(self.layers, compressor.compress(self.plan, prefill,
-                                                                  self.packer)):
+        for layer, packed in zip(layers, compressor.compress(self.plan, prefill, self.packer)):
             layer.compressed = packed
             layer.prefill = None  # this cache lets go of the full-precision prompt
+        for layer in self.layers:
+            layer.prefill = None  # sliding-window layers: their record too
 
     def nbytes(self) -> dict:
         """Bytes held per layer and in total, counted from the tensors (after compress())."""
@@ -289,6 +385,9 @@ def kvpolicy_attention(module, query, key, value, attention_mask, scaling=None, 
     if getattr(layer, "paged", False):  # kvpolicy.engines.hf.paged: one store step
         scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
         return layer.attend(query, scaling).to(query.dtype), None
+    if getattr(layer, "windowed", False):  # a sliding-window layer: no policy governs it
+        scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+        return layer.attend(query, key, value, scaling), None
     if getattr(layer, "reconstructing", False):  # kvpolicy.engines.hf.reconstruct: a re-read
         scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
         return layer.attend(query, key, value, scaling), None

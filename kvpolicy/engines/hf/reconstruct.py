@@ -29,7 +29,8 @@ import time
 import torch
 from transformers.cache_utils import Cache
 
-from kvpolicy.engines.hf.cache import RoutedLayer, attend_through, route_to
+from kvpolicy.engines.hf.cache import (RoutedLayer, attend_through, model_shape, route_to,
+                                      window_attention)
 from kvpolicy.runtime import reference as R
 from kvpolicy.runtime.compress import PrefillLayer
 
@@ -45,20 +46,30 @@ class ReconstructLayer(RoutedLayer):
 
     reconstructing = True  # what kvpolicy_attention dispatches on
 
-    def __init__(self, owner: "ReconstructCache", index: int, record: PrefillLayer):
+    def __init__(self, owner: "ReconstructCache", index: int, record: PrefillLayer,
+                 window: int = 0):
         super().__init__(owner, index)
         self.record = record
+        self.window = window  # a sliding-window layer's width (0: full attention): not scored
         self.received: torch.Tensor | None = None  # [b, Hq, N]
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        keys = torch.cat([self.record.keys, key_states.to(self.record.keys.dtype)], dim=2)
-        values = torch.cat([self.record.values, value_states.to(self.record.values.dtype)], dim=2)
+        held_keys, held_values = self.record.keys, self.record.values
+        if self.window:  # only the keys its window can reach
+            held_keys, held_values = (t[:, :, max(t.shape[2] - self.window + 1, 0):]
+                                      for t in (held_keys, held_values))
+        keys = torch.cat([held_keys, key_states.to(held_keys.dtype)], dim=2)
+        values = torch.cat([held_values, value_states.to(held_values.dtype)], dim=2)
         return keys, values
 
     def attend(self, query, key, value, scaling: float) -> torch.Tensor:
         """query [b, Hq, m, D] → attention output [b, m, Hq, D] (the model's layout)."""
+        if self.window:
+            n, m = self.get_seq_length(), query.shape[2]
+            return window_attention(query, key, value, scaling, n,
+                                    n - (key.shape[2] - m), self.window)
         out, received = R.reconstruct_attention(query, key, value, scaling,
                                                 first=self.owner.instruction_tokens)
         self.received = received if self.received is None else torch.maximum(self.received,
@@ -75,9 +86,13 @@ class ReconstructLayer(RoutedLayer):
 class ReconstructCache(Cache):
     """A transformers Cache for the reconstruction passes over a recorded prefill."""
 
-    def __init__(self, records: list[PrefillLayer], instruction_tokens: int):
+    def __init__(self, records: list[PrefillLayer], instruction_tokens: int,
+                 windows: list[int] | None = None):
+        """windows: per layer, its sliding window (0: full attention; default all 0)."""
         self.instruction_tokens = instruction_tokens
-        super().__init__(layers=[ReconstructLayer(self, i, r) for i, r in enumerate(records)])
+        windows = windows or [0] * len(records)
+        super().__init__(layers=[ReconstructLayer(self, i, r, w)
+                                 for i, (r, w) in enumerate(zip(records, windows))])
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         route_to(self.layers[layer_idx])
@@ -111,13 +126,21 @@ def record(model, instruction: torch.Tensor, context_ids: torch.Tensor,
             raise ValueError("the sequences of a batch hold different numbers of skipped tokens")
         reread = context_ids[kept].reshape(context_ids.shape[0], -1)
     instruction = instruction.to(context_ids.device).expand(context_ids.shape[0], -1)
-    cache = ReconstructCache(records, instruction.shape[1])
+    shape = model_shape(model)
+    if len(records) != shape.model_layers:
+        raise ValueError(f"the records hold {len(records)} layers, the model has "
+                         f"{shape.model_layers}")
+    sliding = set(shape.window_layers)
+    cache = ReconstructCache(records, instruction.shape[1],
+                             [shape.sliding_window if i in sliding else 0
+                              for i in range(len(records))])
     with attend_through(model):
         for start in range(0, reread.shape[1], chunk):
             ids = torch.cat([instruction, reread[:, start:start + chunk]], dim=1)
             model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     for layer, prefill in zip(cache.layers, records):
-        prefill.received[chunk] = layer.received
+        if not layer.window:  # sliding-window layers are not scored: no policy governs them
+            prefill.received[chunk] = layer.received
     return time.perf_counter() - started
 
 
