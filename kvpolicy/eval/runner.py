@@ -138,7 +138,19 @@ def split_prompt(tokenizer, sample: Sample, question_aware: bool):
     head, tail = (text, "") if question_aware else (text[:cut], text[cut:])
     encode = lambda part: tokenizer(part, return_tensors="pt",  # noqa: E731
                                     add_special_tokens=False)["input_ids"]
-    return encode(head), encode(tail) if tail else torch.zeros(1, 0, dtype=torch.long)
+    context = encode(head)
+    if not getattr(tokenizer, "chat_template", None):  # the BOS the tokenizer itself adds
+        context = torch.cat([torch.tensor([starting_ids(tokenizer)], dtype=torch.long),
+                             context], dim=1)
+    return context, encode(tail) if tail else torch.zeros(1, 0, dtype=torch.long)
+
+
+def starting_ids(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text ([BOS] for Gemma or Llama, [] for
+    SmolLM2's): what a prompt without a chat template starts with."""
+    ids = tokenizer("", add_special_tokens=True)["input_ids"]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [bos] if bos is not None and ids[:1] == [bos] else []
 
 
 # ---- one sample -----------------------------------------------------------------------------
