@@ -200,3 +200,10 @@ def test_plan_says_what_the_windows_hold(tmp_path):
     text = run_cli("plan", str(POLICIES / "aggressive.kvp"), "--model", "gemma3-270m",
                    "--context", "8192").stdout
     assert "15 sliding-window layers" in text and "not governed by the policy" in text
+
+
+def test_eval_reports_say_what_the_policies_govern():
+    from kvpolicy.eval.report import _layers
+    assert _layers(PRESETS["smollm2-135m"].to_json()) == "30 layers"
+    text = _layers(PRESETS["gemma3-270m"].to_json())
+    assert text.startswith("3 full-attention layers") and "15 sliding-window layers of 512" in text

@@ -148,7 +148,7 @@ def render_report(results: dict) -> str:
     lines = [
         f"# kvpolicy eval: {', '.join(p['name'] for p in config['policies'])}",
         "",
-        f"Model **{results['model']['name']}** ({results['model']['num_layers']} layers, "
+        f"Model **{results['model']['name']}** ({_layers(results['model'])}, "
         f"{results['model']['num_kv_heads']} KV heads, head_dim {results['model']['head_dim']}); "
         f"**{config['setting']}**; {config['samples_per_task']} samples per task and context "
         f"(seed {config['seed']}); tasks {', '.join(config['tasks'])}; cache dtype "
@@ -297,6 +297,17 @@ def plot_pareto(results: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def _layers(model: dict) -> str:
+    """'30 layers', or for a model with sliding-window layers what the policy governs and what
+    it does not (docs/runtime.md)."""
+    windows = model.get("window_layers") or []
+    if not windows:
+        return f"{model['num_layers']} layers"
+    return (f"{model['num_layers']} full-attention layers, which the policies govern, and "
+            f"{len(windows)} sliding-window layers of {model['sliding_window']} tokens, held "
+            "at 16 bits in the baseline and under every policy and counted in every ratio")
 
 
 def write_outputs(config, lines: list[dict], shape, hardware: dict, model_name: str) -> dict:
