@@ -14,7 +14,8 @@ from strategies import policies
 from kvpolicy.compiler.artifact import build_files
 from kvpolicy.compiler.specs import specs_for
 from kvpolicy.diagnostics import PolicyError, Source
-from kvpolicy.plan.pages import UnsupportedConfiguration, page_format, paged_refusals
+from kvpolicy.plan.pages import (UnsupportedConfiguration, model_refusals, page_format,
+                                 paged_refusals)
 from kvpolicy.lang.lower import check_source, load_policy
 from kvpolicy.models import MAX_HEAD_DIM, MAX_POSITIONS, PRESETS, ModelShape
 from kvpolicy.plan.planner import make_plan
@@ -49,8 +50,10 @@ def test_what_check_accepts_plans_and_specializes_on_every_model_and_context(tex
             assert_plans(policy, model, context)
         compiled = specs_for(make_plan(policy, model, model.max_context))
         assert len(compiled.layers) == model.num_layers
-        refusals = paged_refusals(policy)
-        if refusals:  # e.g. score reconstruct with eviction: refused by name, never half-built
+        # e.g. score reconstruct with eviction, or a model with sliding-window layers: refused
+        # by name, never half-built
+        refusals = paged_refusals(policy) + model_refusals(model)
+        if refusals:
             with pytest.raises(UnsupportedConfiguration) as refused:
                 page_format(policy, model, 256)
             assert refused.value.reasons[:len(refusals)] == refusals

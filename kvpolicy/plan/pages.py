@@ -325,17 +325,21 @@ def page_plans(policy: Policy, model: ModelShape) -> dict[int, PageFormat]:
     return plans
 
 
+def model_refusals(model: ModelShape) -> list[str]:
+    """Why no paged engine runs any policy on `model` (empty when they can)."""
+    if not model.window_layers:
+        return []
+    return [f"{model.name} has sliding-window layers ({len(model.window_layers)} of "
+            f"{model.model_layers}): paged engines keep every layer's tokens in pages, and a "
+            "page of a sliding-window layer is not freed as its tokens leave the window; run it "
+            "in the whole-prompt runtime (kvpolicy run, kvpolicy eval --engine hf)"]
+
+
 def page_format(policy: Policy, model: ModelShape, block_size: int,
                 dtype_bytes: int | None = None) -> PageFormat:
     """The page format of `policy` on `model` with vLLM blocks of `block_size` tokens; raises
     UnsupportedConfiguration listing every reason it cannot be built."""
-    reasons = paged_refusals(policy)
-    if model.window_layers:
-        reasons.append(f"{model.name} has sliding-window layers ({len(model.window_layers)} of "
-                       f"{model.model_layers}): paged engines keep every layer's tokens in "
-                       "pages, and a page of a sliding-window layer is not freed as its tokens "
-                       "leave the window; run it in the whole-prompt runtime (kvpolicy run, "
-                       "kvpolicy eval --engine hf)")
+    reasons = paged_refusals(policy) + model_refusals(model)
     pages, pools = [], {}
     ratios = block_retain_ratios(policy, model)
     for index, (keys, values, guard) in enumerate(layer_formats(policy, model)):
