@@ -86,9 +86,8 @@ class WindowLayer(RoutedLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.keys is None:
-            if self.seen == 0:
-                self.prefill = compressor.PrefillLayer(key_states, value_states, None, 1.0)
+        if self.keys is None:  # the prompt's forward
+            self.prefill = compressor.PrefillLayer(key_states, value_states, None, 1.0)
             keys, values = key_states, value_states
         else:
             keys = torch.cat([self.keys.to(key_states.dtype), key_states], dim=2)
@@ -105,10 +104,8 @@ class WindowLayer(RoutedLayer):
         self._hold(record.keys, record.values)
 
     def _hold(self, keys, values) -> None:
-        keep = max(self.window - 1, 0)
-        self.keys = keys[:, :, keys.shape[2] - min(keep, keys.shape[2]):].to(self.cache_dtype)
-        self.values = values[:, :, values.shape[2] - min(keep, values.shape[2]):].to(
-            self.cache_dtype)
+        self.keys = window_tail(keys, self.window).to(self.cache_dtype)
+        self.values = window_tail(values, self.window).to(self.cache_dtype)
 
     def attend(self, query, key, value, scaling: float) -> torch.Tensor:
         """query [b, Hq, m, D] (the newest m tokens), key/value as `update` returned them →
@@ -124,6 +121,12 @@ class WindowLayer(RoutedLayer):
 
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def window_tail(states: torch.Tensor, window: int) -> torch.Tensor:
+    """The last `window - 1` tokens of [b, H, L, D] states (all when fewer): what a
+    sliding-window layer keeps for the queries that follow (`ModelShape.window_tokens`)."""
+    return states[:, :, max(states.shape[2] - (window - 1), 0):]
 
 
 def window_attention(query, key, value, scaling: float, first_query: int, first_key: int,

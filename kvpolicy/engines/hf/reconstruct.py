@@ -30,7 +30,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from kvpolicy.engines.hf.cache import (RoutedLayer, attend_through, model_shape, route_to,
-                                      window_attention)
+                                      window_attention, window_tail)
 from kvpolicy.runtime import reference as R
 from kvpolicy.runtime.compress import PrefillLayer
 
@@ -58,8 +58,8 @@ class ReconstructLayer(RoutedLayer):
             self.lazy_initialization(key_states, value_states)
         held_keys, held_values = self.record.keys, self.record.values
         if self.window:  # only the keys its window can reach
-            held_keys, held_values = (t[:, :, max(t.shape[2] - self.window + 1, 0):]
-                                      for t in (held_keys, held_values))
+            held_keys = window_tail(held_keys, self.window)
+            held_values = window_tail(held_values, self.window)
         keys = torch.cat([held_keys, key_states.to(held_keys.dtype)], dim=2)
         values = torch.cat([held_values, value_states.to(held_values.dtype)], dim=2)
         return keys, values
