@@ -26,8 +26,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 # Modules that load a real model, start vLLM engines, compile for sm_90 or build a wheel: marked
 # `slow`, so `pytest -m "not slow"` is the fast tier (a few minutes); CI runs everything.
-SLOW_MODULES = {"test_vllm_engine", "test_vllm_serve", "test_hopper", "test_bench_kernels",
-                "test_eval", "test_hf_runtime", "test_wheel", "test_engines_agree",
+SLOW_MODULES = {"test_vllm_engine", "test_vllm_parallel", "test_vllm_serve", "test_hopper",
+                "test_bench_kernels", "test_eval", "test_hf_runtime", "test_wheel", "test_engines_agree",
                 "test_gemma"}
 
 

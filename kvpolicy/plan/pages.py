@@ -127,6 +127,11 @@ class PageFormat:
     gqa: str = "mean"  # how a KV head's query heads' attention mass is reduced
     # `adapt heads`: per layer, each KV head's page (empty: every head has the layer's page)
     head_pages: tuple[tuple[LayerPage, ...], ...] = ()
+    # one worker of a parallel engine (`for_worker`): the layers its pipeline stage holds, as
+    # (first, end), None for all; and the page size every stage published to vLLM (the largest
+    # stage mean), None for this format's own
+    held_layers: tuple[int, int] | None = None
+    pool_page_bytes: int | None = None
     # bytes of all KV heads' pages of the layers before each layer, then of all of them, and
     # each layer's head groups over all KV heads: computed once (every layer of every step asks)
     _starts: tuple[int, ...] = field(init=False, repr=False, compare=False)
@@ -137,10 +142,48 @@ class PageFormat:
         for layer in range(len(self.layers)):
             starts.append(total)
             pages = self.pages_of(layer)
-            total += sum(page.nbytes for page in pages)
+            if layer in self.held:  # layers of other pipeline stages take no bytes here
+                total += sum(page.nbytes for page in pages)
             groups.append(_runs_of_equal_pages(layer, pages, self.block_size))
         object.__setattr__(self, "_starts", (*starts, total))
         object.__setattr__(self, "_groups", tuple(groups))
+
+    @property
+    def held(self) -> range:
+        """The layers whose pages this format lays out: all of them, or one pipeline stage's."""
+        return range(*self.held_layers) if self.held_layers else range(len(self.layers))
+
+    def for_worker(self, tensor_parallel: int, stages: list[tuple[int, int]],
+                   stage: int) -> PageFormat:
+        """The pages one worker of a parallel engine holds: under tensor parallelism
+        (`tensor_parallel` ranks) its share of the KV heads — kv_heads / ranks of them, or one
+        when vLLM replicates heads over more ranks than there are — and under pipeline
+        parallelism (`stages`: each stage's layers as (first, end)) the layers of its `stage`.
+        vLLM gives every layer of every stage the same page size, so the page is the largest
+        stage's mean (`pool_page_bytes`); a stage holding smaller pages leaves the difference as
+        padding. Raises UnsupportedConfiguration when the pages cannot be split that way."""
+        reasons = []
+        heads = max(1, self.kv_heads // tensor_parallel)
+        if tensor_parallel > 1 and self.head_pages:
+            reasons.append(
+                f"adapt heads gives each of the model's {self.kv_heads} KV heads its own page, "
+                f"and a worker of --tensor-parallel-size {tensor_parallel} holds {heads} of "
+                "them: per-head pages are not split across ranks (vLLM gives every rank the "
+                "same page size); serve it with --tensor-parallel-size 1 (pipeline parallelism "
+                "splits layers, not heads, and is fine)")
+        if self.kv_heads % tensor_parallel and tensor_parallel % self.kv_heads:
+            reasons.append(f"the model's {self.kv_heads} KV heads do not split over "
+                           f"{tensor_parallel} tensor-parallel ranks")
+        covered = [layer for first, end in stages for layer in range(first, end)]
+        if covered != list(range(len(self.layers))):
+            reasons.append(f"the pipeline stages {stages} do not cover the policy's "
+                           f"{len(self.layers)} layers once each, in order")
+        if reasons:
+            raise UnsupportedConfiguration(reasons)
+        shares = [dataclasses.replace(self, kv_heads=heads, held_layers=tuple(layers),
+                                      pool_page_bytes=None) for layers in stages]
+        pool = max(share.page_bytes for share in shares)
+        return dataclasses.replace(shares[stage], pool_page_bytes=pool)
 
     def pages_of(self, layer: int) -> tuple[LayerPage, ...]:
         """Each KV head's page in `layer`."""
@@ -203,15 +246,19 @@ class PageFormat:
     @property
     def page_bytes(self) -> int:
         """state_content_bytes published to vLLM: one KV head's share of a block, per layer
-        (the mean over layers, rounded up to PAGE_ALIGN bytes, so that every page of the
-        block-outermost cache starts aligned for the kernels' 16-byte loads)."""
-        mean = -(-self._starts[-1] // (len(self.layers) * self.kv_heads))
+        (the mean over the held layers, rounded up to PAGE_ALIGN bytes, so that every page of
+        the block-outermost cache starts aligned for the kernels' 16-byte loads; a pipeline
+        stage's worker publishes the largest stage's, `for_worker`)."""
+        if self.pool_page_bytes is not None:
+            return self.pool_page_bytes
+        mean = -(-self._starts[-1] // (len(self.held) * self.kv_heads))
         return -(-mean // PAGE_ALIGN) * PAGE_ALIGN
 
     @property
     def padding_bytes(self) -> int:
-        """Bytes per block (all layers and heads) left unused by the rounding of page_bytes."""
-        return self.kv_heads * len(self.layers) * self.page_bytes - self._starts[-1]
+        """Bytes per block (all held layers and heads) left unused by the rounding of
+        page_bytes."""
+        return self.kv_heads * len(self.held) * self.page_bytes - self._starts[-1]
 
     @property
     def baseline_page_bytes(self) -> int:
@@ -224,12 +271,12 @@ class PageFormat:
         return self.baseline_page_bytes / self.page_bytes
 
     def staging_bytes(self, slots: int) -> int:
-        """Full-precision staging outside the pool, all layers: slots x layers x heads x block
+        """Full-precision staging outside the pool, all held layers: slots x layers x heads x block
         in the staging dtype, and the fp32 attention mass of staged tokens when snapkv
         importance is in use."""
         per_slot = (self.block_size * 2 * self.head_dim * self.staging_dtype_bytes
                     + (self.block_size * 4 if self.needs_mass else 0))
-        return slots * len(self.layers) * per_slot * self.kv_heads
+        return slots * len(self.held) * per_slot * self.kv_heads
 
     def sealed(self, block_index: int, seq_len: int) -> bool:
         """Is block `block_index` of a sequence of `seq_len` tokens packed in its page?"""
@@ -243,7 +290,7 @@ class PageFormat:
         in use."""
         blocks = -(-seq_len // self.block_size)
         staged = sum(1 for j in range(blocks) if not self.sealed(j, seq_len))
-        return (blocks * len(self.layers) * self.kv_heads * self.page_bytes
+        return (blocks * len(self.held) * self.kv_heads * self.page_bytes
                 + self.staging_bytes(staged))
 
     def to_json(self) -> dict:

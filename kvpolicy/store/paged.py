@@ -101,16 +101,18 @@ def _layer_run(pages: torch.Tensor, fmt: PageFormat, layer: int) -> torch.Tensor
     """`layer`'s pages of every block in vLLM's cache, [num_blocks, layer_run bytes] (a view:
     writes land in the cache). `pages` is the layer's own view [num_blocks, H, 1, page_bytes] of
     the cache that all layers share block by block (BLHNC: block stride = layers x H x
-    page_bytes, layer l's view starting l x H x page_bytes into each block)."""
+    page_bytes, layer l's view starting l x H x page_bytes into each block; under pipeline
+    parallelism the layers are this stage's, `fmt.held`)."""
     num_blocks, heads = pages.shape[0], pages.shape[1]
-    run = len(fmt.layers) * heads * fmt.page_bytes
-    if pages.stride(0) != run or pages.storage_offset() < layer * heads * fmt.page_bytes:
+    run = len(fmt.held) * heads * fmt.page_bytes
+    before = (layer - fmt.held.start) * heads * fmt.page_bytes  # the held layers before it
+    if pages.stride(0) != run or pages.storage_offset() < before:
         raise UnsupportedConfiguration([
             f"layer {layer}'s KV cache is not laid out block-outermost (block stride "
             f"{pages.stride(0)} bytes, expected {run}): the KV cache layout must be BLHNC "
             "(unset VLLM_KV_CACHE_LAYOUT)"])
     base = torch.as_strided(pages, (num_blocks, run), (run, 1),
-                            pages.storage_offset() - layer * heads * fmt.page_bytes)
+                            pages.storage_offset() - before)
     begin = fmt.layer_offset(layer, heads)
     return base[:, begin:begin + fmt.layer_run(layer, heads)]
 

@@ -141,6 +141,26 @@ def default_model_dir() -> Path:
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
 
+def random_llama(out: str | os.PathLike[str], num_layers: int, kv_heads: int, q_heads: int,
+                 hidden: int, seed: int = 0) -> Path:
+    """Writes a randomly initialised Llama (head_dim 64, fp32) with the default model's tokenizer
+    to `out`: a model of any head layout built here, for engine runs that need one no installed
+    model has (e.g. KV heads that split over tensor-parallel ranks). Returns `out`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden,
+                         intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+                         num_attention_heads=q_heads, num_key_value_heads=kv_heads, head_dim=64,
+                         max_position_embeddings=2048, initializer_range=0.1,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Path(out)
+
+
 def model_directory(spec: str | os.PathLike[str] | None = None) -> Path:
     """The local model directory `spec` names, checked before anything is loaded: None (the
     embedded default), an embedded model's name (EMBEDDED), a model directory, or the

@@ -31,7 +31,8 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from kvpolicy.engines.vllm.settings import Settings, load_settings, reserve_staging
+from kvpolicy.engines.vllm.settings import (Settings, WorkerShare, load_settings,
+                                            reserve_staging)
 from kvpolicy.plan.pages import UnsupportedConfiguration
 from kvpolicy.runtime.cpu import CpuKernelError
 from kvpolicy.store import paged
@@ -58,11 +59,40 @@ def settings() -> Settings:
     """The artifact named by KVPOLICY_ARTIFACT, checked against the running engine's model and
     settings (UnsupportedConfiguration lists every reason it cannot run)."""
     config = get_current_vllm_config()
-    loaded = load_settings(os.environ.get("KVPOLICY_ARTIFACT", ""), config)
+    loaded = load_settings(os.environ.get("KVPOLICY_ARTIFACT", ""), config, _worker_share(config))
     reserve_staging(loaded, config.cache_config)
     for line in loaded.describe().splitlines():
         logger.info("%s", line)
     return loaded
+
+
+def _worker_share(config: VllmConfig) -> WorkerShare:
+    """This process's tensor-parallel rank and pipeline stage, from vLLM's parallel state (its
+    own rule for which layers a stage holds: `get_pp_indices`, VLLM_PP_LAYER_PARTITION)."""
+    from vllm.distributed import parallel_state
+    from vllm.distributed.utils import get_pp_indices
+    if not parallel_state.model_parallel_is_initialized():
+        return WorkerShare()
+    pipeline = parallel_state.get_pp_group()
+    layers = config.model_config.get_total_num_hidden_layers()
+    return WorkerShare(tensor_rank=parallel_state.get_tensor_model_parallel_rank(),
+                       tensor_size=parallel_state.get_tensor_model_parallel_world_size(),
+                       pipeline_rank=pipeline.rank_in_group,
+                       stages=tuple(get_pp_indices(layers, stage, pipeline.world_size)
+                                    for stage in range(pipeline.world_size)))
+
+
+def rank_report() -> dict:
+    """What this worker holds and did (read by `offline` through vLLM's collective_rpc): its
+    ranks, KV heads and layers, page and pool sizes, and the blocks it sealed per layer."""
+    s = settings()
+    f, w = s.page_format, s.worker
+    return {"tp_rank": w.tensor_rank, "tp_size": w.tensor_size, "pp_rank": w.pipeline_rank,
+            "pp_size": max(1, len(w.stages)), "kv_heads": f.kv_heads,
+            "layers": [f.held.start, f.held.stop], "page_bytes": f.page_bytes,
+            "baseline_page_bytes": f.baseline_page_bytes, "staging_bytes": s.staging_bytes,
+            "pool_bytes": s.pool_bytes, "whole_process_ratio": s.whole_process_ratio(),
+            "sealed_blocks": dict(SEALED_BLOCKS), "staging_moves": dict(STAGING_MOVES)}
 
 
 class KVPolicyBackend(AttentionBackend):
@@ -158,6 +188,10 @@ class KVPolicyImpl(AttentionImpl):
                            "leave it 'auto')")
         if reasons:
             raise UnsupportedConfiguration([f"the model uses {r}" for r in reasons])
+        if num_kv_heads != s.page_format.kv_heads:
+            raise UnsupportedConfiguration([
+                f"this worker's attention has {num_kv_heads} KV heads and its share of the "
+                f"pages {s.page_format.kv_heads}: the parallel split is not the one planned"])
         self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
         self.scale = float(scale)
         self.fmt = s.page_format

@@ -29,6 +29,36 @@ _LOADED: dict = {}  # artifact → its loaded kernels (CompiledPolicy), per proc
 
 
 @dataclass(frozen=True)
+class WorkerShare:
+    """The part of the model one worker process of a vLLM engine holds: its tensor-parallel rank
+    (a share of every layer's KV heads) and its pipeline stage (a run of layers; `stages` lists
+    every stage's (first, end), empty for one stage)."""
+
+    tensor_rank: int = 0
+    tensor_size: int = 1
+    pipeline_rank: int = 0
+    stages: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def alone(self) -> bool:
+        return self.tensor_size == 1 and len(self.stages) <= 1
+
+    def describe(self, fmt: PageFormat, model_kv_heads: int) -> str:
+        """What this worker holds, for its start-up lines."""
+        if model_kv_heads >= self.tensor_size:
+            first = self.tensor_rank * fmt.kv_heads
+        else:  # vLLM replicates each KV head over tensor_size / kv_heads ranks
+            first = self.tensor_rank * model_kv_heads // self.tensor_size
+        heads = f"KV head {first}" if fmt.kv_heads == 1 else \
+            f"KV heads {first}-{first + fmt.kv_heads - 1}"
+        layers = fmt.held
+        return (f"kvpolicy: worker {self.tensor_rank}/{self.tensor_size} (tensor-parallel) of "
+                f"stage {self.pipeline_rank}/{max(1, len(self.stages))} (pipeline): "
+                f"{heads} of {model_kv_heads}, layers {layers.start}-{layers.stop - 1} of "
+                f"{len(fmt.layers)}")
+
+
+@dataclass(frozen=True)
 class Settings:
     artifact: str
     policy: Policy
@@ -37,6 +67,8 @@ class Settings:
     staging_blocks: int
     kv_bytes: int | None = None  # the engine's KV memory as given in bytes, staging included
     kernel_choice: str = "compiled"  # KVPOLICY_KERNELS
+    worker: WorkerShare = WorkerShare()
+    model_kv_heads: int = 0  # all the model's KV heads (page_format.kv_heads: this worker's)
 
     @property
     def staging_bytes(self) -> int:
@@ -55,7 +87,7 @@ class Settings:
         f = self.page_format
         if not self.kv_bytes:
             return None
-        per_block = len(f.layers) * f.kv_heads
+        per_block = len(f.held) * f.kv_heads
         baseline = self.kv_bytes // (per_block * f.baseline_page_bytes)
         if baseline == 0 or self.pool_bytes <= 0:
             return None
@@ -111,6 +143,8 @@ class Settings:
             text += ("\nkvpolicy: the KV memory was not given in bytes, so staging is outside "
                      "vLLM's accounting (pass --kv-cache-memory-bytes to pay it out of the KV "
                      "memory)")
+        if not self.worker.alone:
+            text = self.worker.describe(f, self.model_kv_heads) + "\n" + text
         return "\n".join([text, self.kernels_line()]
                          + [f"kvpolicy: note: {n}" for n in self.notes])
 
@@ -122,7 +156,10 @@ def staging_blocks_for(fmt: PageFormat, max_num_seqs: int, max_batched_tokens: i
     return max_num_seqs * per_request + math.ceil(max_batched_tokens / fmt.block_size)
 
 
-def load_settings(artifact: str, vllm_config) -> Settings:
+def load_settings(artifact: str, vllm_config, worker: WorkerShare | None = None) -> Settings:
+    """The artifact checked against the engine's model and settings, for `worker` (the part of
+    the model this process holds; by default every layer, and the tensor-parallel size of
+    `vllm_config.parallel_config` at rank 0)."""
     if not artifact:
         raise UnsupportedConfiguration([f"{ARTIFACT_ENV} is not set: point it at a directory "
                                         "built by `kvpolicy compile POLICY --model M -o DIR`"])
@@ -156,10 +193,15 @@ def load_settings(artifact: str, vllm_config) -> Settings:
         fmt = page_format(policy, model, cache.block_size, dtype_bytes=DTYPE_BYTES.get(dtype, 2))
     except UnsupportedConfiguration as exc:
         reasons += exc.reasons
-    ranks = getattr(getattr(vllm_config, "parallel_config", None), "tensor_parallel_size", 1)
-    if fmt is not None and fmt.head_pages and ranks != 1:
-        try:  # the page plan's own refusal, at start-up rather than at the first step
-            fmt.check_rank_heads(max(1, fmt.kv_heads // ranks))
+    if worker is None:
+        worker = WorkerShare(tensor_size=getattr(getattr(vllm_config, "parallel_config", None),
+                                            "tensor_parallel_size", 1))
+    model_kv_heads = fmt.kv_heads if fmt is not None else 0
+    if fmt is not None and not worker.alone:
+        try:  # this worker's heads and layers
+            fmt = fmt.for_worker(worker.tensor_size,
+                                 list(worker.stages) or [(0, len(fmt.layers))],
+                                 worker.pipeline_rank)
         except UnsupportedConfiguration as exc:
             reasons += exc.reasons
     if reasons:
@@ -174,7 +216,7 @@ def load_settings(artifact: str, vllm_config) -> Settings:
     settings = Settings(artifact=artifact, policy=policy, compiled_for=model,
                         page_format=fmt, staging_blocks=staging,
                         kv_bytes=getattr(cache, "kv_cache_memory_bytes", None),
-                        kernel_choice=choice)
+                        kernel_choice=choice, worker=worker, model_kv_heads=model_kv_heads)
     if settings.kv_bytes and settings.pool_bytes <= 0:
         raise UnsupportedConfiguration([
             f"full-precision staging ({staging} blocks for {scheduler.max_num_seqs} sequences "
