@@ -387,9 +387,10 @@ def attend(query: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tens
     """Causal attention of a chunk of new tokens over the cached past and themselves.
 
     query [m, Hq, D]; past_* [H, p, D] (as cached); new_* [m, H, D] (full precision, as the
-    model produced them); → [m, Hq, D] fp32. GQA: query head h reads KV head h // (Hq / H); the
-    queries of a KV head are stacked as rows (row g * m + i: group member g, token i), so K and V
-    are read once, never copied per query head. With `mass_reduce` (mean / max / sum over a KV
+    model produced them); → [m, Hq, D] fp32, in PyTorch's flash kernel. GQA: query head h reads
+    KV head h // (Hq / H), and K and V are never copied per query head (the kernel's own GQA; the
+    mass stacks a KV head's queries as rows, row g * m + i: group member g, token i). With
+    `mass_reduce` (mean / max / sum over a KV
     head's query heads) also returns the attention mass each of the p + m keys received from
     the chunk's last `observe` queries (all of them when None), [H, p + m]. With no mass to
     record and a 16-bit query, a prompt chunk (m > 1) attends in the query's dtype — PyTorch's
@@ -404,38 +405,30 @@ def attend(query: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tens
     device = query.device
     all_staged = mass_reduce is None and query.dtype in (torch.float16, torch.bfloat16) and \
         new_keys.dtype == past_keys.dtype == query.dtype  # e.g. a token over a staged-only past
-    if chunk_dtype(query, mass_reduce is not None) is not None or all_staged:
-        dtype = query.dtype
-        keys = torch.cat([past_keys.to(dtype), new_keys.to(dtype).transpose(0, 1)], 1)[None]
-        values = torch.cat([past_values.to(dtype), new_values.to(dtype).transpose(0, 1)], 1)[None]
-        mask = None if p == 0 else \
-            torch.arange(p + m, device=device)[None, :] <= (p + torch.arange(m, device=device))[
-                :, None]
-        return torch.nn.functional.scaled_dot_product_attention(  # 4-D: the flash kernel
-            query.transpose(0, 1)[None], keys, values, attn_mask=mask,
+    causal = None if p == 0 or m == 1 else \
+        torch.arange(p + m, device=device)[None, :] <= (p + torch.arange(m, device=device))[:, None]
+
+    def flash(dtype: torch.dtype) -> torch.Tensor:  # [m, Hq, D] in dtype
+        keys = torch.cat([past_keys.to(dtype), new_keys.to(dtype).transpose(0, 1)], 1)
+        values = torch.cat([past_values.to(dtype), new_values.to(dtype).transpose(0, 1)], 1)
+        # 4-D with a mask row per token: PyTorch's flash kernel (a 3-D [H, group * m, D] query
+        # takes the math kernel, ~3.7x slower for 3k tokens over a 3k past in fp32)
+        return torch.nn.functional.scaled_dot_product_attention(
+            query.to(dtype).transpose(0, 1)[None], keys[None], values[None], attn_mask=causal,
             is_causal=p == 0 and m > 1, scale=scale, enable_gqa=True)[0].transpose(0, 1)
+
+    if chunk_dtype(query, mass_reduce is not None) is not None or all_staged:
+        return flash(query.dtype)
+    out = flash(torch.float32)
+    if mass_reduce is None:
+        return out
     keys = torch.cat([past_keys, new_keys.float().transpose(0, 1)], 1)  # [H, p + m, D]
-    values = torch.cat([past_values, new_values.float().transpose(0, 1)], 1)
     q = query.float().reshape(m, kv_heads, group, head_dim).permute(1, 2, 0, 3)
-    q = q.reshape(kv_heads, group * m, head_dim)
+    q = q.reshape(kv_heads, group * m, head_dim)  # row g * m + i: group member g, token i
 
     def allowed(rows: torch.Tensor) -> torch.Tensor:  # [rows, p + m]: causal for token row % m
         return torch.arange(p + m, device=device)[None, :] <= (p + rows % m)[:, None]
 
-    def heads_last(out: torch.Tensor) -> torch.Tensor:  # [H, group * m, D] → [m, Hq, D]
-        return out.reshape(kv_heads, group, m, head_dim).permute(2, 0, 1, 3).reshape(
-            m, q_heads, head_dim)
-
-    if p == 0 or m == 1:  # no past, or one query: PyTorch's fused kernels
-        out = torch.nn.functional.scaled_dot_product_attention(  # 4-D: the flash kernel
-            query.float().transpose(0, 1)[None], keys[None], values[None],
-            is_causal=p == 0 and m > 1, scale=scale, enable_gqa=True)[0].transpose(0, 1)
-    else:
-        out = heads_last(torch.nn.functional.scaled_dot_product_attention(
-            q, keys, values, attn_mask=allowed(torch.arange(group * m, device=device)),
-            scale=scale))
-    if mass_reduce is None:
-        return out
     watched = m if observe is None else min(observe, m)
     rows = (torch.arange(group, device=device)[:, None] * m
             + torch.arange(m - watched, m, device=device)[None, :]).flatten()
