@@ -63,19 +63,22 @@ def policies(draw):
         kinds = ["linear", "step"] + (["pyramid"] if len(anchors) >= 2 else [])
         if draw(st.booleans()):
             statements.append(f"interpolate {draw(st.sampled_from(kinds))}")
-    method = draw(st.sampled_from(["snapkv", "keynorm", "recent", "reconstruct", None]))
-    if method == "snapkv":
+    method = draw(st.sampled_from(["snapkv", "keynorm", "recent", "reconstruct", "expected",
+                                   None]))
+    if method in ("snapkv", "expected"):
         args = []
         if draw(st.booleans()):
             args.append(f"observe = {draw(st.integers(1, 128))}")
+        if method == "expected" and draw(st.booleans()):
+            args.append(f"future = {draw(st.integers(1, 4096))}")
         if draw(st.booleans()):
             pool = draw(st.sampled_from(["max", "avg", "none"]))
             args.append("pool = none" if pool == "none" else
                         f"pool = {pool} {draw(st.sampled_from([1, 3, 5, 7]))}")
         if draw(st.booleans()):
             args.append(f"gqa = {draw(st.sampled_from(['mean', 'max', 'sum']))}")
-        statements.append(f"score snapkv({', '.join(draw(st.permutations(args)))})"
-                          if args or draw(st.booleans()) else "score snapkv")
+        statements.append(f"score {method}({', '.join(draw(st.permutations(args)))})"
+                          if args or draw(st.booleans()) else f"score {method}")
     elif method == "reconstruct" and draw(st.booleans()):
         statements.append(f"score reconstruct(chunk = {draw(st.integers(16, 4096))})")
     elif method is not None:

@@ -7,7 +7,7 @@ line) and keeps a blank line wherever the source had one or more.
 
 Canonical layout: one statement per line, four spaces per level, `keys` padded to line up with
 `values` (when both are in the block), options in a fixed order (group, per, symmetry, scale;
-observe, pool, gqa), numbers without redundant digits (`18.0%` → `18%`, `1e3` → `1000`),
+observe, future, chunk, pool, gqa), numbers without redundant digits (`18.0%` → `18%`, `1e3` → `1000`),
 `by score` spelled out, end-of-line comments aligned within a run of consecutive lines. A block
 (the policy's or a `layers` block) written on one line with no comment inside stays on one line,
 statements separated by "; " — so an ablation stays a one-line file.
@@ -21,7 +21,7 @@ from kvpolicy.lang import ast
 from kvpolicy.lang.vocabulary import ADAPT_SCOPES
 
 INDENT = "    "
-_SCORE_ARG_ORDER = ("observe", "chunk", "pool", "gqa")
+_SCORE_ARG_ORDER = ("observe", "future", "chunk", "pool", "gqa")
 
 
 def format_policy(tree: ast.PolicyFile) -> str:

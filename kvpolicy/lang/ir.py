@@ -18,7 +18,7 @@ from kvpolicy.diagnostics import Span
 Axis = Literal["channel", "token"]
 ScaleDtype = Literal["fp16", "bf16", "fp32"]
 Interpolation = Literal["linear", "step", "pyramid", "uniform"]
-ScoreMethod = Literal["snapkv", "keynorm", "recent", "reconstruct"]
+ScoreMethod = Literal["snapkv", "keynorm", "recent", "reconstruct", "expected"]
 Pooling = Literal["max", "avg", "none"]
 GqaReduce = Literal["mean", "max", "sum"]
 
@@ -94,6 +94,8 @@ class Score:
     pool_kernel: int = 7
     gqa: GqaReduce = "mean"
     chunk: int = 512  # reconstruct: context tokens re-read per pass (bounds the extra memory)
+    # expected: the future positions whose RoPE rotation the expected query is averaged over
+    future: int = field(default=512, metadata={"new": True})
 
     @property
     def needs_context_pass(self) -> bool:

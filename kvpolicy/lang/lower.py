@@ -34,11 +34,15 @@ MAX_CLUSTERS = 65536
 MAX_OBSERVE = 65536
 MAX_CHUNK = 65536
 # score arguments that are a number of tokens: (least, most, the example an error shows)
-TOKEN_ARGS = {"observe": (1, MAX_OBSERVE, 32), "chunk": (16, MAX_CHUNK, 512)}
+MAX_FUTURE = 65536
+TOKEN_ARGS = {"observe": (1, MAX_OBSERVE, 32), "chunk": (16, MAX_CHUNK, 512),
+              "future": (1, MAX_FUTURE, 512)}
 ADAPTABLE_SCORES = ("snapkv", "reconstruct")  # scores on one scale across layers and heads
 # Defaults that differ by score method (the rest are ir.Score's): reconstruct is KVzip's rule,
-# the maximum over every reconstructing query and query head, unpooled.
-SCORE_DEFAULTS = {"reconstruct": {"pool": "none", "pool_kernel": 1, "gqa": "max"}}
+# the maximum over every reconstructing query and query head, unpooled; expected is Expected
+# Attention's, unpooled, from the statistics of the prompt's last 512 queries.
+SCORE_DEFAULTS = {"reconstruct": {"pool": "none", "pool_kernel": 1, "gqa": "max"},
+                  "expected": {"pool": "none", "pool_kernel": 1, "observe": 512}}
 MAX_POOL_KERNEL = 255
 MAX_LAYER_INDEX = 65535
 MAX_NAME = 64  # characters of a policy name

@@ -19,6 +19,7 @@ SCORE_METHODS: dict[str, tuple[str, ...]] = {
     "keynorm": (),
     "recent": (),
     "reconstruct": ("chunk", "pool", "gqa"),
+    "expected": ("observe", "future", "pool", "gqa"),
 }
 POOLINGS = ("max", "avg", "none")
 GQA_REDUCTIONS = ("mean", "max", "sum")

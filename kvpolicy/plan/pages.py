@@ -317,11 +317,13 @@ def paged_refusals(policy: Policy) -> list[str]:
     `plan`, and the reports. Empty when paged engines can run it."""
     reasons = []
     ranks = policy.evicts or (policy.guard is not None and policy.guard.fraction > 0)
-    if policy.score.needs_context_pass and ranks:
+    how = {"reconstruct": "it re-reads it",
+           "expected": "the statistics of its last queries score every key"}
+    if policy.score.method in how and ranks:
         reasons.append(f"score {policy.score.method} needs the whole context before it ranks "
-                       "a token (it re-reads it), and pages are ranked as they seal, while the "
-                       "prompt still arrives; run it in the whole-prompt runtime (kvpolicy run, "
-                       "kvpolicy eval --engine hf)")
+                       f"a token ({how[policy.score.method]}), and pages are ranked as they "
+                       "seal, while the prompt still arrives; run it in the whole-prompt runtime "
+                       "(kvpolicy run, kvpolicy eval --engine hf)")
     return reasons
 
 

@@ -4,8 +4,9 @@ Model-agnostic (plain tensors): the Hugging Face cache and the evaluation runner
 keys, values and observation-window queries they recorded during prefill.
 
 For each layer and (sequence, KV head), following docs/language.md:
-  1. importance of every prompt token (score: snapkv / keynorm / recent, or reconstruct from
-     the passes the recorder ran, `PrefillLayer.received`);
+  1. importance of every prompt token (score: snapkv / keynorm / recent / expected — the last
+     queries' statistics and the layer's rotary tables, `PrefillLayer.rope` — or reconstruct
+     from the passes the recorder ran, `PrefillLayer.received`);
   2. budgets: the plan's selected tokens, or — with `adapt` — the pooled budget of each storage
      class redistributed by attention mass (`redistribute`), in whole blocks, totals unchanged;
   3. sinks and window kept in 16 bits; the most important middle tokens selected; the top
@@ -40,6 +41,9 @@ class PrefillLayer:
     # received while the model re-read the context in passes of that many tokens
     # (kvpolicy.engines.hf.reconstruct)
     received: dict[int, torch.Tensor] = field(default_factory=dict)
+    # score expected: the layer's rotary tables (cos, sin), [P, D] each, positions 0 .. P - 1
+    # with P >= N + future (kvpolicy.engines.hf.cache.rope_tables)
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def importance(policy: Policy, layer: PrefillLayer) -> torch.Tensor:
@@ -59,6 +63,14 @@ def importance(policy: Policy, layer: PrefillLayer) -> torch.Tensor:
                                         score.pool_kernel, score.gqa)
     observe = min(score.observe, n, layer.queries.shape[2])
     queries = layer.queries[:, :, -observe:]
+    if score.method == "expected":
+        if layer.rope is None or layer.rope[0].shape[0] < n + score.future:
+            raise ValueError(f"score expected(future = {score.future}) needs the layer's rotary "
+                             f"tables for positions 0 .. {n + score.future - 1} "
+                             "(PrefillLayer.rope)")
+        return R.expected_importance(queries, layer.keys, layer.values, *layer.rope,
+                                     score.future, score.pool, score.pool_kernel, score.gqa,
+                                     layer.scaling)
     positions = torch.arange(n - observe, n)
     return R.snapkv_importance(queries, layer.keys, positions, score.pool, score.pool_kernel,
                                score.gqa, layer.scaling)

@@ -394,6 +394,58 @@ def reconstruct_importance(received: torch.Tensor, kv_heads: int, pool: str, ker
     return reduce_query_heads(pool_scores(received.float(), pool, kernel), kv_heads, gqa)
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding's pairing (dimension i with i + D/2): (x1, x2) → (-x2, x1)."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undoes the rotary embedding: x [..., T, D] rotated at the positions of cos, sin [T, D]
+    → fp32, as before RoPE (the inverse rotation, divided by cos² + sin², so rope scalings that
+    multiply both tables are undone too)."""
+    c, s = cos.float(), sin.float()
+    x = x.float()
+    return (x * c - rotate_half(x) * s) / (c * c + s * s)
+
+
+def expected_importance(q_observe: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        cos: torch.Tensor, sin: torch.Tensor, future: int, pool: str,
+                        kernel: int, gqa: str, sm_scale: float) -> torch.Tensor:
+    """Expected Attention (Devoto et al., 2025): the attention the next `future` queries are
+    expected to pay each prompt token, from the statistics of the last prompt queries.
+
+    q_observe [b, Hq, w, D]: the last w prompt queries, after RoPE; keys, values [b, H, N, D]
+    (keys after RoPE); cos, sin [P, D] (P >= N + future): the layer's rotary tables by position
+    (x at position t is x cos_t + rotate_half(x) sin_t). The queries are rotated back to no
+    position; their mean mu and covariance S per query head are moved to the future by the mean
+    rotation R over positions N .. N + future - 1; a future query q ~ N(R mu, R S R^T) gives key k
+    the expected logit E[exp(s q.k)] = exp(s k.R mu + s^2 k^T R S R^T k / 2) (s = sm_scale),
+    softmax over the N keys; times the value's norm; pooled along the sequence and reduced over
+    each KV group's query heads. → [b, H, N]."""
+    batch, q_heads, w, dim = q_observe.shape
+    kv_heads, n = keys.shape[1], keys.shape[2]
+    group = q_heads // kv_heads
+    q = unrotate(q_observe, cos[n - w:n], sin[n - w:n])
+    mean = q.mean(2)  # [b, Hq, D]
+    centred = q - mean[:, :, None]
+    covariance = centred.transpose(-1, -2) @ centred / w  # [b, Hq, D, D]
+    c_future = cos[n:n + future].float().mean(0)  # [D]
+    s_future = sin[n:n + future].float().mean(0)
+    rotation = torch.diag(c_future) + torch.diag(s_future) @ rotate_half(torch.eye(dim)).T
+    mean = mean @ rotation.T  # R mu
+    covariance = rotation @ covariance @ rotation.T
+    k = keys.float()  # [b, H, N, D]
+    mean = mean.reshape(batch, kv_heads, group, dim)
+    covariance = covariance.reshape(batch, kv_heads, group, dim, dim)
+    linear = torch.einsum("bhnd,bhgd->bhgn", k, mean)
+    quadratic = ((k[:, :, None] @ covariance) * k[:, :, None]).sum(-1)  # [b, H, g, N]
+    probs = torch.softmax(sm_scale * linear + 0.5 * sm_scale * sm_scale * quadratic, dim=-1)
+    scores = probs * values.float().norm(dim=-1)[:, :, None]
+    scores = pool_scores(scores.reshape(batch, q_heads, n), pool, kernel)
+    return reduce_query_heads(scores, kv_heads, gqa)
+
+
 def keynorm_importance(keys: torch.Tensor) -> torch.Tensor:
     """KNorm: keys with a small L2 norm rank high. [b, H, N, D] → [b, H, N]."""
     return -keys.float().norm(dim=-1)

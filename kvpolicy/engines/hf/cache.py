@@ -22,7 +22,9 @@ with the compiled kernels on a GPU, or with PyTorch on the CPU (`backend`, "auto
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import threading
@@ -287,6 +289,7 @@ class PolicyCache(Cache):
         else:
             self.packer = pack_blocks
         self.plan = None
+        self.model = model  # score expected reads its rotary tables (`rope_tables`)
         held = R.torch_dtype(self.shape.kv_dtype)
         super().__init__(layers=[
             PolicyLayer(self, i, p) if p is not None else
@@ -335,6 +338,10 @@ class PolicyCache(Cache):
         prefill = [layer.prefill for layer in layers]
         if any(p is None or p.queries is None for p in prefill):
             raise RuntimeError("compress() needs a prefill through attend_through(cache)")
+        if self.policy.score.method == "expected":  # records may be shared: copies with tables
+            count = prompt + self.policy.score.future
+            prefill = [dataclasses.replace(p, rope=rope_tables(self.model, layer.index, count))
+                       for layer, p in zip(layers, prefill)]
         for layer, packed in zip(layers, compressor.compress(self.plan, prefill, self.packer)):
             layer.compressed = packed
             layer.prefill = None  # this cache lets go of the full-precision prompt
@@ -354,6 +361,25 @@ def model_shape(model, cache_dtype: str = "bfloat16") -> ModelShape:
                              "model", source="transformers", kv_dtype=cache_dtype)
 
 
+
+
+def rope_tables(model, layer_index: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary tables (cos, sin), fp32 [count, D], that the model's layer `layer_index`
+    applies at positions 0 .. count - 1 (the model's own rotary module; a model with
+    per-layer-type RoPE, as Gemma 3's local and global layers, gives its layer's type)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    rotary = getattr(decoder, "rotary_emb", None)
+    if rotary is None:
+        raise ValueError(f"score expected needs the model's rotary embedding, and "
+                         f"{type(model).__name__} has none (no `rotary_emb`)")
+    device = next(model.parameters()).device
+    kwargs = {}
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        kwargs["layer_type"] = model.config.layer_types[layer_index]
+    positions = torch.arange(count, device=device)[None]
+    with torch.no_grad():
+        cos, sin = rotary(torch.zeros(1, device=device), positions, **kwargs)
+    return cos[0].float(), sin[0].float()
 
 
 def compile_to_cache(policy: Policy, shape: ModelShape):
