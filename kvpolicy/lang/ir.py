@@ -103,6 +103,13 @@ class Score:
         whole-prompt runtime, which holds the context before it compresses, can run it?"""
         return self.method == "reconstruct"
 
+    @property
+    def needs_whole_context(self) -> bool:
+        """Does ranking read the whole context's keys at once (reconstruct re-reads it; expected
+        scores every key from the last queries' statistics), so paged engines, which rank each
+        block as it seals, cannot run it?"""
+        return self.method in ("reconstruct", "expected")
+
 
 @dataclass(frozen=True)
 class Adapt:

@@ -319,7 +319,7 @@ def paged_refusals(policy: Policy) -> list[str]:
     ranks = policy.evicts or (policy.guard is not None and policy.guard.fraction > 0)
     how = {"reconstruct": "it re-reads it",
            "expected": "the statistics of its last queries score every key"}
-    if policy.score.method in how and ranks:
+    if policy.score.needs_whole_context and ranks:
         reasons.append(f"score {policy.score.method} needs the whole context before it ranks "
                        f"a token ({how[policy.score.method]}), and pages are ranked as they "
                        "seal, while the prompt still arrives; run it in the whole-prompt runtime "

@@ -408,21 +408,24 @@ def attend(query: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tens
     causal = None if p == 0 or m == 1 else \
         torch.arange(p + m, device=device)[None, :] <= (p + torch.arange(m, device=device))[:, None]
 
-    def flash(dtype: torch.dtype) -> torch.Tensor:  # [m, Hq, D] in dtype
-        keys = torch.cat([past_keys.to(dtype), new_keys.to(dtype).transpose(0, 1)], 1)
-        values = torch.cat([past_values.to(dtype), new_values.to(dtype).transpose(0, 1)], 1)
+    def cat(past: torch.Tensor, new: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return torch.cat([past.to(dtype), new.to(dtype).transpose(0, 1)], 1)  # [H, p + m, D]
+
+    def flash(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:  # [m, Hq, D]
         # 4-D with a mask row per token: PyTorch's flash kernel (a 3-D [H, group * m, D] query
         # takes the math kernel, ~3.7x slower for 3k tokens over a 3k past in fp32)
         return torch.nn.functional.scaled_dot_product_attention(
-            query.to(dtype).transpose(0, 1)[None], keys[None], values[None], attn_mask=causal,
-            is_causal=p == 0 and m > 1, scale=scale, enable_gqa=True)[0].transpose(0, 1)
+            query.to(keys.dtype).transpose(0, 1)[None], keys[None], values[None],
+            attn_mask=causal, is_causal=p == 0 and m > 1, scale=scale,
+            enable_gqa=True)[0].transpose(0, 1)
 
     if chunk_dtype(query, mass_reduce is not None) is not None or all_staged:
-        return flash(query.dtype)
-    out = flash(torch.float32)
+        dtype = query.dtype
+        return flash(cat(past_keys, new_keys, dtype), cat(past_values, new_values, dtype))
+    keys = cat(past_keys, new_keys, torch.float32)  # the mass below reads them too
+    out = flash(keys, cat(past_values, new_values, torch.float32))
     if mass_reduce is None:
         return out
-    keys = torch.cat([past_keys, new_keys.float().transpose(0, 1)], 1)  # [H, p + m, D]
     q = query.float().reshape(m, kv_heads, group, head_dim).permute(1, 2, 0, 3)
     q = q.reshape(kv_heads, group * m, head_dim)  # row g * m + i: group member g, token i
 
