@@ -90,6 +90,41 @@ def test_candidates_reach_the_target_at_every_length_of_a_range():
     assert S.candidates(SMOL, S.checked_lengths([512], 512, min_prompt=70), 8.0) == []
 
 
+def test_heads_candidates_need_their_weights_and_reach_the_target(tmp_path):
+    """The heads scorers (static head budgets) join the space only with their head-weights
+    files; then each reaches the target at every length with the largest retain that does, is
+    servable (score recent: no attention at serving time), and names its file relative to the
+    directory it was checked in."""
+    from kvpolicy.heads import write_weights
+    weights = [[(layer * 3 + head) % 7 + 0.5 for head in range(SMOL.num_kv_heads)]
+               for layer in range(SMOL.num_layers)]
+    write_weights(tmp_path / S.heads_file_name(0.3), weights,
+                  {"name": "smollm2-135m", "num_layers": SMOL.num_layers,
+                   "num_kv_heads": SMOL.num_kv_heads}, {"command": "test"})
+    assert S.heads_file_name(0.3) == "heads-keep30.json"
+    without = {c.name for c in S.candidates(SMOL, LENGTHS, 6.0, "small")}
+    assert not any(name.startswith("heads") for name in without)
+    found = {c.name: c for c in S.candidates(SMOL, LENGTHS, 6.0, "small",
+                                             heads_files={"heads30": "heads-keep30.json"},
+                                             directory=tmp_path)}
+    assert set(found) == without | {"heads30", "heads30_k3v3"}
+    for name in ("heads30", "heads30_k3v3"):
+        candidate = found[name]
+        assert 'adapt heads "heads-keep30.json"' in candidate.text and candidate.servable
+        assert candidate.policy.adapt.rule == "heads"
+        ratios = [make_plan(candidate.policy, SMOL, n).compression_ratio for n in LENGTHS]
+        assert min(ratios) >= 6.0 and candidate.planned_ratio == min(ratios)
+        retain = float(next(line for line in candidate.text.splitlines()
+                            if "retain" in line).split()[1].rstrip("%"))
+        more = check_source(Source("c.kvp", candidate.text.replace(
+            f"retain {retain:.2f}%", f"retain {retain + 0.01:.2f}%")), tmp_path).policy
+        assert min(make_plan(more, SMOL, n).compression_ratio for n in LENGTHS) < 6.0
+    assert S.record_needs("small") == (32, {512})  # recon_thr's passes; heads30's weights
+    assert S.record_needs("default")[0] == 64  # snapkv observes 64 tokens
+    with pytest.raises(ValueError, match="head-weights file"):
+        S.policy_text("h", "heads30", 4, 3, 50.0)
+
+
 def test_a_target_quantization_alone_reaches_needs_no_eviction():
     found = {c.name: c for c in S.candidates(SMOL, [4096], 3.0)}
     assert "full_k3v3" in found and not found["full_k3v3"].evicts
@@ -204,10 +239,11 @@ def test_tune_searches_resumes_and_writes_a_policy_that_reaches_the_target(tmp_p
     assert first.returncode == 0, first.stderr
     front = json.loads((out / "front.json").read_text())
     rows = {row["name"]: row for row in front["rows"]}
-    assert set(rows) == {"baseline", "recent", "recon_thr", "recent_k3v3", "recon_thr_k3v3"}
+    assert set(rows) == {"baseline", "recent", "recon_thr", "heads30", "recent_k3v3",
+                         "recon_thr_k3v3", "heads30_k3v3"}
     lines = [json.loads(line) for line in (out / "lines.jsonl").read_text().splitlines()]
     proxy = [line for line in lines if line["stage"] == "proxy"]
-    assert len(proxy) == 2 * 5 and all(math.isfinite(line["nll"]) for line in proxy)
+    assert len(proxy) == 2 * 7 and all(math.isfinite(line["nll"]) for line in proxy)
     generated = {line["name"] for line in lines if line["stage"] == "accuracy"}
     assert len(generated) == 3 and "baseline" in generated  # two finalists and the baseline
     survivors = sorted((r for r in front["rows"] if r["name"] != "baseline"),
@@ -228,6 +264,17 @@ def test_tune_searches_resumes_and_writes_a_policy_that_reaches_the_target(tmp_p
     assert all(line["compression_ratio"] >= 4.0 for line in proxy if line["name"] == best["name"])
     assert (out / "front.png").stat().st_size > 0
     assert "best:" in first.stdout and front["best"] in first.stdout
+    # the head weights tune measured are kvpolicy calibrate's on the same prompts
+    from kvpolicy.heads import read_weights
+    calibrated = tmp_path / "calibrated.json"
+    made = run_cli("calibrate", "--context", "512", "--samples", "1", "--tasks",
+                   "niah_single,squad", "--keep", "0.3", "-o", str(calibrated), "--no-progress")
+    assert made.returncode == 0, made.stderr
+    tuned = read_weights(out / "heads-keep30.json")
+    assert len(tuned) == SMOL.num_layers and len(tuned[0]) == SMOL.num_kv_heads
+    for mine, theirs in zip(tuned, read_weights(calibrated)):
+        assert mine == pytest.approx(theirs, abs=2e-6)
+    assert len([line for line in lines if line["stage"] == "heads"]) == 2
     again = run_cli(*args)  # resumes: nothing is measured twice
     assert again.returncode == 0, again.stderr
     assert (out / "lines.jsonl").read_text().splitlines() == [json.dumps(line) for line in lines]

@@ -20,7 +20,8 @@ def add_parser(commands) -> None:
     tune = commands.add_parser(
         "tune", help="find the policy that keeps the most at a target compression ratio",
         description="Search scorers x key/value bits (retain solved for the target ratio) on "
-        "calibration samples: every candidate ranked by the teacher-forced NLL of the answer, "
+        "calibration samples, static head budgets among the scorers (their head weights "
+        "measured from the same samples, as kvpolicy calibrate does): every candidate ranked by the teacher-forced NLL of the answer, "
         "the best --finalists then generate; writes the front (front.json, front.png) and the "
         "best policy (best.kvp). Resumable: rerun the same command. docs/tune.md")
     tune.add_argument("--target-ratio", type=float, required=True, metavar="R",
@@ -40,7 +41,9 @@ def add_parser(commands) -> None:
     tune.add_argument("--seed", type=int, default=CALIBRATION_SEED, help="calibration seed "
                       "(default %(default)s; kvpolicy eval's default is 0: keep them apart)")
     tune.add_argument("--space", choices=("default", "small"), default="default",
-                      help="default: 4 scorers x 6 bit-widths; small: 2 x 2 (a smoke test)")
+                      help="default: 6 scorers (recency, SnapKV, reconstruct with and without "
+                      "budgets across heads, head budgets at two calibration keeps) x 6 "
+                      "bit-widths; small: 3 x 2 (a smoke test)")
     tune.add_argument("--finalists", type=int, default=6,
                       help="candidates that generate after the proxy rung (default 6)")
     tune.add_argument("--servable", action="store_true",

@@ -25,6 +25,7 @@ from kvpolicy.eval.runner import progress_bar, record_prefill, split_prompt
 from kvpolicy.eval.tasks import make_samples
 from kvpolicy.heads import write_weights
 from kvpolicy.runtime import reference as R
+from kvpolicy.tune.config import CALIBRATION_CHUNK
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class CalibrateConfig:
     pool: str = "max"
     pool_kernel: int = 7
     gqa: str = "mean"
-    chunk: int = 512
+    chunk: int = CALIBRATION_CHUNK
     model: str = "smollm2-135m"
     command: str = ""
 
@@ -60,12 +61,38 @@ def head_shares(scores: list[torch.Tensor], sinks: int, window: int, keep: float
     return above / above.sum()
 
 
+def prompt_shares(records, governed: list[int], heads: int, keeps, chunk: int = CALIBRATION_CHUNK,
+                  pool: str = "max", pool_kernel: int = 7, gqa: str = "mean", sinks: int = 4,
+                  window: int = 64) -> dict[float, torch.Tensor]:
+    """One prompt's head shares ([governed layers, KV heads]) for each `keep`, from records whose
+    reconstruct passes at `chunk` have run (engines/hf/reconstruct.record): the statistic
+    `kvpolicy calibrate` averages, and `kvpolicy tune` too (its records already hold the
+    passes)."""
+    scores = [R.reconstruct_importance(records[i].received[chunk], heads, pool, pool_kernel,
+                                       gqa)[0] for i in governed]
+    return {keep: head_shares(scores, sinks, window, keep) for keep in keeps}
+
+
+def statistic(keep: float, config: CalibrateConfig | None = None) -> str:
+    """The head-weights file's description of what its weights are."""
+    c = config or CalibrateConfig(out=Path(), tasks=(), samples=0, seed=0, context=0, keep=keep)
+    return (f"share of the (layer, KV head) middle tokens at or above the one threshold that "
+            f"keeps {keep:g} of all middle tokens, by reconstruct importance (pool {c.pool} "
+            f"{c.pool_kernel}, gqa {c.gqa}, chunk {c.chunk}; sinks {c.sinks}, window "
+            f"{c.window}); mean over the calibration prompts")
+
+
+def governed_layers(shape) -> list[int]:
+    """The layers a policy governs (the head weights' rows)."""
+    return [i for i, p in enumerate(shape.policy_layers()) if p is not None]
+
+
 @torch.no_grad()
 def calibrate(config: CalibrateConfig, model, tokenizer, progress: bool = True) -> dict:
     """Measures the weights and writes the head-weights file; returns what it wrote about."""
     shape = model_shape(model)
     heads, layers = shape.num_kv_heads, shape.num_layers  # the layers a policy governs
-    governed = [i for i, p in enumerate(shape.policy_layers()) if p is not None]
+    governed = governed_layers(shape)
     total = torch.zeros(layers, heads, dtype=torch.float64)
     lengths, started, prompts = [], time.perf_counter(), 0
     bar = progress_bar(config.samples * len(config.tasks), 0, progress, "kvpolicy calibrate")
@@ -75,10 +102,9 @@ def calibrate(config: CalibrateConfig, model, tokenizer, progress: bool = True) 
             records, _, _ = record_prefill(model, context_ids, observe=1)
             reconstruct.record(model, reconstruct.instruction_ids(tokenizer), context_ids,
                                records, config.chunk, reconstruct.special_ids(tokenizer))
-            scores = [R.reconstruct_importance(r.received[config.chunk], heads, config.pool,
-                                               config.pool_kernel, config.gqa)[0]
-                      for r in (records[i] for i in governed)]
-            total += head_shares(scores, config.sinks, config.window, config.keep)
+            total += prompt_shares(records, governed, heads, (config.keep,), config.chunk,
+                                   config.pool, config.pool_kernel, config.gqa, config.sinks,
+                                   config.window)[config.keep]
             lengths.append(int(context_ids.shape[1]))
             prompts += 1
             bar.update(1)
@@ -86,11 +112,7 @@ def calibrate(config: CalibrateConfig, model, tokenizer, progress: bool = True) 
     weights = (total / prompts).tolist()
     seconds = time.perf_counter() - started
     provenance = {
-        "statistic": f"share of the (layer, KV head) middle tokens at or above the one "
-                     f"threshold that keeps {config.keep:g} of all middle tokens, by reconstruct "
-                     f"importance (pool {config.pool} {config.pool_kernel}, gqa {config.gqa}, "
-                     f"chunk {config.chunk}; sinks {config.sinks}, window {config.window}); mean "
-                     "over the calibration prompts",
+        "statistic": statistic(config.keep, config),
         "calibration": {"tasks": list(config.tasks), "samples_per_task": config.samples,
                         "seed": config.seed, "context": config.context,
                         "prompt_tokens": lengths, "measured_seconds": round(seconds, 1)},

@@ -8,6 +8,7 @@ from pathlib import Path
 
 CALIBRATION_SEED = 1000
 DEFAULT_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "squad")
+CALIBRATION_CHUNK = 512  # the re-reading passes' chunk from which head weights are measured
 
 
 def min_prompt_or_default(context: int, min_prompt: int | None) -> int:

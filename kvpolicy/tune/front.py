@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from kvpolicy.tune.config import TuneConfig
     from kvpolicy.tune.space import Candidate
 
-PROXY, ACCURACY, RECORDS = "proxy", "accuracy", "records"
+PROXY, ACCURACY, RECORDS, HEADS = "proxy", "accuracy", "records", "heads"
 
 
 def pareto_front(points: list[dict]) -> list[str]:

@@ -1,6 +1,10 @@
 """`kvpolicy tune`: find the policy that keeps the most at a target compression ratio, by
 measurement on calibration samples — two rungs of successive halving.
 
+0. **Head weights**, when the space has static head budgets (`heads*` scorers): each
+   calibration prompt is prefilled and re-read, and each (layer, KV head)'s share of the most
+   re-read tokens is measured as `kvpolicy calibrate` measures it; the mean over the prompts is
+   written as a head-weights file per keep (`heads-keep30.json`, ...) in the output directory.
 1. **Space** (`tune/space.py`): every scorer × key/value bit-width combination, `retain` solved
    so that each plan reaches the target ratio at every calibration prompt's length and at every
    length from `min_prompt` (default 3/4 of the context) to a little past the longest.
@@ -32,10 +36,13 @@ from kvpolicy.engines.hf import reconstruct
 from kvpolicy.eval.runner import (EvalPolicy, answer_nll, baseline_policy, load_lines,
                                   progress_bar, record_prefill, run_policy, split_prompt)
 from kvpolicy.eval.tasks import make_samples
+from kvpolicy.heads import write_weights
 from kvpolicy.models import shape_from_config
+from kvpolicy.tune.calibrate import governed_layers, prompt_shares, statistic
 from kvpolicy.tune.config import TuneConfig
-from kvpolicy.tune.front import ACCURACY, PROXY, RECORDS, means, write_front
-from kvpolicy.tune.space import Candidate, candidates, checked_lengths
+from kvpolicy.tune.front import ACCURACY, HEADS, PROXY, RECORDS, means, write_front
+from kvpolicy.tune.space import (Candidate, candidates, checked_lengths, heads_file_name,
+                                 heads_keeps, record_needs)
 
 
 @dataclass
@@ -83,26 +90,15 @@ class NoCandidates(Exception):
 
 
 def tune(config: TuneConfig, model, tokenizer, progress: bool = True) -> dict:
-    """Runs (or resumes) the search; writes config.json, lines.jsonl, front.json, front.png and
-    best.kvp under `config.out`; returns front.json's content."""
+    """Runs (or resumes) the search; writes config.json, lines.jsonl, the head-weights files,
+    front.json, front.png and best.kvp under `config.out`; returns front.json's content."""
     shape = shape_from_config(model.config.to_dict(), name=config.model or "smollm2-135m",
                               source="transformers", kv_dtype=config.cache_dtype)
     prompts = calibration_prompts(tokenizer, config)
     lengths = sorted({int(p.context_ids.shape[1]) for p in prompts})
     checked = checked_lengths(lengths, config.context, config.min_prompt)
-    space = candidates(shape, checked, config.target, config.space, config.servable_only,
-                       calibration=lengths)
-    if not space:
-        raise NoCandidates(f"no candidate of the {config.space} space reaches "
-                           f"{config.target:g}x at every prompt length from {checked[0]:,} to "
-                           f"{checked[-1]:,} tokens (at the shortest, sinks and window alone "
-                           "keep too much); raise --min-prompt or lower --target-ratio")
-    by_name: dict[str, Candidate] = {c.name: c for c in space}
-    entries = [baseline_policy()] + [EvalPolicy(c.name, c.policy, "") for c in space]
+    keeps = heads_keeps(config.space)
     config.out.mkdir(parents=True, exist_ok=True)
-    (config.out / "config.json").write_text(json.dumps(
-        {**config.to_json(), "prompt_tokens": lengths,
-         "candidates": {c.name: c.text for c in space}}, indent=2) + "\n")
     lines_path = config.out / "lines.jsonl"
     every = load_lines(lines_path)
     with open(lines_path, "w", encoding="utf-8") as handle:  # drop a half-written last line
@@ -111,16 +107,13 @@ def tune(config: TuneConfig, model, tokenizer, progress: bool = True) -> dict:
     lines = [line for line in every if (line["task"], line["sample"]) in keys]
     done = {_line_key(line) for line in lines if line["stage"] != RECORDS}
 
-    def pending(stage: str, chosen: list[EvalPolicy], prompt: Prompt) -> list[EvalPolicy]:
-        return [e for e in chosen if (stage, e.sha256, prompt.task, prompt.index) not in done]
-
     def write(line: dict) -> None:
         lines.append(line)  # and to the file, as it is made
         with open(lines_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(line) + "\n")
 
-    observe = max(e.policy.score.observe for e in entries)
-    records: dict[tuple, tuple] = {}  # kept between the rungs: the prefill is the cost
+    observe, chunks = record_needs(config.space)
+    records: dict[tuple, tuple] = {}  # kept between the stages: the prefill is the cost
 
     def record(prompt: Prompt):
         if prompt.key not in records:
@@ -128,12 +121,33 @@ def tune(config: TuneConfig, model, tokenizer, progress: bool = True) -> dict:
             passes = {chunk: reconstruct.record(model, reconstruct.instruction_ids(tokenizer),
                                                 prompt.context_ids, prefill, chunk,
                                                 reconstruct.special_ids(tokenizer))
-                      for chunk in reconstruct.chunks_needed(e.policy for e in entries)}
+                      for chunk in sorted(chunks)}
             write({"stage": RECORDS, "sha256": "", "task": prompt.task, "sample": prompt.index,
                    "prompt_tokens": int(prompt.context_ids.shape[1]), "prefill_s": prefill_s,
                    "reconstruct_s": sum(passes.values())})
             records[prompt.key] = (prefill, last_logits)
         return records[prompt.key]
+
+    heads_files = {}
+    if keeps:  # stage 0: the head weights, from the same records the candidates compress
+        heads_files = head_weights(config, shape, prompts, keeps, record, write, done, lines,
+                                   progress)
+    space = candidates(shape, checked, config.target, config.space, config.servable_only,
+                       calibration=lengths, heads_files=heads_files, directory=config.out)
+    if not space:
+        raise NoCandidates(f"no candidate of the {config.space} space reaches "
+                           f"{config.target:g}x at every prompt length from {checked[0]:,} to "
+                           f"{checked[-1]:,} tokens (at the shortest, sinks and window alone "
+                           "keep too much); raise --min-prompt or lower --target-ratio")
+    by_name: dict[str, Candidate] = {c.name: c for c in space}
+    entries = [baseline_policy()] + [EvalPolicy(c.name, c.policy, "") for c in space]
+    assert max(e.policy.score.observe for e in entries) <= observe  # record_needs' promise
+    (config.out / "config.json").write_text(json.dumps(
+        {**config.to_json(), "prompt_tokens": lengths,
+         "candidates": {c.name: c.text for c in space}}, indent=2) + "\n")
+
+    def pending(stage: str, chosen: list[EvalPolicy], prompt: Prompt) -> list[EvalPolicy]:
+        return [e for e in chosen if (stage, e.sha256, prompt.task, prompt.index) not in done]
 
     bar = progress_bar(len(prompts) * (len(entries) + min(config.finalists, len(space)) + 1),
                        sum(1 for key in done if key[0] == PROXY), progress, "kvpolicy tune")
@@ -168,3 +182,43 @@ def tune(config: TuneConfig, model, tokenizer, progress: bool = True) -> dict:
         records.pop(prompt.key, None)
     bar.close()
     return write_front(config, entries, by_name, lines, {e.name for e in chosen})
+
+
+def head_weights(config: TuneConfig, shape, prompts: list[Prompt], keeps: dict[str, float],
+                 record, write, done: set, lines: list[dict],
+                 progress: bool = True) -> dict[str, str]:
+    """Stage 0: each prompt's head shares at every keep (a `heads` line per prompt, resumable),
+    their mean written as a head-weights file per keep in `config.out`; returns each heads
+    scorer's file name (relative to `config.out`)."""
+    governed = governed_layers(shape)
+    bar = progress_bar(len(prompts), sum(1 for key in done if key[0] == HEADS), progress,
+                       "kvpolicy tune: head weights")
+    for prompt in prompts:
+        if (HEADS, "", prompt.task, prompt.index) in done:
+            continue
+        prefill, _ = record(prompt)
+        shares = prompt_shares(prefill, governed, shape.num_kv_heads, sorted(set(keeps.values())))
+        write({"stage": HEADS, "sha256": "", "task": prompt.task, "sample": prompt.index,
+               "shares": {f"{keep:g}": value.tolist() for keep, value in shares.items()}})
+        done.add((HEADS, "", prompt.task, prompt.index))
+        bar.update(1)
+    bar.close()
+    measured = [line for line in lines if line["stage"] == HEADS]
+    files = {}
+    for scorer, keep in keeps.items():
+        total = torch.stack([torch.tensor(line["shares"][f"{keep:g}"], dtype=torch.float64)
+                             for line in measured])
+        name = heads_file_name(keep)
+        provenance = {
+            "statistic": statistic(keep),
+            "calibration": {"tasks": list(config.tasks), "samples_per_task": config.samples,
+                            "seed": config.seed, "context": config.context,
+                            "prompt_tokens": sorted(int(p.context_ids.shape[1])
+                                                    for p in prompts)},
+            "command": config.command,
+        }
+        write_weights(config.out / name, total.mean(0).tolist(),
+                      {"name": config.model or "smollm2-135m", "num_layers": len(governed),
+                       "num_kv_heads": shape.num_kv_heads}, provenance)
+        files[scorer] = name
+    return files

@@ -7,12 +7,18 @@ needs a window that is a multiple of 64); what varies is what the measurements s
 matters: the scorer (and whether budgets follow it across layers and heads) and the bits of
 keys and values. When quantization alone reaches the target, nothing is evicted and the scorer
 does not matter: that combination is one candidate, without `retain`.
+
+The `heads*` scorers are static head budgets (`score recent` + `adapt heads "FILE"`): their
+weights are measured by the search itself from its calibration prompts (search.py, the heads
+stage; the statistic of `kvpolicy calibrate --keep K`), so a candidate of theirs exists only once
+those files do (`heads_files`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
 
 from kvpolicy.diagnostics import Source
 from kvpolicy.lang.ir import Policy
@@ -20,7 +26,7 @@ from kvpolicy.lang.lower import check_source
 from kvpolicy.models import ModelShape
 from kvpolicy.plan.pages import paged_refusals
 from kvpolicy.plan.planner import make_plan
-from kvpolicy.tune.config import min_prompt_or_default
+from kvpolicy.tune.config import CALIBRATION_CHUNK, min_prompt_or_default
 
 # name → (score statement, adapt statement or "")
 SCORERS = {
@@ -28,12 +34,17 @@ SCORERS = {
     "snapkv": ("score snapkv(observe = 64, pool = max 31)", ""),
     "recon": ("score reconstruct(pool = max 7)", ""),
     "recon_thr": ("score reconstruct(pool = max 7)", "adapt threshold"),
+    "heads30": ("score recent", "adapt heads"),  # + the file of the weights at keep 0.3
+    "heads50": ("score recent", "adapt heads"),
 }
+# a heads scorer's calibration keep (kvpolicy calibrate --keep): the share of all middle tokens
+# the one threshold keeps; a lower keep sends the budget to fewer heads
+HEADS_KEEP = {"heads30": 0.3, "heads50": 0.5}
 # (key bits, value bits); 16 is the model's own precision (nothing quantized)
 BITS = ((16, 16), (4, 4), (4, 3), (4, 2), (3, 3), (3, 2))
 SPACES = {
     "default": (tuple(SCORERS), BITS),
-    "small": (("recent", "recon_thr"), ((16, 16), (3, 3))),  # the smoke test's
+    "small": (("recent", "recon_thr", "heads30"), ((16, 16), (3, 3))),  # the smoke test's
 }
 
 
@@ -50,9 +61,39 @@ class Candidate:
         return self.policy.retain is not None
 
 
+def heads_keeps(space: str) -> dict[str, float]:
+    """The heads scorers of `space` and their calibration keeps."""
+    return {s: HEADS_KEEP[s] for s in SPACES[space][0] if s in HEADS_KEEP}
+
+
+def heads_file_name(keep: float) -> str:
+    """The head-weights file the search writes for `keep` (in its output directory)."""
+    return f"heads-keep{round(100 * keep):02d}.json"
+
+
+def record_needs(space: str) -> tuple[int, set[int]]:
+    """What the prefill records must hold for every candidate of `space`: the largest
+    observation window of its scorers, and the chunk sizes of the re-reading passes (its
+    reconstruct scorers' and, for heads scorers, the one their weights are measured from)."""
+    observe, chunks = 1, set()
+    for scorer in SPACES[space][0]:
+        if scorer in HEADS_KEEP:
+            chunks.add(CALIBRATION_CHUNK)
+            continue
+        score = parse(scorer, policy_text(scorer, scorer, 16, 16, 50.0)).score
+        observe = max(observe, score.observe)
+        if score.needs_context_pass:
+            chunks.add(score.chunk)
+    return observe, chunks
+
+
 def policy_text(name: str, scorer: str, key_bits: int, value_bits: int,
-                retain: float | None) -> str:
+                retain: float | None, heads_file: str = "") -> str:
     score, adapt = SCORERS[scorer]
+    if scorer in HEADS_KEEP:
+        if not heads_file:
+            raise ValueError(f"the {scorer} scorer needs its head-weights file")
+        adapt = f'{adapt} "{heads_file}"'
     lines = ["keep sinks 4", "keep window 64"]
     if retain is not None:
         lines += [f"retain {retain:.2f}%", score] + ([adapt] if adapt else [])
@@ -63,8 +104,9 @@ def policy_text(name: str, scorer: str, key_bits: int, value_bits: int,
     return f"policy {name} {{\n" + "".join(f"    {line}\n" for line in lines) + "}\n"
 
 
-def parse(name: str, text: str) -> Policy:
-    result = check_source(Source(f"{name}.kvp", text))
+def parse(name: str, text: str, directory: str | Path = ".") -> Policy:
+    """`directory`: where the policy's relative paths (head-weights files) start."""
+    result = check_source(Source(f"{name}.kvp", text), directory)
     if result.policy is None:  # the space is ours: a candidate that does not check is a bug
         raise AssertionError("\n".join(d.render() for d in result.diagnostics))
     return result.policy
@@ -134,13 +176,17 @@ class _Lengths:
 
 def candidates(shape: ModelShape, lengths: Sequence[int], target: float,
                space: str = "default", servable_only: bool = False,
-               calibration: Sequence[int] = ()) -> list[Candidate]:
+               calibration: Sequence[int] = (), heads_files: Mapping[str, str] | None = None,
+               directory: str | Path = ".") -> list[Candidate]:
     """Every candidate of `space` whose planned ratio reaches `target` at each prompt length in
     `lengths` (a plan's ratio is what the cache measures, so this holds for every prompt of
     those lengths; `checked_lengths` says which), each with the largest `retain` (two
     decimals) that does. `planned_ratio` is the lowest over the lengths. `calibration`: lengths
-    worth probing first (the calibration prompts')."""
+    worth probing first (the calibration prompts'). `heads_files`: each heads scorer's
+    head-weights file, relative to `directory`; without them the heads scorers are left out."""
     scorers, bits = SPACES[space]
+    heads_files = dict(heads_files or {})
+    scorers = tuple(s for s in scorers if s not in HEADS_KEEP or s in heads_files)
     lengths = sorted(set(lengths))
     check = _Lengths(shape, lengths, target, calibration)
     found: dict[str, Candidate] = {}
@@ -157,14 +203,15 @@ def candidates(shape: ModelShape, lengths: Sequence[int], target: float,
         solved: dict[str, tuple[float, float] | None] = {}
         for scorer in scorers:
             name = f"{scorer}{suffix}"
-            adapt = SCORERS[scorer][1]
+            heads = heads_files.get(scorer, "")
+            adapt = SCORERS[scorer][1] + heads
             if adapt not in solved:
-                solved[adapt] = check.largest_retain(
-                    lambda p: parse(name, policy_text(name, scorer, key_bits, value_bits, p)))
+                solved[adapt] = check.largest_retain(lambda p: parse(
+                    name, policy_text(name, scorer, key_bits, value_bits, p, heads), directory))
             if solved[adapt] is None:
                 continue
             percent, ratio = solved[adapt]
-            text = policy_text(name, scorer, key_bits, value_bits, percent)
-            policy = parse(name, text)
+            text = policy_text(name, scorer, key_bits, value_bits, percent, heads)
+            policy = parse(name, text, directory)
             found[name] = Candidate(name, text, policy, ratio, not paged_refusals(policy))
     return [c for c in found.values() if c.servable or not servable_only]
