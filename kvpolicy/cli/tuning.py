@@ -21,9 +21,10 @@ def add_parser(commands) -> None:
         "tune", help="find the policy that keeps the most at a target compression ratio",
         description="Search scorers x key/value bits (retain solved for the target ratio) on "
         "calibration samples, static head budgets among the scorers (their head weights "
-        "measured from the same samples, as kvpolicy calibrate does): every candidate ranked by the teacher-forced NLL of the answer, "
-        "the best --finalists then generate; writes the front (front.json, front.png) and the "
-        "best policy (best.kvp). Resumable: rerun the same command. docs/tune.md")
+        "measured from the same samples, as kvpolicy calibrate does): every candidate ranked "
+        "by the teacher-forced NLL of the answer, the best --finalists then generate; writes "
+        "the front (front.json, front.png) and the best policy (best.kvp). Resumable: rerun "
+        "the same command. docs/tune.md")
     tune.add_argument("--target-ratio", type=float, required=True, metavar="R",
                       help="the compression ratio every candidate must reach (measured)")
     tune.add_argument("--model", help="a local Hugging Face model directory with weights "

@@ -61,25 +61,37 @@ def head_shares(scores: list[torch.Tensor], sinks: int, window: int, keep: float
     return above / above.sum()
 
 
-def prompt_shares(records, governed: list[int], heads: int, keeps, chunk: int = CALIBRATION_CHUNK,
-                  pool: str = "max", pool_kernel: int = 7, gqa: str = "mean", sinks: int = 4,
-                  window: int = 64) -> dict[float, torch.Tensor]:
-    """One prompt's head shares ([governed layers, KV heads]) for each `keep`, from records whose
-    reconstruct passes at `chunk` have run (engines/hf/reconstruct.record): the statistic
-    `kvpolicy calibrate` averages, and `kvpolicy tune` too (its records already hold the
-    passes)."""
-    scores = [R.reconstruct_importance(records[i].received[chunk], heads, pool, pool_kernel,
-                                       gqa)[0] for i in governed]
-    return {keep: head_shares(scores, sinks, window, keep) for keep in keeps}
+def prompt_shares(records, governed: list[int], heads: int, keeps,
+                  config: CalibrateConfig) -> dict[float, torch.Tensor]:
+    """One prompt's head shares ([governed layers, KV heads]) for each `keep` (config.keep is
+    not read), from records whose reconstruct passes at `config.chunk` have run
+    (engines/hf/reconstruct.record): the statistic `kvpolicy calibrate` averages, and `kvpolicy
+    tune` too (its records already hold the passes)."""
+    scores = [R.reconstruct_importance(records[i].received[config.chunk], heads, config.pool,
+                                       config.pool_kernel, config.gqa)[0] for i in governed]
+    return {keep: head_shares(scores, config.sinks, config.window, keep) for keep in keeps}
 
 
-def statistic(keep: float, config: CalibrateConfig | None = None) -> str:
-    """The head-weights file's description of what its weights are."""
-    c = config or CalibrateConfig(out=Path(), tasks=(), samples=0, seed=0, context=0, keep=keep)
-    return (f"share of the (layer, KV head) middle tokens at or above the one threshold that "
-            f"keeps {keep:g} of all middle tokens, by reconstruct importance (pool {c.pool} "
-            f"{c.pool_kernel}, gqa {c.gqa}, chunk {c.chunk}; sinks {c.sinks}, window "
-            f"{c.window}); mean over the calibration prompts")
+def write_head_weights(config: CalibrateConfig, weights, num_kv_heads: int,
+                       lengths: list[int], seconds: float | None = None) -> None:
+    """Writes `weights` [governed layers][KV heads] to config.out with what they are and where
+    they came from (the calibration prompts, the command)."""
+    calibration = {"tasks": list(config.tasks), "samples_per_task": config.samples,
+                   "seed": config.seed, "context": config.context, "prompt_tokens": lengths}
+    if seconds is not None:
+        calibration["measured_seconds"] = round(seconds, 1)
+    provenance = {
+        "statistic": f"share of the (layer, KV head) middle tokens at or above the one threshold "
+                     f"that keeps {config.keep:g} of all middle tokens, by reconstruct importance "
+                     f"(pool {config.pool} {config.pool_kernel}, gqa {config.gqa}, chunk "
+                     f"{config.chunk}; sinks {config.sinks}, window {config.window}); mean over "
+                     "the calibration prompts",
+        "calibration": calibration,
+        "command": config.command,
+    }
+    config.out.parent.mkdir(parents=True, exist_ok=True)
+    write_weights(config.out, weights, {"name": config.model, "num_layers": len(weights),
+                                        "num_kv_heads": num_kv_heads}, provenance)
 
 
 def governed_layers(shape) -> list[int]:
@@ -102,23 +114,13 @@ def calibrate(config: CalibrateConfig, model, tokenizer, progress: bool = True) 
             records, _, _ = record_prefill(model, context_ids, observe=1)
             reconstruct.record(model, reconstruct.instruction_ids(tokenizer), context_ids,
                                records, config.chunk, reconstruct.special_ids(tokenizer))
-            total += prompt_shares(records, governed, heads, (config.keep,), config.chunk,
-                                   config.pool, config.pool_kernel, config.gqa, config.sinks,
-                                   config.window)[config.keep]
+            total += prompt_shares(records, governed, heads, (config.keep,),
+                                   config)[config.keep]
             lengths.append(int(context_ids.shape[1]))
             prompts += 1
             bar.update(1)
     bar.close()
     weights = (total / prompts).tolist()
     seconds = time.perf_counter() - started
-    provenance = {
-        "statistic": statistic(config.keep, config),
-        "calibration": {"tasks": list(config.tasks), "samples_per_task": config.samples,
-                        "seed": config.seed, "context": config.context,
-                        "prompt_tokens": lengths, "measured_seconds": round(seconds, 1)},
-        "command": config.command,
-    }
-    config.out.parent.mkdir(parents=True, exist_ok=True)
-    write_weights(config.out, weights, {"name": config.model, "num_layers": layers,
-                                        "num_kv_heads": heads}, provenance)
+    write_head_weights(config, weights, heads, lengths, seconds)
     return {"prompts": prompts, "seconds": seconds, "weights": weights}

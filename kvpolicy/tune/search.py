@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -36,9 +36,9 @@ from kvpolicy.engines.hf import reconstruct
 from kvpolicy.eval.runner import (EvalPolicy, answer_nll, baseline_policy, load_lines,
                                   progress_bar, record_prefill, run_policy, split_prompt)
 from kvpolicy.eval.tasks import make_samples
-from kvpolicy.heads import write_weights
 from kvpolicy.models import shape_from_config
-from kvpolicy.tune.calibrate import governed_layers, prompt_shares, statistic
+from kvpolicy.tune.calibrate import (CalibrateConfig, governed_layers, prompt_shares,
+                                     write_head_weights)
 from kvpolicy.tune.config import TuneConfig
 from kvpolicy.tune.front import ACCURACY, HEADS, PROXY, RECORDS, means, write_front
 from kvpolicy.tune.space import (Candidate, candidates, checked_lengths, heads_file_name,
@@ -191,34 +191,30 @@ def head_weights(config: TuneConfig, shape, prompts: list[Prompt], keeps: dict[s
     their mean written as a head-weights file per keep in `config.out`; returns each heads
     scorer's file name (relative to `config.out`)."""
     governed = governed_layers(shape)
+    settings = CalibrateConfig(out=config.out, tasks=config.tasks, samples=config.samples,
+                               seed=config.seed, context=config.context,
+                               model=config.model or "smollm2-135m", command=config.command)
     bar = progress_bar(len(prompts), sum(1 for key in done if key[0] == HEADS), progress,
                        "kvpolicy tune: head weights")
     for prompt in prompts:
         if (HEADS, "", prompt.task, prompt.index) in done:
             continue
         prefill, _ = record(prompt)
-        shares = prompt_shares(prefill, governed, shape.num_kv_heads, sorted(set(keeps.values())))
+        shares = prompt_shares(prefill, governed, shape.num_kv_heads, sorted(set(keeps.values())),
+                               settings)
         write({"stage": HEADS, "sha256": "", "task": prompt.task, "sample": prompt.index,
                "shares": {f"{keep:g}": value.tolist() for keep, value in shares.items()}})
         done.add((HEADS, "", prompt.task, prompt.index))
         bar.update(1)
     bar.close()
     measured = [line for line in lines if line["stage"] == HEADS]
+    lengths = sorted(int(p.context_ids.shape[1]) for p in prompts)
     files = {}
     for scorer, keep in keeps.items():
         total = torch.stack([torch.tensor(line["shares"][f"{keep:g}"], dtype=torch.float64)
                              for line in measured])
         name = heads_file_name(keep)
-        provenance = {
-            "statistic": statistic(keep),
-            "calibration": {"tasks": list(config.tasks), "samples_per_task": config.samples,
-                            "seed": config.seed, "context": config.context,
-                            "prompt_tokens": sorted(int(p.context_ids.shape[1])
-                                                    for p in prompts)},
-            "command": config.command,
-        }
-        write_weights(config.out / name, total.mean(0).tolist(),
-                      {"name": config.model or "smollm2-135m", "num_layers": len(governed),
-                       "num_kv_heads": shape.num_kv_heads}, provenance)
+        write_head_weights(replace(settings, out=config.out / name, keep=keep),
+                           total.mean(0).tolist(), shape.num_kv_heads, lengths)
         files[scorer] = name
     return files
