@@ -41,9 +41,9 @@ sys.path.insert(0, str(ROOT))
 from kvpolicy.compiler.artifact import compile_policy, load  # noqa: E402
 from kvpolicy.format import DTYPE_BYTES  # noqa: E402
 from kvpolicy.models import resolve_model  # noqa: E402
-from kvpolicy.runtime import launch  # noqa: E402
-from kvpolicy.runtime import reference as R  # noqa: E402
-from kvpolicy.runtime.compressed import CompressedLayer  # noqa: E402
+from kvpolicy.kernels import launch  # noqa: E402
+from kvpolicy.kernels import reference as R  # noqa: E402
+from kvpolicy.kernels.compressed import CompressedLayer  # noqa: E402
 
 GRID = {"models": ["qwen2.5-7b", "llama-3.1-8b"],
         "policies": ["kivi", "conservative", "aggressive", "extreme"],

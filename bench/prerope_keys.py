@@ -6,7 +6,7 @@ A measurement to decide whether a pre-RoPE key format (KVQuant, Hooper et al., 2
 statistics are stable before the rotation) is worth building into the formats, kernels and
 store (issue 14: key precision is what breaks retrieval). Nothing here is a kvpolicy format:
 keys are quantized and dequantized in PyTorch with the reference quantizer
-(`kvpolicy.runtime.reference.quantize`, asymmetric, per channel, groups of 64 tokens, fp16
+(`kvpolicy.kernels.reference.quantize`, asymmetric, per channel, groups of 64 tokens, fp16
 scales — the shipped policies' key format), either as the model caches them (after RoPE) or
 rotated back first (`reference.unrotate`, the layer's own rotary tables) and rotated again after
 dequantization. Sinks (4) and the last tokens that do not fill a group (at least 64) stay at the
@@ -44,7 +44,7 @@ def fake_quant(keys: torch.Tensor, bits: int, cos=None, sin=None,
     largest magnitude kept exact (dense-and-sparse, KVQuant), each replaced by its group's
     median before quantization so that it does not stretch the group's range."""
     from kvpolicy.lang.ir import QuantFormat
-    from kvpolicy.runtime import reference as R
+    from kvpolicy.kernels import reference as R
     n = keys.shape[1]
     end = SINKS + (n - SINKS - WINDOW) // GROUP * GROUP
     middle = keys[:, SINKS:end].float()

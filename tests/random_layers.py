@@ -6,8 +6,8 @@ import torch
 
 from kvpolicy.format import BlockLayout, block_layout
 from kvpolicy.lang.ir import QuantFormat
-from kvpolicy.runtime.compressed import CompressedLayer
-from kvpolicy.runtime.reference import pack_blocks
+from kvpolicy.kernels.compressed import CompressedLayer
+from kvpolicy.kernels.reference import pack_blocks
 
 DEFAULT_GUARD = (QuantFormat(8, 32, "channel"), QuantFormat(8, 32, "token"))
 DEFAULT_BODY = (QuantFormat(2, 32, "channel"), QuantFormat(2, 32, "token"))

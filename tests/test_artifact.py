@@ -18,7 +18,7 @@ from kvpolicy.compiler.artifact import ArtifactError, compile_policy
 from kvpolicy.compiler.specs import specs_for
 from kvpolicy.models import resolve_model
 from kvpolicy.plan.planner import make_plan
-from kvpolicy.runtime import launch, reference as R
+from kvpolicy.kernels import launch, reference as R
 from random_layers import random_layer
 
 QWEN, SMOL = resolve_model("qwen2.5-7b"), resolve_model("smollm2-135m")
@@ -154,7 +154,7 @@ def test_a_policy_no_paged_engine_runs_gets_no_paged_kernels(tmp_path):
     artifact carries only the whole-prompt runtime's kernels (no paged decode, no page packs,
     no C sources), still loads and attends like the reference, and asking it for the store's
     kernels names the reason."""
-    from kvpolicy.store import paged
+    from kvpolicy.kernels import bound
     source = tmp_path / "recon.kvp"
     source.write_text("policy recon {\n    keep sinks 4\n    keep window 64\n    retain 60%\n"
                       "    score reconstruct(pool = max 7)\n"
@@ -178,7 +178,7 @@ def test_a_policy_no_paged_engine_runs_gets_no_paged_kernels(tmp_path):
     got = launch.decode(modules["decode"], modules["combine"], q, layer, num_splits=2)
     want, _ = R.attend(q, layer, 1 / math.sqrt(64))
     assert (got - want).abs().max() <= 1e-2 * want.abs().max() + 1e-3
-    for kernels_for in (paged.kernels_for, paged.cpu_kernels_for):
+    for kernels_for in (bound.kernels_for, bound.cpu_kernels_for):
         with pytest.raises(ValueError, match="no paged kernels: .*reconstruct"):
             kernels_for(compiled, 0)
 

@@ -1,4 +1,4 @@
-"""The store's CPU kernels (codegen/*.c.jinja, compiled by kvpolicy.runtime.cpu). Packing: bit
+"""The store's CPU kernels (codegen/*.c.jinja, compiled by kvpolicy.kernels.cpu). Packing: bit
 for bit the reference's blocks. Decode, on paged inputs, against the rule stated independently
 with the reference: every page's guards and
 body unpacked by `reference.unpack_blocks` (the last page's body up to its tail), the staged
@@ -25,8 +25,8 @@ from kvpolicy.lang.ir import QuantFormat
 from kvpolicy.models import resolve_model
 from kvpolicy.plan.pages import PAGE_ALIGN, paged_refusals
 from kvpolicy.plan.planner import make_plan
-from kvpolicy.runtime import cpu
-from kvpolicy.runtime import reference as R
+from kvpolicy.kernels import cpu
+from kvpolicy.kernels import reference as R
 
 pytestmark = pytest.mark.skipif(cpu.compiler() is None, reason="no C compiler")
 

@@ -1,4 +1,4 @@
-"""runtime/dense.py (the runtime's CPU attention) against the reference it vectorizes: every
+"""store/whole/dense.py (the runtime's CPU attention) against the reference it vectorizes: every
 region populated, uneven counts per head, GQA, empty regions, chunks of several queries."""
 
 from __future__ import annotations
@@ -8,7 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from kvpolicy.runtime import dense, reference as R
+from kvpolicy.kernels import reference as R
+
+from kvpolicy.store.whole import dense
 from random_layers import random_layer
 
 CASES = [dict(seed=0), dict(seed=1, heads=3, batch=1, centroids=0),

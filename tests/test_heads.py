@@ -18,7 +18,7 @@ from kvpolicy.lang.lower import check_file
 from kvpolicy.models import PRESETS, ModelShape
 from kvpolicy.plan.pages import UnsupportedConfiguration, page_format, paged_refusals
 from kvpolicy.plan.planner import make_plan
-from kvpolicy.runtime import compress as compressor
+from kvpolicy.store.whole import compress as compressor
 
 SMOL = PRESETS["smollm2-135m"]
 MODEL = {"name": "smollm2-135m", "num_layers": SMOL.num_layers, "num_kv_heads": SMOL.num_kv_heads}
@@ -198,7 +198,7 @@ def test_compression_keeps_each_heads_planned_tokens_and_bytes(tmp_path):
     # score recent: a head keeps its most recent middle tokens
     n = plan.layers[0].selected_by_head(2)[0]
     kept = layers[0].body_blocks  # the positions of head 0's tokens
-    from kvpolicy.runtime import reference as R
+    from kvpolicy.kernels import reference as R
     _, _, positions = R.unpack_blocks(kept[:n // plan.layers[0].body_layout.tokens],
                                       plan.layers[0].body_layout, n)
     assert positions.tolist() == list(range(400 - 64 - n, 400 - 64))
@@ -306,7 +306,7 @@ def test_each_head_keeps_its_own_share_step_by_step(tmp_path, kind):
     layer whose heads keep 3 different counts of every sealed 64-token block (one keeps none):
     every output is attention over each head's own kept tokens — the rule stated per head in
     test_vllm_paged — through the store's PyTorch path and through the compiled C kernels."""
-    from kvpolicy.runtime import cpu
+    from kvpolicy.kernels import cpu
     from test_store_kernels import store_kernels
     from test_vllm_paged import FakeEngine, expected_with_retention, run_interleaved
     if kind == "cpu" and cpu.compiler() is None:

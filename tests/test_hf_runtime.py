@@ -18,7 +18,8 @@ from kvpolicy.diagnostics import Source
 from kvpolicy.eval.haystack import needle_sample
 from kvpolicy.engines.hf import PolicyCache, attend_through, generate, load_model, reconstruct
 from kvpolicy.lang.lower import check_source
-from kvpolicy.runtime import compress as compressor, reference as R
+from kvpolicy.kernels import reference as R
+from kvpolicy.store.whole import compress as compressor
 
 PROMPT = ("The history of the lighthouse begins with fires on hilltops. Later, towers were built "
           "to hold the fires higher, and lenses focused their light far out to sea. ") * 12

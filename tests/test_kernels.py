@@ -16,7 +16,7 @@ from kvpolicy.compiler.loader import render_and_import
 from kvpolicy.compiler.specs import BlockSpec, CombineSpec, DecodeSpec, PackSpec, UnpackSpec
 from kvpolicy.format import block_layout
 from kvpolicy.lang.ir import QuantFormat as Q
-from kvpolicy.runtime import launch, reference as R
+from kvpolicy.kernels import launch, reference as R
 from random_layers import random_layer
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}

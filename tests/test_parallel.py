@@ -14,7 +14,7 @@ from kvpolicy.compiler.artifact import compile_policy
 from kvpolicy.engines.vllm.settings import WorkerShare, load_settings
 from kvpolicy.models import resolve_model
 from kvpolicy.plan import pages
-from kvpolicy.runtime import reference as R
+from kvpolicy.kernels import reference as R
 from kvpolicy.store import paged
 from test_vllm_paged import engine_config
 

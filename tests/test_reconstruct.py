@@ -20,7 +20,8 @@ from kvpolicy.lang.ir import Policy, Score
 from kvpolicy.lang.lower import check_source
 from kvpolicy.models import PRESETS
 from kvpolicy.plan.pages import UnsupportedConfiguration, page_format, paged_refusals
-from kvpolicy.runtime import compress as compressor, reference as R
+from kvpolicy.kernels import reference as R
+from kvpolicy.store.whole import compress as compressor
 
 
 def checked(text: str):

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from kvpolicy import load_policy, make_plan, resolve_model
 from kvpolicy.format import block_layout, block_tokens, words_per_token
 from kvpolicy.lang.ir import QuantFormat
-from kvpolicy.runtime import reference as R
+from kvpolicy.kernels import reference as R
 from conftest import POLICIES
 from random_layers import random_layer
 

@@ -21,13 +21,13 @@ from kvpolicy.compiler.loader import render_and_import
 from kvpolicy.compiler.specs import specs_for
 from kvpolicy.plan import pages
 from kvpolicy.plan.planner import make_plan
-from kvpolicy.runtime import cpu, launch
-from kvpolicy.store import paged
+from kvpolicy.kernels import cpu, launch
+from kvpolicy.kernels import bound
 from test_vllm_paged import RETAINING, SMOL, FakeEngine
 
 
-def store_kernels(policy, directory, layer=0, num_splits=2, kind="triton") -> paged.StoreKernels:
-    """The kernels specs_for gives the layer, as `kvpolicy.load` + `paged.kernels_for` give them:
+def store_kernels(policy, directory, layer=0, num_splits=2, kind="triton") -> bound.StoreKernels:
+    """The kernels specs_for gives the layer, as `kvpolicy.load` + `bound.kernels_for` give them:
     kind "triton" (rendered and imported; the interpreter runs them here) or "cpu" (the same
     specs in C, compiled)."""
     compiled = specs_for(make_plan(policy, SMOL, 4096))
@@ -37,7 +37,7 @@ def store_kernels(policy, directory, layer=0, num_splits=2, kind="triton") -> pa
         library = cpu.build(render_cpu(by_uri[roles["paged_decode"]]))
         packs = {roles[role]: render_cpu(by_uri[roles[role]])
                  for role in ("pack_page_body", "pack_page_guard") if roles[role] is not None}
-        return paged.StoreKernels(decode=functools.partial(cpu.paged_decode, library),
+        return bound.StoreKernels(decode=functools.partial(cpu.paged_decode, library),
                                   packer=cpu.packer(packs))
 
     def module(role):
@@ -45,7 +45,7 @@ def store_kernels(policy, directory, layer=0, num_splits=2, kind="triton") -> pa
         return None if uri is None else render_and_import(by_uri[uri], directory)
     packs = {roles[role]: module(role) for role in ("pack_page_body", "pack_page_guard")
              if roles[role] is not None}
-    return paged.StoreKernels(
+    return bound.StoreKernels(
         decode=functools.partial(launch.paged_decode, module("paged_decode"), module("combine"),
                                  num_splits=num_splits),
         packer=launch.packer(packs))

@@ -17,10 +17,10 @@ from kvpolicy.compiler.artifact import compile_policy
 from kvpolicy.plan import pages
 from kvpolicy.store import paged
 from kvpolicy.engines.vllm.settings import load_settings
-from kvpolicy.store.staging import RequestStep, StagingFull, StagingTable
+from kvpolicy.store.paged.staging import RequestStep, StagingFull, StagingTable
 from kvpolicy.models import resolve_model as get_model
 from kvpolicy.plan.planner import block_retain_ratios
-from kvpolicy.runtime import reference as R
+from kvpolicy.kernels import reference as R
 
 SMOL = get_model("smollm2-135m")
 
@@ -194,7 +194,7 @@ class FakeEngine:
 
     def step(self, chunks, scale=0.125, kernels=None):
         """chunks: [(block_row, start, query [m, Hq, D], keys [m, H, D], values [m, H, D])];
-        kernels: the store's compiled kernels (`paged.StoreKernels`), or its PyTorch path."""
+        kernels: the store's compiled kernels (`bound.StoreKernels`), or its PyTorch path."""
         bs = self.fmt.block_size
         query_start, seq_lens, mapping = [0], [], []
         for row, start, _, k, _ in chunks:

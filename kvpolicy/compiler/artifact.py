@@ -5,7 +5,7 @@
     DIR/report.txt           the same for people
     DIR/kernels/<uri>.py     one rendered Triton file per kernel spec
     DIR/kernels/<uri>.c      the paged store's specs (decode, page packing) again, in C, for CPU
-                             engines (compiled on first use by kvpolicy.runtime.cpu; listed under
+                             engines (compiled on first use by kvpolicy.kernels.cpu; listed under
                              `files`)
 
 `compile_policy` renders everything in memory first (any error: nothing is written), writes a
@@ -154,7 +154,7 @@ def build_files(policy: Policy, model: ModelShape,
     manifest["files"] = {REPORT: _sha256(report)}
     paged = {uri for layer in compiled.layers for uri in (
         layer.paged_decode, layer.pack_page_body, layer.pack_page_guard) if uri}
-    for spec in compiled.specs:  # the paged store's kernels for CPU engines (runtime/cpu.py)
+    for spec in compiled.specs:  # the paged store's kernels for CPU engines (kernels/cpu.py)
         if spec.uri in paged:
             files[cpu_file(spec.uri)] = data = render_cpu(spec).encode()
             manifest["files"][cpu_file(spec.uri)] = _sha256(data)
@@ -335,7 +335,7 @@ class CompiledPolicy:
         return dict(self.manifest["launch"])
 
     def cpu_source(self, uri: str) -> str:
-        """The C source of the paged store's kernel `uri` for CPU engines (runtime/cpu.py)."""
+        """The C source of the paged store's kernel `uri` for CPU engines (kernels/cpu.py)."""
         return self.files[cpu_file(uri)].decode()
 
 

@@ -89,7 +89,7 @@ def _paged_warps(spec: PagedDecodeSpec) -> int:
 
 def render_cpu(spec: PagedDecodeSpec | PackSpec) -> str:
     """The C source of a paged decode or pack spec for CPU engines (codegen/*.c.jinja,
-    `kvpolicy.runtime.cpu`): the same spec, layouts and constants as its Triton kernel."""
+    `kvpolicy.kernels.cpu`): the same spec, layouts and constants as its Triton kernel."""
     template = environment().get_template(CPU_TEMPLATES[type(spec)])
     if isinstance(spec, PackSpec):
         return template.render(spec=spec, version=__version__, block=block_view(spec.block),

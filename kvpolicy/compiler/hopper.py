@@ -99,7 +99,7 @@ class HopperReport:
 
 
 def _constexprs(kernel: str, module) -> dict:
-    """Launch constants as the launchers pass them (kvpolicy.runtime.launch)."""
+    """Launch constants as the launchers pass them (kvpolicy.kernels.launch)."""
     if kernel == "pack_kernel":
         return {"SRC_DTYPE": module.KV_DTYPE.value}
     def step(prefix):

@@ -91,7 +91,7 @@ class EvalConfig:
 
 ENGINES = {
     "hf": "kvpolicy PolicyCache in transformers, PyTorch attention over the packed cache "
-          "(kvpolicy.runtime.dense)",
+          "(kvpolicy.store.whole.dense)",
     "paged": "kvpolicy's compressed store (kvpolicy.store) in transformers "
              "(kvpolicy.engines.hf.paged): decode steps in the artifact's compiled paged "
              "decode kernel (C on CPU cores, Triton on a GPU; the store's PyTorch path, with a "

@@ -24,7 +24,7 @@ from kvpolicy.engines.hf.cache import model_shape
 from kvpolicy.eval.runner import progress_bar, record_prefill, split_prompt
 from kvpolicy.eval.tasks import make_samples
 from kvpolicy.heads import write_weights
-from kvpolicy.runtime import reference as R
+from kvpolicy.kernels import reference as R
 from kvpolicy.tune.config import CALIBRATION_CHUNK
 
 

@@ -8,7 +8,7 @@
 
 Prefill runs the model's own attention (SDPA) on the full-precision prompt and records, per layer,
 the keys, values and the last queries (for SnapKV importance). `compress()` plans the policy for
-the prompt's length and packs every layer (`kvpolicy.runtime.compress`); it also runs by itself
+the prompt's length and packs every layer (`kvpolicy.store.whole.compress`); it also runs by itself
 before the first decode step. Decode steps append to the full-precision window; when it holds a
 whole block beyond the policy's window, its oldest block is quantized and packed into the body
 (generated tokens are never evicted or made guards). A forward of several tokens after the
@@ -38,9 +38,10 @@ from kvpolicy.lang.ir import Policy, policy_to_json
 from kvpolicy.lang.lower import load_policy
 from kvpolicy.models import ModelShape, shape_from_config
 from kvpolicy.plan.planner import make_plan
-from kvpolicy.runtime import compress as compressor, dense, reference as R
-from kvpolicy.runtime.compressed import CompressedLayer
-from kvpolicy.runtime.reference import pack_blocks
+from kvpolicy.kernels import reference as R
+from kvpolicy.store.whole import compress as compressor, dense
+from kvpolicy.kernels.compressed import CompressedLayer
+from kvpolicy.kernels.reference import pack_blocks
 
 ATTENTION_NAME = "kvpolicy"
 _routing = threading.local()
@@ -223,7 +224,7 @@ class PolicyLayer(RoutedLayer):
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """One decode step: query [b, Hq, D] → [b, Hq, D] over the compressed layer."""
         if self.owner.kernels is not None:
-            from kvpolicy.runtime import launch
+            from kvpolicy.kernels import launch
             modules = self.owner.kernels.layer_kernels(self.plan_index)
             return launch.decode(modules["decode"], modules["combine"], query.contiguous(),
                                  self.compressed, scaling,
@@ -284,7 +285,7 @@ class PolicyCache(Cache):
         self.backend = backend
         # packs blocks: the artifact's kernels when attention uses them, else the reference
         if self.kernels is not None:
-            from kvpolicy.runtime import launch
+            from kvpolicy.kernels import launch
             self.packer = launch.packer(self.kernels.kernels)
         else:
             self.packer = pack_blocks

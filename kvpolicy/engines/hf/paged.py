@@ -25,9 +25,10 @@ from transformers.cache_utils import Cache
 
 from kvpolicy.engines.hf.cache import RoutedLayer
 from kvpolicy.plan.pages import PageFormat, page_format, policy_notes
-from kvpolicy.runtime.cpu import CpuKernelError
+from kvpolicy.kernels.cpu import CpuKernelError
+from kvpolicy.kernels import bound
 from kvpolicy.store import paged
-from kvpolicy.store.staging import StagingTable
+from kvpolicy.store.paged.staging import StagingTable
 
 POOL_GROWTH = 64  # blocks added to the pool at a time
 
@@ -90,7 +91,7 @@ class PagedPolicyCache(Cache):
     and the pages' 16-bit regions' dtype (an artifact's own; vLLM's backend uses the same).
     backend: "torch" (the store's PyTorch path), "triton" (the artifact's compiled paged decode
     and pack kernels for decode steps; compiles one when given a policy), "cpu" (the artifact's
-    C paged decode kernel, `kvpolicy.runtime.cpu`, for a model on the CPU), "auto" (triton on a
+    C paged decode kernel, `kvpolicy.kernels.cpu`, for a model on the CPU), "auto" (triton on a
     GPU, cpu otherwise — as vLLM's backend chooses — falling back to torch, with a warning, when
     no C compiler can build it)."""
 
@@ -127,10 +128,10 @@ class PagedPolicyCache(Cache):
             compiled = compile_to_cache(self.policy, self.shape)
         self._kernels = None
         if backend == "triton":
-            self._kernels = [paged.kernels_for(compiled, i) for i in range(self.shape.num_layers)]
+            self._kernels = [bound.kernels_for(compiled, i) for i in range(self.shape.num_layers)]
         elif backend == "cpu":
             try:
-                self._kernels = [paged.cpu_kernels_for(compiled, i)
+                self._kernels = [bound.cpu_kernels_for(compiled, i)
                                  for i in range(self.shape.num_layers)]
             except CpuKernelError as exc:
                 if not fallback:
@@ -180,7 +181,7 @@ class PagedPolicyCache(Cache):
             self.pool = torch.cat([self.pool, grown])
         return used
 
-    def layer_kernels(self, layer: int) -> paged.StoreKernels | None:
+    def layer_kernels(self, layer: int) -> bound.StoreKernels | None:
         """The store's compiled kernels for `layer` (backend triton or cpu), or None (torch)."""
         return None if self._kernels is None else self._kernels[layer]
 

@@ -4,7 +4,7 @@ After the prompt's full-precision prefill, the model reads a repeat instruction 
 context again, in passes of `chunk` context tokens, each pass over the whole prefilled context
 (positions right after it) and causally over itself; nothing of a pass stays in the cache. A
 context token's importance is the largest attention weight it receives from any re-reading query
-(`runtime.reference.reconstruct_attention`; reduced over each KV group and pooled per the policy
+(`kernels.reference.reconstruct_attention`; reduced over each KV group and pooled per the policy
 by `reference.reconstruct_importance`). A token the model needs to reproduce the context is one a
 later question about it is likely to need, whatever the question: the score is
 question-agnostic.
@@ -31,8 +31,8 @@ from transformers.cache_utils import Cache
 
 from kvpolicy.engines.hf.cache import (RoutedLayer, attend_through, model_shape, route_to,
                                       window_attention, window_tail)
-from kvpolicy.runtime import reference as R
-from kvpolicy.runtime.compress import PrefillLayer
+from kvpolicy.kernels import reference as R
+from kvpolicy.store.whole.compress import PrefillLayer
 
 # What the model reads before each re-read chunk: plain text, so any tokenizer and any model,
 # chat-tuned or not, reads it the same way.

@@ -34,9 +34,10 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 from kvpolicy.engines.vllm.settings import (Settings, WorkerShare, load_settings,
                                             reserve_staging)
 from kvpolicy.plan.pages import UnsupportedConfiguration
-from kvpolicy.runtime.cpu import CpuKernelError
+from kvpolicy.kernels.cpu import CpuKernelError
+from kvpolicy.kernels import bound
 from kvpolicy.store import paged
-from kvpolicy.store.staging import StagingTable
+from kvpolicy.store.paged.staging import StagingTable
 
 # under vLLM's own logger, which vLLM's logging configures: the start-up report reaches the
 # server log
@@ -201,7 +202,7 @@ class KVPolicyImpl(AttentionImpl):
         self.mass: torch.Tensor | None = None  # attention received by staged tokens (snapkv)
         self.spilled: dict = {}  # staged blocks whose slot was reclaimed (staging.py)
         self.layer_index: int | None = None
-        self.kernels: paged.StoreKernels | None = None  # settings().kernels, on first forward
+        self.kernels: bound.StoreKernels | None = None  # settings().kernels, on first forward
         self.kernels_chosen = False
         self.kv_sharing_target_layer_name = None
 

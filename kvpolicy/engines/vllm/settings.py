@@ -93,14 +93,14 @@ class Settings:
             return None
         return (self.pool_bytes // (per_block * f.page_bytes)) / baseline
 
-    def kernels(self, layer: int, device) -> "paged.StoreKernels | None":
+    def kernels(self, layer: int, device) -> "StoreKernels | None":
         """What decode steps of `layer` attend with on `device` (`kvpolicy.store.paged
         .StoreKernels`): the artifact's Triton kernels on a CUDA device, its C kernel on CPU
-        cores (compiled on first use; raises runtime.cpu.CpuKernelError when it cannot be), or
+        cores (compiled on first use; raises kernels.cpu.CpuKernelError when it cannot be), or
         None — the store's PyTorch path — with KVPOLICY_KERNELS=torch. The artifact is loaded
         (verified, imported) once per process."""
         from kvpolicy.compiler.artifact import SHAPE_FIELDS, load
-        from kvpolicy.store import paged
+        from kvpolicy.kernels import bound
         if self.kernel_choice == "torch":
             return None
         compiled = _LOADED.get(self.artifact)
@@ -108,8 +108,8 @@ class Settings:
             compiled = _LOADED[self.artifact] = load(self.artifact, model=self.compiled_for,
                                                      fields=SHAPE_FIELDS)
         if getattr(device, "type", device) == "cuda":
-            return paged.kernels_for(compiled, layer)
-        return paged.cpu_kernels_for(compiled, layer)
+            return bound.kernels_for(compiled, layer)
+        return bound.cpu_kernels_for(compiled, layer)
 
     def kernels_line(self) -> str:
         if self.kernel_choice == "torch":

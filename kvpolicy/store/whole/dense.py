@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from kvpolicy.runtime.compressed import CompressedLayer
-from kvpolicy.runtime.reference import slot_offsets, unpack_blocks
+from kvpolicy.kernels.compressed import CompressedLayer
+from kvpolicy.kernels.reference import slot_offsets, unpack_blocks
 
 
 def _region_slots(blocks: torch.Tensor, layout, start: torch.Tensor, count: torch.Tensor,

@@ -22,9 +22,9 @@ from types import ModuleType
 import torch
 
 from kvpolicy.format import BlockLayout
-from kvpolicy.runtime.compressed import CompressedLayer
+from kvpolicy.kernels.compressed import CompressedLayer
+from kvpolicy.kernels.contract import MASS_REDUCE, SOURCE_DTYPES
 
-SOURCE_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 LOG2E = 1.4426950408889634
 
 
@@ -171,7 +171,6 @@ def _combine(combine_kernels: ModuleType, part_m, part_l, part_acc, num_splits: 
     return out, lse_m, lse_l
 
 
-MASS_REDUCE = {"sum": 0, "mean": 1, "max": 2}
 
 
 def paged_decode(decode_kernels: ModuleType, combine_kernels: ModuleType, q: torch.Tensor,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from kvpolicy.kernels.contract import MASS_REDUCE, SOURCE_DTYPES
 # -march=native: the machine that compiles is the one that runs (the cache key holds the host).
 # Decode: the reassociation flags let the channel sums vectorize (attention is within fp32
 # rounding of the PyTorch path, not bit-equal to it). Pack: strict IEEE arithmetic, no
@@ -31,7 +32,6 @@ COMMON = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 FLAGS = {"paged_decode": COMMON + ("-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
                                    "-fno-trapping-math"),
          "pack": COMMON + ("-ffp-contract=off",)}
-MASS_REDUCE = {"sum": 0, "mean": 1, "max": 2}
 
 
 class CpuKernelError(RuntimeError):
@@ -89,7 +89,7 @@ def paged_decode(lib: ctypes.CDLL, q: torch.Tensor, new_key: torch.Tensor,
                  body_tokens: int, staging: torch.Tensor, stage_table: torch.Tensor,
                  stage_len: torch.Tensor, staged_count: torch.Tensor, scale: float,
                  mass_reduce: str | None = None):
-    """`runtime.launch.paged_decode`'s contract (same arguments, same results) on the CPU:
+    """`kernels.launch.paged_decode`'s contract (same arguments, same results) on the CPU:
     → out fp32 [b, Hq, D], and with mass_reduce the attention mass [b, H, S * block_size + 1]."""
     batch, q_heads, head_dim = q.shape
     kv_heads = new_key.shape[1]
@@ -122,7 +122,6 @@ def paged_decode(lib: ctypes.CDLL, q: torch.Tensor, new_key: torch.Tensor,
     return out, mass
 
 
-SOURCE_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 
 def pack(lib: ctypes.CDLL, keys: torch.Tensor, values: torch.Tensor, positions,
@@ -145,7 +144,7 @@ def pack(lib: ctypes.CDLL, keys: torch.Tensor, values: torch.Tensor, positions,
 def packer(sources: dict[str, str]):
     """`pack(keys, values, positions, layout)` with the C pack kernel of each layout, its source
     found among `sources` (URI → C source) by its spec's URI: the CPU twin of
-    `runtime.launch.packer`."""
+    `kernels.launch.packer`."""
     from kvpolicy.compiler.specs import BlockSpec, PackSpec
 
     def pack_layout(keys, values, positions, layout):

@@ -23,8 +23,8 @@ import torch
 
 from kvpolicy.lang.ir import Policy
 from kvpolicy.plan.planner import LayerPlan, Plan
-from kvpolicy.runtime import reference as R
-from kvpolicy.runtime.compressed import CompressedLayer
+from kvpolicy.kernels import reference as R
+from kvpolicy.kernels.compressed import CompressedLayer
 
 KMEANS_ITERATIONS = 6
 

@@ -1,2 +1,0 @@
-"""Running policies: the PyTorch reference (the spec), the compressed-layer container, launchers
-for the compiled kernels. Imports torch."""

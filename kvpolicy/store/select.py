@@ -1,0 +1,35 @@
+"""Which tokens a compressed cache keeps: the one selection rule of both runtimes (the
+whole-prompt runtime's `store.whole.compress` and the paged store's sealing): the most important
+tokens are kept, ties to the earlier token; the most important of those are the guards; each
+part in position order."""
+
+from __future__ import annotations
+
+import torch
+
+from kvpolicy.kernels import reference as R
+from kvpolicy.plan.pages import PageFormat
+
+
+def group_importance(fmt: PageFormat, tokens: torch.Tensor,
+                     mass: torch.Tensor | None) -> torch.Tensor:
+    """Importance of the tokens of g consecutive blocks of one request, as one span, higher kept
+    first: tokens [H, g * bs, 2, D] (staged keys and values), mass [H, g * bs] (snapkv: the
+    attention received while staged) → [H, g * bs]."""
+    heads, n = tokens.shape[0], tokens.shape[1]
+    if fmt.score == "keynorm":
+        return R.keynorm_importance(tokens[:, :, 0])
+    if fmt.score == "recent":
+        return R.recent_importance(1, heads, n)[0]
+    return R.pool_scores(mass.float(), fmt.pool, fmt.pool_kernel)
+
+
+def select_tokens(importance: torch.Tensor, selected: int,
+                  guards: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The offsets a group of sealed blocks keeps: (guards, body), [H, guards] and
+    [H, selected - guards], each in ascending order. The `selected` most important tokens are
+    kept (ties: the earlier token); the most important `guards` of them are the guards."""
+    order = torch.argsort(importance, dim=-1, descending=True, stable=True)
+    keep = order[..., :selected]
+    return keep[..., :guards].sort(-1).values, keep[..., guards:].sort(-1).values
+
