@@ -1,8 +1,10 @@
 """Head weights: a calibration's per-(layer, KV head) retrieval importance, as a file.
 
 `kvpolicy calibrate` writes one for a model (kvpolicy.calibrate); a policy reads it with
-`adapt heads "FILE"` (path relative to the .kvp file), and the planner gives whole KV heads, in
-the order of their weights, every token of their middle (docs/language.md). The weights become
+`adapt heads "FILE"` (path relative to the .kvp file), and the planner splits each storage
+pool's planned token units over its (layer, KV head) cells in proportion to their weights, in
+whole units, none above its middle (largest remainders; `plan.planner.head_units`; pages split
+each sealed block's units the same way, docs/language.md). The weights become
 part of the checked policy (its IR, hash and artifacts), so a compiled policy does not depend on
 the file afterwards. Front end: no torch.
 

@@ -18,8 +18,8 @@ MAX_PROMPT_BYTES = 16 * 1024 * 1024  # --prompt-file: far beyond any model's con
 
 
 def policy_or_artifact(path: str, reporter: Reporter):
-    """(policy, compiled artifact or None) from a .kvp file or an artifact directory; None if it
-    cannot be used (reported)."""
+    """(policy, artifact directory or None, its verified manifest or None) from a .kvp file or an
+    artifact directory; None if it cannot be used (reported)."""
     from kvpolicy.compiler.artifact import ArtifactError, is_artifact, verify
     from kvpolicy.lang.ir import policy_from_json
     from kvpolicy.lang.lower import check_file
@@ -29,10 +29,10 @@ def policy_or_artifact(path: str, reporter: Reporter):
         except ArtifactError as exc:
             reporter.fail(str(exc))
             return None
-        return policy_from_json(manifest["policy"]["ir"]), path
+        return policy_from_json(manifest["policy"]["ir"]), path, manifest
     result = check_file(path)
     reporter.show(result.diagnostics)
-    return None if result.policy is None else (result.policy, None)
+    return None if result.policy is None else (result.policy, None, None)
 
 
 def run_arguments_problems(args: argparse.Namespace) -> list[str]:
@@ -68,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     chosen = policy_or_artifact(args.file, reporter)
     if chosen is None:
         return EXIT_ERROR
-    policy, artifact = chosen
+    policy, artifact, manifest = chosen
     prompt = args.prompt
     if args.prompt_file is not None:
         from kvpolicy.files import FileProblem, read_limited, shown_path
@@ -95,15 +95,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         reporter.fail(f"kvpolicy run needs the evaluation extras ({exc}); "
                       "pip install 'kvpolicy[eval]'")
         return EXIT_ERROR
-    from kvpolicy.compiler.artifact import ArtifactError, load, verify
+    from kvpolicy.compiler.artifact import ArtifactError, check_manifest_model, load
     from kvpolicy.models import ModelError, load_config
+    from kvpolicy.prepare import compiled_fields
+    fields = compiled_fields(args.backend, _cuda())
     name = args.model or "smollm2-135m (embedded default)"
     try:  # the model's shape first: cheap, and enough to refuse what cannot run on it
         directory = model_directory(args.model)
         shape = replace(load_config(directory / "config.json"),
                         name=args.model or "smollm2-135m", kv_dtype=args.cache_dtype)
         if artifact is not None:
-            verify(artifact, model=shape, fields=_artifact_fields(args.backend))
+            check_manifest_model(artifact, manifest, shape, fields)
     except (ModelLoadError, ModelError, ArtifactError) as exc:
         reporter.fail(str(exc))
         return EXIT_ERROR
@@ -126,7 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(directory)
         run_shape = replace(_shape_of(model, args.cache_dtype), name=shape.name)
         if artifact is not None:
-            compiled = load(artifact, model=run_shape, fields=_artifact_fields(args.backend))
+            compiled = load(artifact, model=run_shape, fields=fields)
         needle = None
         if args.needle is not None:
             needle = needle_sample(tokenizer, args.needle, _depth(args), seed=0)
@@ -169,12 +171,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _artifact_fields(backend: str) -> tuple[str, ...]:
-    """What of the model an artifact must match: its kernels run (triton) → the cache dtype too."""
+def _cuda() -> bool:
     import torch
-    from kvpolicy.compiler.artifact import MODEL_FIELDS, SHAPE_FIELDS
-    kernels = backend == "triton" or (backend == "auto" and torch.cuda.is_available())
-    return SHAPE_FIELDS if kernels else MODEL_FIELDS
+    return torch.cuda.is_available()
 
 
 def _depth(args) -> float:
@@ -296,7 +295,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if samples < 1:
         reporter.fail(f"--samples {samples}: evaluate at least 1 sample per task and context")
         return EXIT_ERROR
-    from kvpolicy.compiler.artifact import MODEL_FIELDS, ArtifactError, verify
+    from kvpolicy.compiler.artifact import MODEL_FIELDS, ArtifactError, check_manifest_model
     from kvpolicy.engines.hf.model import model_directory
     from kvpolicy.models import ModelError, load_config
     try:  # the model's shape before its weights: what does not fit is refused at once
@@ -316,10 +315,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         chosen = policy_or_artifact(path, reporter)
         if chosen is None:
             return EXIT_ERROR
-        policy, artifact = chosen
+        policy, artifact, manifest = chosen
         if artifact is not None:
             try:  # eval attends with PyTorch: the artifact's policy, for this model
-                verify(artifact, model=shape, fields=MODEL_FIELDS)
+                check_manifest_model(artifact, manifest, shape, MODEL_FIELDS)
             except ArtifactError as exc:
                 reporter.fail(str(exc))
                 return EXIT_ERROR

@@ -533,6 +533,16 @@ def check_model(compiled: "CompiledPolicy", model, what: str = "the model",
             + "\n  (compile the policy for this model: `kvpolicy compile POLICY --model M`)")
 
 
+def check_manifest_model(directory: str | os.PathLike[str], manifest: dict, model,
+                         fields: tuple[str, ...] = SHAPE_FIELDS) -> None:
+    """ArtifactError, in `verify`'s words, unless a verified manifest was compiled for `model`'s
+    shape (`fields` of it): the model check without verifying the artifact again."""
+    problems = model_mismatches(compiled_for(manifest), _model_at_hand(model), fields)
+    if problems:
+        raise ArtifactError(f"refusing artifact {shown_path(Path(directory))}:\n  - "
+                            + "\n  - ".join(problems))
+
+
 def compiled_for(manifest: dict) -> ModelShape:
     """The model shape a (verified) manifest was compiled for."""
     return model_from_json(manifest["model"])

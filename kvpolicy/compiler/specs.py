@@ -14,7 +14,7 @@ from math import ceil
 from kvpolicy import format as storage
 from kvpolicy.lang.ir import QuantFormat
 from kvpolicy.plan.pages import paged_refusals
-from kvpolicy.plan.planner import Plan, block_layouts
+from kvpolicy.plan.planner import Plan
 
 KV_CODES = {"float16": 0, "bfloat16": 1}
 SCALE_CODES = {"fp16": 0, "bf16": 1, "fp32": 2}
@@ -199,9 +199,9 @@ class CompiledSpecs:
 
 def specs_for(plan: Plan) -> CompiledSpecs:
     """The kernels a plan needs, per layer: the whole-prompt runtime's (its block layouts) and
-    the paged store's (the same formats in position-free blocks) unless the policy is one no
-    paged engine runs (`paged_refusals`: vLLM and the store refuse it before they would load a
-    kernel). The plan is the hand-off: its layers' formats and layouts are read, not
+    the paged store's (`LayerPlan.page_layouts`: the same formats in position-free blocks)
+    unless the policy is one no paged engine runs (`paged_refusals`: vLLM and the store refuse
+    it before they would load a kernel). The plan is the hand-off: its layers' formats and layouts are read, not
     re-derived. Raises ValueError for a cache the kernels do not support (they read 16-bit keys
     and values)."""
     policy, model = plan.policy, plan.model
@@ -218,7 +218,7 @@ def specs_for(plan: Plan) -> CompiledSpecs:
     combine = add(CombineSpec(model.head_dim, model.gqa_group))
     layers = []
     for index, layer in enumerate(plan.layers):
-        keys, values, guard = layer.keys, layer.values, layer.guard
+        guard = layer.guard
         body = BlockSpec.of(layer.body_layout)
         guarded = guard is not None and guard.fraction > 0
         guard_spec = BlockSpec.of(layer.guard_layout) if guarded else None
@@ -228,8 +228,7 @@ def specs_for(plan: Plan) -> CompiledSpecs:
                                 guard=guard_spec, body=body))
         paged = pack_page_body = pack_page_guard = None
         if servable:
-            page_guard_layout, page_body_layout = block_layouts(policy, model, keys, values,
-                                                                guard, positions=False)
+            page_guard_layout, page_body_layout = layer.page_layouts
             page_body = BlockSpec.of(page_body_layout)
             page_guard = BlockSpec.of(page_guard_layout) if guarded else None
             paged = add(PagedDecodeSpec(model.head_dim, model.kv_dtype, model.gqa_group,

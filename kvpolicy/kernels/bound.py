@@ -1,5 +1,7 @@
-"""A loaded artifact's kernels bound to one layer, as the paged store calls them: Triton on a GPU
-(`kernels_for`), the same specs' C kernels on CPU cores (`cpu_kernels_for`)."""
+"""A loaded artifact's kernels bound to one layer, as the runtimes call them: the whole-prompt
+runtime's decode and pack kernels (`whole_kernels_for`, Triton), and the paged store's — Triton on
+a GPU (`kernels_for`), the same specs' C kernels on CPU cores (`cpu_kernels_for`). Which of them
+an engine gets is `kvpolicy.prepare`'s one rule."""
 
 from __future__ import annotations
 
@@ -23,6 +25,27 @@ class StoreKernels:
 
     decode: Callable
     packer: Callable | None = None
+
+
+@dataclass(frozen=True)
+class WholeKernels:
+    """One layer's compiled kernels as the whole-prompt runtime calls them: `decode(query [b, Hq,
+    D], layer: CompressedLayer, scale) → [b, Hq, D] fp32` (`launch.decode` with the layer's
+    decode and combine modules), and `packer(keys, values, positions, layout) → blocks`, the
+    artifact's pack kernels (`launch.packer`)."""
+
+    decode: Callable
+    packer: Callable
+
+
+def whole_kernels_for(compiled, layer: int, num_splits: int | None = None) -> WholeKernels:
+    """The whole-prompt runtime's Triton kernels for `layer` from a loaded artifact."""
+    from kvpolicy.kernels import launch
+    modules = compiled.layer_kernels(layer)
+    splits = num_splits or compiled.launch["num_splits"]
+    return WholeKernels(decode=functools.partial(launch.decode, modules["decode"],
+                                                 modules["combine"], num_splits=splits),
+                        packer=launch.packer(compiled.kernels))
 
 
 def _paged_roles(compiled, layer: int):

@@ -335,7 +335,8 @@ def pool_scores(scores: torch.Tensor, pool: str, kernel: int) -> torch.Tensor:
 def snapkv_importance(q_observe: torch.Tensor, keys: torch.Tensor, observe_positions: torch.Tensor,
                       pool: str, kernel: int, gqa: str, sm_scale: float) -> torch.Tensor:
     """SnapKV: attention of the observation-window queries over the prompt, summed over those
-    queries, pooled along the sequence, reduced over the query heads of each KV group.
+    queries, reduced over the query heads of each KV group, pooled along the sequence
+    (`reduce_then_pool`).
 
     q_observe [b, Hq, w, D] (queries of the last w prompt tokens), keys [b, H, N, D],
     observe_positions [w] (their positions, for the causal mask) → importance [b, H, N]."""
@@ -346,8 +347,17 @@ def snapkv_importance(q_observe: torch.Tensor, keys: torch.Tensor, observe_posit
     logits = q_observe.float() @ expanded.transpose(-1, -2) * sm_scale  # [b, Hq, w, N]
     causal = torch.arange(n)[None, :] > observe_positions[:, None]  # [w, N]
     logits = logits.masked_fill(causal, -math.inf)
-    scores = pool_scores(torch.softmax(logits, dim=-1).sum(-2), pool, kernel)  # [b, Hq, N]
-    return reduce_query_heads(scores, kv_heads, gqa)
+    return reduce_then_pool(torch.softmax(logits, dim=-1).sum(-2), kv_heads, gqa, pool, kernel)
+
+
+def reduce_then_pool(scores: torch.Tensor, kv_heads: int, gqa: str, pool: str,
+                     kernel: int) -> torch.Tensor:
+    """The one order of both runtimes: per-query-head scores [b, Hq, N] reduced over each KV
+    group's query heads (`gqa`), then pooled along the sequence → [b, H, N]. The paged store can
+    hold no other: it keeps one attention mass per KV head while a token is staged (the kernels
+    reduce it), accumulated over steps, and pools only when the block seals. (The two orders
+    agree whenever the reduction or the pooling is linear, or both are max.)"""
+    return pool_scores(reduce_query_heads(scores, kv_heads, gqa), pool, kernel)
 
 
 def reduce_query_heads(scores: torch.Tensor, kv_heads: int, gqa: str) -> torch.Tensor:
@@ -390,8 +400,8 @@ def reconstruct_importance(received: torch.Tensor, kv_heads: int, pool: str, ker
                            gqa: str) -> torch.Tensor:
     """KVzip's importance from the reconstruction passes: received [b, Hq, N] (the largest
     attention weight each context token got from any re-reading query, over every pass) →
-    [b, H, N], pooled along the sequence, reduced over each KV group's query heads."""
-    return reduce_query_heads(pool_scores(received.float(), pool, kernel), kv_heads, gqa)
+    [b, H, N], reduced over each KV group's query heads, pooled along the sequence."""
+    return reduce_then_pool(received.float(), kv_heads, gqa, pool, kernel)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -421,8 +431,8 @@ def expected_importance(q_observe: torch.Tensor, keys: torch.Tensor, values: tor
     position; their mean mu and covariance S per query head are moved to the future by the mean
     rotation R over positions N .. N + future - 1; a future query q ~ N(R mu, R S R^T) gives key k
     the expected logit E[exp(s q.k)] = exp(s k.R mu + s^2 k^T R S R^T k / 2) (s = sm_scale),
-    softmax over the N keys; times the value's norm; pooled along the sequence and reduced over
-    each KV group's query heads. → [b, H, N]."""
+    softmax over the N keys; times the value's norm; reduced over each KV group's query heads and
+    pooled along the sequence (`reduce_then_pool`). → [b, H, N]."""
     batch, q_heads, w, dim = q_observe.shape
     kv_heads, n = keys.shape[1], keys.shape[2]
     group = q_heads // kv_heads
@@ -442,8 +452,7 @@ def expected_importance(q_observe: torch.Tensor, keys: torch.Tensor, values: tor
     quadratic = ((k[:, :, None] @ covariance) * k[:, :, None]).sum(-1)  # [b, H, g, N]
     probs = torch.softmax(sm_scale * linear + 0.5 * sm_scale * sm_scale * quadratic, dim=-1)
     scores = probs * values.float().norm(dim=-1)[:, :, None]
-    scores = pool_scores(scores.reshape(batch, q_heads, n), pool, kernel)
-    return reduce_query_heads(scores, kv_heads, gqa)
+    return reduce_then_pool(scores.reshape(batch, q_heads, n), kv_heads, gqa, pool, kernel)
 
 
 def keynorm_importance(keys: torch.Tensor) -> torch.Tensor:

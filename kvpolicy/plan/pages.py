@@ -17,21 +17,28 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from kvpolicy.format import DTYPE_BYTES, BlockLayout, block_tokens
-from kvpolicy.lang.ir import Policy
+from kvpolicy.format import DTYPE_BYTES, BlockLayout, block_layout, block_tokens
+from kvpolicy.lang.ir import Policy, QuantFormat
 from kvpolicy.models import ModelShape
 from kvpolicy.plan.planner import (block_layouts, block_retain_ratios, guarded_tokens,
-                                   largest_remainder, layer_formats)
+                                   head_units, layer_formats)
 
 PAGE_ALIGN = 16  # bytes: every section of a format block is 16-byte aligned, and so every page
+
+
+def blocks_left_window(seq_len: int, block_size: int, window: int) -> int:
+    """The one sealing rule: how many whole `block_size`-token blocks of `seq_len` tokens have
+    left the full-precision window of the last `window` tokens — the blocks a paged engine seals,
+    and the blocks the whole-prompt runtime packs from its window."""
+    return max(0, (seq_len - window) // block_size)
 
 
 def sealed(block_index: int, seq_len: int, block_size: int, window: int,
            sink_blocks: int = 0) -> bool:
     """Is block `block_index` of a sequence of `seq_len` tokens packed in its page? It is once its
-    last token has left the full-precision window; the blocks holding the policy's sinks
-    (the first `sink_blocks`) never are: they stay staged at full precision."""
-    return block_index >= sink_blocks and (block_index + 1) * block_size + window <= seq_len
+    last token has left the full-precision window (`blocks_left_window`); the blocks holding the
+    policy's sinks (the first `sink_blocks`) never are: they stay staged at full precision."""
+    return sink_blocks <= block_index < blocks_left_window(seq_len, block_size, window)
 
 
 class UnsupportedConfiguration(ValueError):
@@ -308,7 +315,68 @@ class PageFormat:
                 "page_bytes_per_kv_head": self.page_bytes,
                 "baseline_page_bytes_per_kv_head": self.baseline_page_bytes,
                 "capacity_ratio": self.capacity_ratio,
-                "padding_bytes_per_block": self.padding_bytes}
+                "padding_bytes_per_block": self.padding_bytes,
+                "format": self._format_json()}
+
+    def _format_json(self) -> dict:
+        """Everything `from_json` needs to rebuild this format exactly (an artifact's manifest
+        records it; paged engines read it instead of planning pages again)."""
+        pages = {page: i for i, page in enumerate(dict.fromkeys(
+            [*self.layers, *(p for heads in self.head_pages for p in heads)]))}
+        return {"kv_heads": self.kv_heads, "head_dim": self.head_dim,
+                "dtype_bytes": self.dtype_bytes, "score": self.score, "pool": self.pool,
+                "pool_kernel": self.pool_kernel, "observe": self.observe,
+                "staging_dtype": self.staging_dtype, "gqa": self.gqa,
+                "pages": [_page_json(page) for page in pages],
+                "layers": [pages[page] for page in self.layers],
+                "head_pages": [[pages[page] for page in heads] for heads in self.head_pages]}
+
+    @classmethod
+    def from_json(cls, data: dict, dtype_bytes: int | None = None) -> PageFormat:
+        """The format `to_json` recorded (`dtype_bytes`: another engine dtype's baseline page);
+        raises ValueError (with the missing or wrong field) for a record it cannot rebuild."""
+        try:
+            f = data["format"]
+            pages = [_page_from_json(page) for page in f["pages"]]
+            return cls(block_size=int(data["block_size"]), window=int(data["window"]),
+                       sink_blocks=int(data["sink_blocks"]), kv_heads=int(f["kv_heads"]),
+                       head_dim=int(f["head_dim"]),
+                       dtype_bytes=dtype_bytes or int(f["dtype_bytes"]),
+                       layers=tuple(pages[i] for i in f["layers"]), score=f["score"],
+                       pool=f["pool"], pool_kernel=int(f["pool_kernel"]),
+                       observe=int(f["observe"]), staging_dtype=f["staging_dtype"],
+                       gqa=f["gqa"],
+                       head_pages=tuple(tuple(pages[i] for i in heads)
+                                        for heads in f["head_pages"]))
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a recorded page format ({type(exc).__name__}: {exc})") \
+                from None
+
+
+def _layout_json(layout: BlockLayout) -> dict:
+    return {"tokens": layout.tokens, "head_dim": layout.head_dim, "kv_dtype": layout.kv_dtype,
+            "positions": layout.positions, "keys": _plain_format(layout.keys),
+            "values": _plain_format(layout.values)}
+
+
+def _plain_format(fmt: QuantFormat) -> dict:
+    return {f.name: getattr(fmt, f.name) for f in dataclasses.fields(fmt) if f.compare}
+
+
+def _layout_from_json(data: dict) -> BlockLayout:
+    return block_layout(QuantFormat(**data["keys"]), QuantFormat(**data["values"]),
+                        int(data["head_dim"]), data["kv_dtype"], bool(data["positions"]),
+                        int(data["tokens"]))
+
+
+def _page_json(page: LayerPage) -> dict:
+    return {"guard": _layout_json(page.guard), "body": _layout_json(page.body),
+            "guard_tokens": page.guard_tokens, "body_tokens": page.body_tokens}
+
+
+def _page_from_json(data: dict) -> LayerPage:
+    return LayerPage(guard=_layout_from_json(data["guard"]), body=_layout_from_json(data["body"]),
+                     guard_tokens=int(data["guard_tokens"]), body_tokens=int(data["body_tokens"]))
 
 
 def paged_refusals(policy: Policy) -> list[str]:
@@ -340,8 +408,8 @@ def policy_notes(policy: Policy, block_size: int) -> list[str]:
         if policy.score.method == "snapkv":
             notes.append(f"importance = the attention mass a token received from the last "
                          f"{policy.score.observe} queries of every step while it was staged "
-                         "(for a prompt prefilled in one step: SnapKV's observation window), "
-                         "pooled after the query heads are reduced")
+                         "(for a prompt prefilled in one step: SnapKV's observation window; "
+                         "the whole-prompt runtime's reads only the prompt's last queries)")
     if policy.adapt is not None and policy.adapt.static and policy.evicts:
         notes.append("adapt heads: each KV head's page keeps its share of every sealed block "
                      "(the calibration's weights over the block's whole format units; the "
@@ -426,7 +494,7 @@ def page_format(policy: Policy, model: ModelShape, block_size: int,
 
 def _head_pages(policy: Policy, model: ModelShape, block_size: int, ratios, pages: list,
                 pools: dict, reasons: list[str]) -> tuple[tuple[LayerPage, ...], ...]:
-    """`adapt heads` in pages: the plan's rule (`planner._head_budgets`) applied to one sealed
+    """`adapt heads` in pages: the plan's rule (`planner.head_units`) applied to one sealed
     block. The evicting layers that share a storage pool keep their retain ratios' share of the
     pool's block units in all (rounded up once, for the pool), split over their (layer, KV head)
     cells in proportion to the calibration's weights, in whole units, none above the block's
@@ -442,12 +510,11 @@ def _head_pages(policy: Policy, model: ModelShape, block_size: int, ratios, page
     for (_, _, guard, unit), members in pools.items():
         whole = block_size // unit
         total = math.ceil(sum(ratios[index] for index in members) * whole * heads - 1e-9)
-        cells = [(index, h) for index in members for h in range(heads)]
-        units = largest_remainder(total, [weights[index][h] for index, h in cells],
-                                  [whole] * len(cells))
-        for (index, h), count in zip(cells, units):
-            selected = unit * count
-            guard_tokens = guarded_tokens(guard, selected, unit)
-            per_head[index][h] = dataclasses.replace(pages[index], guard_tokens=guard_tokens,
-                                                     body_tokens=selected - guard_tokens)
+        for index, mine in zip(members, head_units(weights, members, heads, total,
+                                                   [whole] * len(members))):
+            for h, count in enumerate(mine):
+                selected = unit * count
+                guard_tokens = guarded_tokens(guard, selected, unit)
+                per_head[index][h] = dataclasses.replace(pages[index], guard_tokens=guard_tokens,
+                                                         body_tokens=selected - guard_tokens)
     return tuple(tuple(row) for row in per_head)

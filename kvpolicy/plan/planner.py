@@ -66,6 +66,14 @@ class LayerPlan:
         """Selected tokens of each KV head (the same for all but with `adapt heads`)."""
         return self.head_selected or (self.selected,) * kv_heads
 
+    @property
+    def page_layouts(self) -> tuple[storage.BlockLayout, storage.BlockLayout]:
+        """(guard, body): this layer's formats in position-free blocks — what a sealed page holds
+        (`plan.pages`) and what the paged store's kernels are specialized for."""
+        body = self.body_layout
+        return format_layouts(self.keys, self.values, self.guard, body.head_dim, body.kv_dtype,
+                              positions=False)
+
     def guards_by_head(self, kv_heads: int) -> tuple[int, ...]:
         return self.head_guards or (self.guard_tokens,) * kv_heads
 
@@ -208,12 +216,11 @@ def _head_budgets(d: Diagnostics, policy: Policy, model: ModelShape, context: in
     out = list(layers)
     for members in pools.values():
         unit = members[0].token_unit
-        cells = [(layer, h) for layer in members for h in range(heads)]
-        caps = [(context - layer.sinks - layer.window) // unit for layer, _ in cells]
-        total = sum(layer.selected // unit for layer in members) * heads
-        units = largest_remainder(total, [weights[layer.layer][h] for layer, h in cells], caps)
-        for row, layer in enumerate(members):
-            mine = units[row * heads:(row + 1) * heads]
+        per_layer = head_units(weights, [layer.layer for layer in members], heads,
+                               sum(layer.selected // unit for layer in members) * heads,
+                               [(context - layer.sinks - layer.window) // unit
+                                for layer in members])
+        for layer, mine in zip(members, per_layer):
             selected = tuple(unit * u for u in mine)
             guarded = tuple(guarded_tokens(layer.guard, n, unit) for n in selected)
             middle = context - layer.sinks - layer.window
@@ -232,6 +239,19 @@ def _head_budgets(d: Diagnostics, policy: Policy, model: ModelShape, context: in
                 evicted=evicted, centroids=centroids, tensors=tuple(tensors),
                 head_selected=selected, head_guards=guarded)
     return out
+
+
+def head_units(weights, members: list[int], heads: int, total: int,
+               caps: list[int]) -> list[list[int]]:
+    """`adapt heads`' one rule, for the whole context (the plan) and for one sealed block (the
+    page plan): a storage pool's `total` whole units split over its (layer, KV head) cells — the
+    member layers' heads in order — in proportion to the calibration's `weights[layer][head]`,
+    none above its layer's cap (`caps`, one per member; largest remainders, ties: the lower
+    layer, then head). → per member layer, each head's units."""
+    cells = [(layer, h) for layer in members for h in range(heads)]
+    units = largest_remainder(total, [weights[layer][h] for layer, h in cells],
+                              [cap for cap in caps for _ in range(heads)])
+    return [units[row * heads:(row + 1) * heads] for row in range(len(members))]
 
 
 def largest_remainder(total: int, weights: list[float], caps: list[int]) -> list[int]:
@@ -325,16 +345,23 @@ def block_retain_ratios(policy: Policy, model: ModelShape) -> tuple[float, ...]:
 def block_layouts(policy: Policy, model: ModelShape, keys: QuantFormat, values: QuantFormat,
                   guard: Guard | None, positions: bool | None = None,
                   ) -> tuple[storage.BlockLayout, storage.BlockLayout]:
-    """The guard and body block layouts of a layer stored as (keys, values, guard). Guards use
-    the body's groups and block size at the guard's bits. Blocks carry positions when the policy
-    needs them, unless `positions` says otherwise."""
+    """The guard and body block layouts of a layer stored as (keys, values, guard). Blocks carry
+    positions when the policy needs them, unless `positions` says otherwise."""
     positions = needs_positions(policy) if positions is None else positions
-    tokens = storage.block_tokens(keys, values, model.head_dim, model.kv_dtype, positions)
-    body = storage.block_layout(keys, values, model.head_dim, model.kv_dtype, positions, tokens)
+    return format_layouts(keys, values, guard, model.head_dim, model.kv_dtype, positions)
+
+
+def format_layouts(keys: QuantFormat, values: QuantFormat, guard: Guard | None, head_dim: int,
+                   kv_dtype: str, positions: bool
+                   ) -> tuple[storage.BlockLayout, storage.BlockLayout]:
+    """(guard, body) block layouts of (keys, values, guard): guards use the body's groups and
+    block size at the guard's bits."""
+    tokens = storage.block_tokens(keys, values, head_dim, kv_dtype, positions)
+    body = storage.block_layout(keys, values, head_dim, kv_dtype, positions, tokens)
     bits = guard.bits if guard is not None and guard.fraction > 0 else None
     guard_layout = storage.block_layout(keys.with_bits(bits) if bits else keys,
                                         values.with_bits(bits) if bits else values,
-                                        model.head_dim, model.kv_dtype, positions, tokens)
+                                        head_dim, kv_dtype, positions, tokens)
     return guard_layout, body
 
 

@@ -24,12 +24,34 @@ def group_importance(fmt: PageFormat, tokens: torch.Tensor,
     return R.pool_scores(mass.float(), fmt.pool, fmt.pool_kernel)
 
 
+def rank(importance: torch.Tensor) -> torch.Tensor:
+    """Offsets along the last axis, the most important first (ties: the earlier token)."""
+    return torch.argsort(importance, dim=-1, descending=True, stable=True)
+
+
+def split_ranked(order: torch.Tensor, selected: int,
+                 guards: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(guards, body) of a ranking (`rank`): the first `selected` offsets are kept, the first
+    `guards` of them are the guards; each part in ascending order, [..., guards] and
+    [..., selected - guards]."""
+    keep = order[..., :selected]
+    return keep[..., :guards].sort(-1).values, keep[..., guards:].sort(-1).values
+
+
 def select_tokens(importance: torch.Tensor, selected: int,
                   guards: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The offsets a group of sealed blocks keeps: (guards, body), [H, guards] and
     [H, selected - guards], each in ascending order. The `selected` most important tokens are
     kept (ties: the earlier token); the most important `guards` of them are the guards."""
-    order = torch.argsort(importance, dim=-1, descending=True, stable=True)
-    keep = order[..., :selected]
-    return keep[..., :guards].sort(-1).values, keep[..., guards:].sort(-1).values
+    return split_ranked(rank(importance), selected, guards)
+
+
+def above_threshold(middles: list[torch.Tensor], keep: int) -> torch.Tensor:
+    """KVzip's one threshold, the rule of `adapt threshold` and of `kvpolicy calibrate`'s head
+    weights: per (layer, KV head), how many of its middle tokens score at or above the `keep`-th
+    largest score of all of them (all, when `keep` exceeds them). middles: per layer [H, M] →
+    [layers, H] float64."""
+    pooled = torch.cat([m.flatten() for m in middles]).double()
+    threshold = pooled.topk(min(keep, pooled.numel())).values[-1]
+    return torch.stack([(m.double() >= threshold).sum(-1) for m in middles]).double()
 

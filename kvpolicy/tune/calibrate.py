@@ -25,6 +25,7 @@ from kvpolicy.eval.runner import progress_bar, record_prefill, split_prompt
 from kvpolicy.eval.tasks import make_samples
 from kvpolicy.heads import write_weights
 from kvpolicy.kernels import reference as R
+from kvpolicy.store.select import above_threshold
 from kvpolicy.tune.config import CALIBRATION_CHUNK
 
 
@@ -48,16 +49,15 @@ class CalibrateConfig:
 
 def head_shares(scores: list[torch.Tensor], sinks: int, window: int, keep: float) -> torch.Tensor:
     """[layers, KV heads]: each head's share of the middle tokens (after `sinks`, before the
-    last `window`) scoring at or above the one threshold that keeps `keep` of all of them.
-    scores: per layer [KV heads, N]."""
+    last `window`) scoring at or above the one threshold that keeps `keep` of all of them
+    (`store.select.above_threshold`, the rule of `adapt threshold`). scores: per layer
+    [KV heads, N]."""
     n = scores[0].shape[-1]
-    middle = torch.stack([s[:, sinks:n - window] for s in scores]).double()  # [L, H, M]
-    if middle.shape[-1] == 0:
+    middles = [s[:, sinks:n - window] for s in scores]  # [H, M] each
+    if middles[0].shape[-1] <= 0:
         raise ValueError(f"a {n}-token prompt has no middle after {sinks} sinks and a "
                          f"{window}-token window")
-    count = max(1, round(keep * middle.numel()))
-    threshold = middle.flatten().topk(count).values[-1]
-    above = (middle >= threshold).sum(-1).double()
+    above = above_threshold(middles, max(1, round(keep * sum(m.numel() for m in middles))))
     return above / above.sum()
 
 

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import inspect
-import json
 import math
 import threading
 
@@ -34,10 +32,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import AttentionInterface
 
-from kvpolicy.lang.ir import Policy, policy_to_json
-from kvpolicy.lang.lower import load_policy
 from kvpolicy.models import ModelShape, shape_from_config
+from kvpolicy.plan.pages import blocks_left_window
 from kvpolicy.plan.planner import make_plan
+from kvpolicy.prepare import Prepared, prepare_whole
 from kvpolicy.kernels import reference as R
 from kvpolicy.store.whole import compress as compressor, dense
 from kvpolicy.kernels.compressed import CompressedLayer
@@ -184,9 +182,12 @@ class PolicyLayer(RoutedLayer):
         self.seen += key_states.shape[2]
 
     def _flush_whole_blocks(self) -> None:
-        """While the window holds a whole block beyond the policy's window, packs its oldest."""
+        """Packs the window's whole blocks beyond the policy's window, oldest first (the paged
+        store's sealing rule, `plan.pages.blocks_left_window`, over the tokens the window
+        holds)."""
         unit = self.compressed.body_layout.tokens
-        while self.compressed.window_key.shape[2] >= self.owner.policy.window + unit:
+        held = self.compressed.window_key.shape[2]
+        for _ in range(blocks_left_window(held, unit, self.owner.policy.window)):
             self._flush(unit)
 
     def _flush(self, unit: int) -> None:
@@ -223,12 +224,9 @@ class PolicyLayer(RoutedLayer):
 
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """One decode step: query [b, Hq, D] → [b, Hq, D] over the compressed layer."""
-        if self.owner.kernels is not None:
-            from kvpolicy.kernels import launch
-            modules = self.owner.kernels.layer_kernels(self.plan_index)
-            return launch.decode(modules["decode"], modules["combine"], query.contiguous(),
-                                 self.compressed, scaling,
-                                 num_splits=self.owner.kernels.launch["num_splits"])
+        kernels = self.owner.prepared.layer_kernels(self.plan_index)
+        if kernels is not None:
+            return kernels.decode(query.contiguous(), self.compressed, scaling)
         out, _ = dense.attend(query, self.compressed, scaling)
         return out
 
@@ -250,45 +248,24 @@ class PolicyLayer(RoutedLayer):
 class PolicyCache(Cache):
     """A Cache for a Hugging Face causal LM that compresses per a kvpolicy policy.
 
-    policy: a .kvp path, a checked Policy, or a compiled artifact directory (its kernels are
-    used). model: the model (its config gives the shape). cache_dtype: dtype of the
+    policy: what `kvpolicy.prepare.prepare_whole` takes (a .kvp path, a checked Policy, a
+    compiled artifact, whose kernels are used) or its result. model: the model (its config
+    gives the shape). cache_dtype: dtype of the
     full-precision regions — "bfloat16" (what the plans assume), "float16", or "float32" (exact
     mode for an fp32 model on the CPU). backend: "torch" (PyTorch attention over the packed
-    cache), "triton" (the compiled kernels; needs an artifact or compiles one), "auto" (triton
-    on a GPU, torch otherwise)."""
+    cache), "triton" (the compiled kernels; needs an artifact or compiles one), "auto"
+    (`prepare.backend_for`: triton on a GPU, torch otherwise)."""
 
     def __init__(self, policy, model, cache_dtype: str = "bfloat16", backend: str = "auto"):
-        from kvpolicy.compiler.artifact import (MODEL_FIELDS, SHAPE_FIELDS, CompiledPolicy,
-                                               check_model, is_artifact, load)
         self.shape: ModelShape = model_shape(model, cache_dtype)
-        device = next(model.parameters()).device
-        if backend == "auto":
-            backend = "triton" if device.type == "cuda" else "torch"
-        # An artifact only for its model; its kernels (triton) also only for its cache dtype.
-        fields = SHAPE_FIELDS if backend == "triton" else MODEL_FIELDS
-        what = f"the model at hand ({self.shape.name})"
-        self.kernels = None
-        if isinstance(policy, Policy):
-            self.policy = policy
-        elif isinstance(policy, CompiledPolicy):  # loaded elsewhere: still only for its model
-            check_model(policy, self.shape, what=what, fields=fields)
-            self.kernels, self.policy = policy, policy.policy
-        elif is_artifact(policy):
-            self.kernels = load(policy, model=self.shape, fields=fields)
-            self.policy = self.kernels.policy
-        else:
-            self.policy = load_policy(policy)
-        if backend == "triton" and self.kernels is None:
-            self.kernels = compile_to_cache(self.policy, self.shape)
-        if backend == "torch":
-            self.kernels = None
-        self.backend = backend
-        # packs blocks: the artifact's kernels when attention uses them, else the reference
-        if self.kernels is not None:
-            from kvpolicy.kernels import launch
-            self.packer = launch.packer(self.kernels.kernels)
-        else:
-            self.packer = pack_blocks
+        prepared = policy if isinstance(policy, Prepared) else prepare_whole(
+            policy, self.shape, next(model.parameters()).device, backend)
+        self.prepared = prepared
+        self.policy = prepared.policy
+        self.backend = prepared.backend
+        # the artifact whose kernels attend and pack (None: PyTorch attends, the reference packs)
+        self.kernels = prepared.compiled if prepared.kernels is not None else None
+        self.packer = prepared.kernels[0].packer if prepared.kernels else pack_blocks
         self.plan = None
         self.model = model  # score expected reads its rotary tables (`rope_tables`)
         held = R.torch_dtype(self.shape.kv_dtype)
@@ -381,17 +358,6 @@ def rope_tables(model, layer_index: int, count: int) -> tuple[torch.Tensor, torc
     with torch.no_grad():
         cos, sin = rotary(torch.zeros(1, device=device), positions, **kwargs)
     return cos[0].float(), sin[0].float()
-
-
-def compile_to_cache(policy: Policy, shape: ModelShape):
-    """Compiles the policy for this model into $KVPOLICY_CACHE/build (reused when unchanged)."""
-    from kvpolicy.compiler.artifact import compile_policy, load
-    from kvpolicy.engines.hf.model import cache_root
-    key = hashlib.sha256(json.dumps([policy_to_json(policy), shape.to_json()],
-                                    sort_keys=True).encode()).hexdigest()[:16]
-    directory = cache_root() / "build" / f"{policy.name}-{key}"
-    compile_policy(policy, shape, directory)
-    return load(directory)
 
 
 # ---- routing the model's attention through the cache -------------------------------------------

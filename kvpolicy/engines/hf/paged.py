@@ -18,15 +18,14 @@ from their tensors; the page plan gives the same number (`PageFormat.held_bytes`
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from transformers.cache_utils import Cache
 
-from kvpolicy.engines.hf.cache import RoutedLayer
-from kvpolicy.plan.pages import PageFormat, page_format, policy_notes
-from kvpolicy.kernels.cpu import CpuKernelError
-from kvpolicy.kernels import bound
+from kvpolicy.engines.hf.cache import RoutedLayer, model_shape
+from kvpolicy.kernels.bound import StoreKernels
+from kvpolicy.plan.pages import PageFormat
+from kvpolicy.prepare import Prepared, prepare_paged
 from kvpolicy.store import paged
 from kvpolicy.store.paged.staging import StagingTable
 
@@ -85,62 +84,30 @@ class PagedLayer(RoutedLayer):
 class PagedPolicyCache(Cache):
     """A Cache holding a policy's KV cache in kvpolicy's compressed store.
 
-    policy: a .kvp path, a Policy, or a compiled artifact directory (checked against the
-    model). model: the transformers model. block_size: tokens per block (a multiple of every
+    policy: what `kvpolicy.prepare.prepare_paged` takes (a .kvp path, a Policy, or a compiled
+    artifact directory, checked against the model) or its result. model: the transformers model. block_size: tokens per block (a multiple of every
     layer's format unit; vLLM's --block-size for a comparison). cache_dtype: the staged window's
     and the pages' 16-bit regions' dtype (an artifact's own; vLLM's backend uses the same).
     backend: "torch" (the store's PyTorch path), "triton" (the artifact's compiled paged decode
     and pack kernels for decode steps; compiles one when given a policy), "cpu" (the artifact's
-    C paged decode kernel, `kvpolicy.kernels.cpu`, for a model on the CPU), "auto" (triton on a
-    GPU, cpu otherwise — as vLLM's backend chooses — falling back to torch, with a warning, when
-    no C compiler can build it)."""
+    C paged decode kernel, `kvpolicy.kernels.cpu`, for a model on the CPU), "auto" (`prepare.backend_for`:
+    triton on a GPU, cpu otherwise — as vLLM's backend chooses — falling back to torch, with
+    `prepare.FALLBACK` as a warning, when no C compiler can build it)."""
 
     def __init__(self, policy, model, block_size: int = 32, cache_dtype: str = "bfloat16",
                  backend: str = "auto"):
-        from kvpolicy.compiler.artifact import MODEL_FIELDS, SHAPE_FIELDS, is_artifact, load
-        from kvpolicy.engines.hf.cache import compile_to_cache, model_shape
-        from kvpolicy.lang.ir import Policy
-        from kvpolicy.lang.lower import load_policy
         self.shape = model_shape(model, cache_dtype)
-        device = next(model.parameters()).device
-        fallback = backend == "auto"
-        if backend == "auto":
-            backend = "triton" if device.type == "cuda" else "cpu"
-        if backend not in ("torch", "triton", "cpu"):
-            raise ValueError(f"backend must be auto, torch, triton or cpu, not {backend!r}")
-        if backend == "cpu" and device.type != "cpu":
-            raise ValueError(f"backend cpu runs a model on the CPU, not on {device.type}")
-        compiled_kernels = backend != "torch"
-        compiled = None
-        if isinstance(policy, Policy):
-            self.policy = policy
-        elif is_artifact(policy):  # its kernels (triton) only for its cache dtype too
-            compiled = load(policy, model=self.shape,
-                            fields=SHAPE_FIELDS if compiled_kernels else MODEL_FIELDS)
-            self.policy = compiled.policy
-        else:
-            self.policy = load_policy(policy)
-        # the gate first: a policy no paged engine runs is refused before anything is compiled
-        # (staging in cache_dtype; the baseline page (vLLM's own) in the model's dtype)
-        self.fmt: PageFormat = page_format(self.policy, self.shape, block_size,
-                                           dtype_bytes=next(model.parameters()).element_size())
-        if compiled_kernels and compiled is None:
-            compiled = compile_to_cache(self.policy, self.shape)
-        self._kernels = None
-        if backend == "triton":
-            self._kernels = [bound.kernels_for(compiled, i) for i in range(self.shape.num_layers)]
-        elif backend == "cpu":
-            try:
-                self._kernels = [bound.cpu_kernels_for(compiled, i)
-                                 for i in range(self.shape.num_layers)]
-            except CpuKernelError as exc:
-                if not fallback:
-                    raise
-                warnings.warn(f"{exc}\nkvpolicy: the store's PyTorch path attends instead",
-                              stacklevel=2)
-                backend = "torch"
-        self.backend = backend
-        self.notes = policy_notes(self.policy, block_size)
+        parameter = next(model.parameters())
+        # staging in cache_dtype; the baseline page (vLLM's own) in the model's dtype
+        prepared = policy if isinstance(policy, Prepared) else prepare_paged(
+            policy, self.shape, block_size, parameter.device, backend,
+            dtype_bytes=parameter.element_size())
+        self.prepared = prepared
+        self.policy = prepared.policy
+        self.fmt: PageFormat = prepared.pages
+        self.backend = prepared.backend
+        self.notes = list(prepared.notes)
+        device = parameter.device
         self.pool = torch.zeros(0, self.shape.num_layers, self.shape.num_kv_heads, 1,
                                 self.fmt.page_bytes, dtype=torch.uint8, device=device)
         self.rows: list[list[int]] = []
@@ -181,9 +148,9 @@ class PagedPolicyCache(Cache):
             self.pool = torch.cat([self.pool, grown])
         return used
 
-    def layer_kernels(self, layer: int) -> bound.StoreKernels | None:
+    def layer_kernels(self, layer: int) -> StoreKernels | None:
         """The store's compiled kernels for `layer` (backend triton or cpu), or None (torch)."""
-        return None if self._kernels is None else self._kernels[layer]
+        return self.prepared.layer_kernels(layer)
 
     def layer_view(self, layer: int) -> torch.Tensor:
         """Layer `layer`'s view of the pool, as vLLM hands a backend its cache."""

@@ -3,9 +3,9 @@ and `customize_spec`, which publishes the packed page size), MetadataBuilder (on
 which staging slot holds which block, which blocks seal), Impl (per layer: write = stage the new
 tokens, forward = attention over sealed pages and staged blocks, then sealing).
 
-The compute is in `paged.py` (plain functions of tensors); this module only adapts vLLM's
-objects to them. Imported by vLLM through the registry path that `kvpolicy.engines.vllm
-.register` installs, never by kvpolicy itself.
+The compute is the store's (`kvpolicy.store.paged`, plain functions of tensors); this module only
+adapts vLLM's objects to them. Imported by vLLM through the registry path that
+`kvpolicy.engines.vllm.register` installs, never by kvpolicy itself.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 from kvpolicy.engines.vllm.settings import (Settings, WorkerShare, load_settings,
                                             reserve_staging)
 from kvpolicy.plan.pages import UnsupportedConfiguration
+from kvpolicy.kernels.bound import StoreKernels
 from kvpolicy.kernels.cpu import CpuKernelError
-from kvpolicy.kernels import bound
+from kvpolicy.prepare import FALLBACK
 from kvpolicy.store import paged
 from kvpolicy.store.paged.staging import StagingTable
 
@@ -202,7 +203,7 @@ class KVPolicyImpl(AttentionImpl):
         self.mass: torch.Tensor | None = None  # attention received by staged tokens (snapkv)
         self.spilled: dict = {}  # staged blocks whose slot was reclaimed (staging.py)
         self.layer_index: int | None = None
-        self.kernels: bound.StoreKernels | None = None  # settings().kernels, on first forward
+        self.kernels: StoreKernels | None = None  # settings().kernels, on first forward
         self.kernels_chosen = False
         self.kv_sharing_target_layer_name = None
 
@@ -247,8 +248,7 @@ class KVPolicyImpl(AttentionImpl):
             try:
                 self.kernels = settings().kernels(index, query.device)
             except CpuKernelError as exc:
-                _warn_once(f"kvpolicy: {exc}\nkvpolicy: decode steps attend with the store's "
-                           "PyTorch path instead (slower; same results within fp32 rounding)")
+                _warn_once(FALLBACK.format(reason=exc))
         return paged.attend_step(kv_cache, self._staging(), self.mass, self.fmt, index,
                                  query, key, value, attn_metadata, self.scale, output,
                                  kernels=self.kernels)

@@ -6,16 +6,19 @@ Needs only an object shaped like vLLM's VllmConfig (duck-typed), so it is tested
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
 
-from kvpolicy.compiler.artifact import (MODEL_FIELDS, ArtifactError, compiled_for,
-                                       model_mismatches, verify)
+from kvpolicy.compiler.artifact import (MODEL_FIELDS, ArtifactError, CompiledPolicy, compiled_for,
+                                       load, model_mismatches, verify)
 from kvpolicy.format import DTYPE_BYTES
-from kvpolicy.plan.pages import PageFormat, UnsupportedConfiguration, page_format, policy_notes
+from kvpolicy.kernels.bound import StoreKernels
 from kvpolicy.lang.ir import Policy, policy_from_json
 from kvpolicy.models import ModelError, ModelShape, shape_from_config
+from kvpolicy.plan.pages import PageFormat, UnsupportedConfiguration, page_format, policy_notes
+from kvpolicy.prepare import backend_for, bind_paged
 
 ARTIFACT_ENV = "KVPOLICY_ARTIFACT"
 STAGING_ENV = "KVPOLICY_STAGING_BLOCKS"
@@ -24,8 +27,6 @@ KERNEL_CHOICES = ("compiled", "torch")
 _DTYPE_NAMES = {"torch.float16": "float16", "torch.bfloat16": "bfloat16",
                 "torch.float32": "float32"}
 
-
-_LOADED: dict = {}  # artifact → its loaded kernels (CompiledPolicy), per process
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class Settings:
     kernel_choice: str = "compiled"  # KVPOLICY_KERNELS
     worker: WorkerShare = WorkerShare()
     model_kv_heads: int = 0  # all the model's KV heads (page_format.kv_heads: this worker's)
+    # the artifact, verified and its kernels imported once per process (None with
+    # KVPOLICY_KERNELS=torch: verified only)
+    compiled: CompiledPolicy | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def staging_bytes(self) -> int:
@@ -93,23 +97,14 @@ class Settings:
             return None
         return (self.pool_bytes // (per_block * f.page_bytes)) / baseline
 
-    def kernels(self, layer: int, device) -> "StoreKernels | None":
-        """What decode steps of `layer` attend with on `device` (`kvpolicy.store.paged
-        .StoreKernels`): the artifact's Triton kernels on a CUDA device, its C kernel on CPU
-        cores (compiled on first use; raises kernels.cpu.CpuKernelError when it cannot be), or
-        None — the store's PyTorch path — with KVPOLICY_KERNELS=torch. The artifact is loaded
-        (verified, imported) once per process."""
-        from kvpolicy.compiler.artifact import SHAPE_FIELDS, load
-        from kvpolicy.kernels import bound
-        if self.kernel_choice == "torch":
+    def kernels(self, layer: int, device) -> StoreKernels | None:
+        """What decode steps of `layer` attend with on `device` (`prepare.bind_paged`, by the
+        one rule `prepare.backend_for`): the artifact's Triton kernels on a CUDA device, its C
+        kernel on CPU cores (compiled on first use; raises kernels.cpu.CpuKernelError when it
+        cannot be), or None — the store's PyTorch path — with KVPOLICY_KERNELS=torch."""
+        if self.kernel_choice == "torch" or self.compiled is None:
             return None
-        compiled = _LOADED.get(self.artifact)
-        if compiled is None:
-            compiled = _LOADED[self.artifact] = load(self.artifact, model=self.compiled_for,
-                                                     fields=SHAPE_FIELDS)
-        if getattr(device, "type", device) == "cuda":
-            return bound.kernels_for(compiled, layer)
-        return bound.cpu_kernels_for(compiled, layer)
+        return bind_paged(self.compiled, layer, backend_for("auto", device, paged=True))
 
     def kernels_line(self) -> str:
         if self.kernel_choice == "torch":
@@ -172,8 +167,14 @@ def load_settings(artifact: str, vllm_config, worker: WorkerShare | None = None)
                                          if dtype in ("float16", "bfloat16") else None)
     except ModelError as exc:
         raise UnsupportedConfiguration([str(exc)]) from None
-    try:
-        manifest = verify(artifact)
+    choice = os.environ.get(KERNELS_ENV) or "compiled"
+    compiled = None
+    try:  # verified once per process; the kernels imported only when they are to attend
+        if choice == "compiled":
+            compiled = load(artifact)
+            manifest = compiled.manifest
+        else:
+            manifest = verify(artifact)
     except ArtifactError as exc:
         raise UnsupportedConfiguration([str(exc)]) from None
     model = compiled_for(manifest)
@@ -190,7 +191,8 @@ def load_settings(artifact: str, vllm_config, worker: WorkerShare | None = None)
         reasons.append("speculative decoding is not supported")
     fmt = None
     try:
-        fmt = page_format(policy, model, cache.block_size, dtype_bytes=DTYPE_BYTES.get(dtype, 2))
+        fmt = recorded_pages(manifest, policy, model, cache.block_size,
+                             dtype_bytes=DTYPE_BYTES.get(dtype, 2))
     except UnsupportedConfiguration as exc:
         reasons += exc.reasons
     if worker is None:
@@ -206,7 +208,6 @@ def load_settings(artifact: str, vllm_config, worker: WorkerShare | None = None)
             reasons += exc.reasons
     if reasons:
         raise UnsupportedConfiguration(reasons)
-    choice = os.environ.get(KERNELS_ENV) or "compiled"
     if choice not in KERNEL_CHOICES:
         raise UnsupportedConfiguration([f"{KERNELS_ENV}={choice!r}: choose one of "
                                         f"{', '.join(KERNEL_CHOICES)}"])
@@ -216,7 +217,8 @@ def load_settings(artifact: str, vllm_config, worker: WorkerShare | None = None)
     settings = Settings(artifact=artifact, policy=policy, compiled_for=model,
                         page_format=fmt, staging_blocks=staging,
                         kv_bytes=getattr(cache, "kv_cache_memory_bytes", None),
-                        kernel_choice=choice, worker=worker, model_kv_heads=model_kv_heads)
+                        kernel_choice=choice, worker=worker, model_kv_heads=model_kv_heads,
+                        compiled=compiled)
     if settings.kv_bytes and settings.pool_bytes <= 0:
         raise UnsupportedConfiguration([
             f"full-precision staging ({staging} blocks for {scheduler.max_num_seqs} sequences "
@@ -226,6 +228,26 @@ def load_settings(artifact: str, vllm_config, worker: WorkerShare | None = None)
             f"(each {fmt.block_size} tokens of a step stage one block: "
             f"{fmt.staging_bytes(1):,} bytes) or --max-num-seqs"])
     return settings
+
+
+def recorded_pages(manifest: dict, policy: Policy, model: ModelShape, block_size: int,
+                   dtype_bytes: int) -> PageFormat:
+    """The page plan the artifact's manifest records for `block_size` (`PageFormat.from_json`;
+    `dtype_bytes`: the engine's 16-bit page, the baseline). A block size it records none for is
+    refused with page_format's reasons (e.g. not a multiple of a format's unit), or with the
+    sizes it records."""
+    recorded = manifest.get("pages", {}).get(str(block_size))
+    if recorded is not None:
+        try:
+            return PageFormat.from_json(recorded, dtype_bytes=dtype_bytes)
+        except ValueError as exc:
+            raise UnsupportedConfiguration([f"the artifact's page plan for block size "
+                                            f"{block_size}: {exc}"]) from None
+    page_format(policy, model, block_size)  # raises with the reasons, when there are any
+    sizes = ", ".join(sorted(manifest.get("pages", {}), key=int)) or "none"
+    raise UnsupportedConfiguration([
+        f"block size {block_size}: the artifact records page plans for block sizes {sizes} "
+        "(every size of kvpolicy.plan.pages.BLOCK_SIZES its formats allow); use one of them"])
 
 
 def reserve_staging(settings: Settings, cache_config) -> None:

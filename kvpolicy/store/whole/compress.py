@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 import torch
 
 from kvpolicy.lang.ir import Policy
-from kvpolicy.plan.planner import LayerPlan, Plan
 from kvpolicy.kernels import reference as R
 from kvpolicy.kernels.compressed import CompressedLayer
+from kvpolicy.plan.planner import LayerPlan, Plan, largest_remainder
+from kvpolicy.store.select import above_threshold, rank, split_ranked
 
 KMEANS_ITERATIONS = 6
 
@@ -79,31 +80,10 @@ def importance(policy: Policy, layer: PrefillLayer) -> torch.Tensor:
 # ---- budgets ----------------------------------------------------------------------------------
 
 def _largest_remainder(total: int, weights: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
-    """Splits `total` integer units in proportion to weights, none above its cap (water filling,
-    then largest remainders). Assumes total <= caps.sum()."""
-    result = torch.zeros_like(caps)
-    free = caps > 0
-    remaining = total
-    while remaining > 0 and bool(free.any()):
-        share = torch.where(free, weights, torch.zeros_like(weights))
-        if float(share.sum()) <= 0:
-            share = free.to(weights.dtype)
-        ideal = remaining * share / share.sum()
-        room = caps - result
-        floor = torch.minimum(torch.floor(ideal).long(), room)
-        result += floor
-        remaining -= int(floor.sum())
-        if remaining == 0:
-            break
-        leftover = torch.where(result < caps, ideal - torch.floor(ideal), torch.full_like(ideal,
-                                                                                      -1.0))
-        order = torch.argsort(leftover.flatten(), descending=True, stable=True)
-        for index in order[:remaining].tolist():
-            if result.view(-1)[index] < caps.view(-1)[index]:
-                result.view(-1)[index] += 1
-                remaining -= 1
-        free = result < caps
-    return result
+    """`plan.planner.largest_remainder` — the one rule that splits whole units in proportion to
+    weights under caps — over tensors: `total` units over the cells of `caps` (any shape)."""
+    units = largest_remainder(total, weights.flatten().tolist(), caps.flatten().tolist())
+    return torch.tensor(units, dtype=caps.dtype).reshape(caps.shape)
 
 
 def redistribute(plan: Plan, masses: list[torch.Tensor], scores: list[torch.Tensor] | None = None):
@@ -120,8 +100,8 @@ def redistribute(plan: Plan, masses: list[torch.Tensor], scores: list[torch.Tens
       non-uniform budgets); scores[l] [b, H, N] is layer l's importance.
     Without `across heads` the heads of a layer get equal shares. The pool's guard units are then
     split in proportion to the selected units. `adapt heads` is static: the plan's counts
-    (`LayerPlan.selected_by_head`, whole heads chosen by the calibration's weights). Pool totals — and so the plan's bytes — are
-    unchanged."""
+    (`LayerPlan.selected_by_head`: each head's share of its pool in proportion to the
+    calibration's weights). Pool totals — and so the plan's bytes — are unchanged."""
     policy = plan.policy
     batch, heads = masses[0].shape
     selected = [torch.full((batch, heads), layer.selected, dtype=torch.long)
@@ -131,7 +111,7 @@ def redistribute(plan: Plan, masses: list[torch.Tensor], scores: list[torch.Tens
     adapt = policy.adapt
     if adapt is None or not policy.evicts:
         return selected, guards
-    if adapt.static:  # adapt heads: the plan's whole heads, the same for every sequence
+    if adapt.static:  # adapt heads: the plan's per-head counts, the same for every sequence
         selected = [torch.tensor(layer.selected_by_head(heads)).expand(batch, -1).clone()
                     for layer in plan.layers]
         guards = [torch.tensor(layer.guards_by_head(heads)).expand(batch, -1).clone()
@@ -179,12 +159,9 @@ def redistribute(plan: Plan, masses: list[torch.Tensor], scores: list[torch.Tens
 def _above_threshold(plan: Plan, members: list[int], scores: list[torch.Tensor],
                      keep: int) -> torch.Tensor:
     """[layers, heads]: middle tokens per (layer, head) scoring at or above the `keep`-th largest
-    middle score of the pool (scores: [H, N] per member layer)."""
-    middles = [s[:, plan.layers[i].sinks:plan.context - plan.layers[i].window].double()
-               for i, s in zip(members, scores)]
-    pooled = torch.cat([m.flatten() for m in middles])
-    threshold = pooled.topk(min(keep, pooled.numel())).values[-1]
-    return torch.stack([(m >= threshold).sum(-1) for m in middles]).double()
+    middle score of the pool (scores: [H, N] per member layer; `select.above_threshold`)."""
+    return above_threshold([s[:, plan.layers[i].sinks:plan.context - plan.layers[i].window]
+                            for i, s in zip(members, scores)], keep)
 
 
 # ---- one layer ----------------------------------------------------------------------------------
@@ -233,11 +210,10 @@ def compress_layer(prefill: PrefillLayer, scores: torch.Tensor, plan_layer: Laye
     used = {"guard": 0, "body": 0}
     for b in range(batch):
         for h in range(heads):
-            order = middle[torch.argsort(scores[b, h, middle], descending=True, stable=True)]
-            keep = order[:int(selected[b, h])]
-            guard = keep[:int(guards[b, h])].sort().values
-            body = keep[int(guards[b, h]):].sort().values
-            evicted = order[int(selected[b, h]):]
+            order = rank(scores[b, h, middle])  # the one selection rule (`store.select`)
+            guard, body = (middle[part] for part in split_ranked(
+                order, int(selected[b, h]), int(guards[b, h])))
+            evicted = middle[order[int(selected[b, h]):]]
             for region, index, layout in (("guard", guard, plan_layer.guard_layout),
                                           ("body", body, plan_layer.body_layout)):
                 blocks, starts, counts = regions[region]
