@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kvpolicy.compiler.artifact import compile_policy, load  # noqa: E402
-from kvpolicy.format import DTYPE_BYTES  # noqa: E402
+from kvpolicy.dtypes import DTYPE_BYTES  # noqa: E402
 from kvpolicy.models import resolve_model  # noqa: E402
 from kvpolicy.kernels import launch  # noqa: E402
 from kvpolicy.kernels import reference as R  # noqa: E402

@@ -94,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     from kvpolicy.engines.hf import load_model
     from kvpolicy.engines.hf.cache import rope_tables
-    from kvpolicy.eval.runner import record_prefill
+    from kvpolicy.eval.whole import record_prefill
     from kvpolicy.tune.config import TuneConfig
     from kvpolicy.tune.search import calibration_prompts
     model, tokenizer = load_model()

@@ -12,10 +12,17 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from pathlib import Path
 
 from kvpolicy.diagnostics import elided, printable
 
 MAX_SHOWN_PATH = 160  # characters of a path repeated in a message
+
+
+def cache_root() -> Path:
+    """Where kvpolicy keeps what it builds for itself (converted models, compiled policies,
+    CPU kernels): $KVPOLICY_CACHE, else ~/.cache/kvpolicy."""
+    return Path(os.environ.get("KVPOLICY_CACHE") or Path.home() / ".cache" / "kvpolicy")
 
 
 class FileProblem(OSError):

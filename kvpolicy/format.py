@@ -30,10 +30,9 @@ import functools
 from dataclasses import dataclass
 from math import ceil, lcm, prod
 
+from kvpolicy.dtypes import DTYPE_BYTES, LONG_NAMES
 from kvpolicy.lang.ir import QuantFormat
 
-DTYPE_BYTES = {"int32": 4, "uint8": 1, "float16": 2, "bfloat16": 2, "float32": 4}
-SCALE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 ALIGN = 16  # every block section starts at a multiple of 16 bytes (one vector load)
 MIN_QUANTIZED_BLOCK = 16  # tokens; keeps every section 16-byte aligned without padding
 PLANES = {2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}  # bit planes of a code, low bits first
@@ -132,7 +131,7 @@ def block_layout(keys: QuantFormat, values: QuantFormat, head_dim: int, kv_dtype
         else:
             assert head_dim % fmt.group == 0, (head_dim, fmt.group)
             shape = (tokens, head_dim // fmt.group)
-        dtype = SCALE_DTYPES[fmt.scale_dtype]
+        dtype = LONG_NAMES[fmt.scale_dtype]
         planned.append((f"{role}.scale", shape, dtype))
         if not fmt.symmetric:
             planned.append((f"{role}.zero", shape, dtype))

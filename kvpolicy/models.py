@@ -14,11 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvpolicy.diagnostics import printable, quoted
+from kvpolicy.dtypes import DTYPE_BYTES, HALF_DTYPES, KV_DTYPES
 from kvpolicy.files import FileProblem, human_size, read_limited, shown_path
 
-# The dtype of the cache's full-precision regions (and of the uncompressed baseline). Planning
-# presets are 16-bit; the CPU runtime may keep an fp32 model's cache in fp32 (exact mode).
-KV_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 @dataclass(frozen=True)
@@ -29,7 +27,7 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
     max_context: int
-    kv_dtype: str = "bfloat16"  # dtype of the cache's full-precision regions (KV_DTYPE_BYTES)
+    kv_dtype: str = "bfloat16"  # dtype of the cache's full-precision regions (dtypes.KV_DTYPES)
     hf_id: str = ""  # where the preset's numbers come from
     source: str = "preset"  # "preset" or the config.json it was read from
     # Sliding-window layers (Gemma 3, Mistral-style local attention): the model's own indices of
@@ -47,7 +45,7 @@ class ModelShape:
 
     @property
     def kv_bytes(self) -> int:
-        return KV_DTYPE_BYTES[self.kv_dtype]
+        return DTYPE_BYTES[self.kv_dtype]
 
     @property
     def baseline_bytes_per_token(self) -> int:
@@ -114,19 +112,27 @@ PRESETS: dict[str, ModelShape] = {m.name: m for m in (
 # The model `kvpolicy` uses when neither the command line nor the policy names one: the seed's
 # Qwen2.5-7B for planning and compiling. (The runtime's embedded default is SmolLM2-135M.)
 DEFAULT_PLAN_MODEL = "qwen2.5-7b"
+DEFAULT_MODEL = "smollm2-135m"  # the embedded model runs use (kvpolicy.engines.hf.model)
 
 
 class ModelError(ValueError):
     """A model name or config that cannot be used; the message says why."""
 
 
-def _normalise(name: str) -> str:
+# Spellings of a model's name beyond its case, an organisation prefix and a chat suffix
+NAME_ALIASES = {"gemma-3-270m": "gemma3-270m"}
+
+
+def model_key(name: str) -> str:
+    """The one normalisation of a model's name, for the presets (PRESETS) and the runtime's
+    embedded models: `Qwen/Qwen2.5-7B-Instruct` → `qwen2.5-7b`, `google/gemma-3-270m-it` →
+    `gemma3-270m`."""
     key = name.strip().lower()
     key = key.rsplit("/", 1)[-1]
     for suffix in ("-instruct", "-chat", "-it"):
         if key.endswith(suffix):
             key = key[: -len(suffix)]
-    return key
+    return NAME_ALIASES.get(key, key)
 
 
 # What a model config may say, so that checking and planning stay bounded in time and memory
@@ -157,8 +163,8 @@ def model_from_json(data) -> ModelShape:
         values[key] = value
     if values["num_q_heads"] % values["num_kv_heads"]:
         raise ModelError("query heads are not a multiple of KV heads")
-    if data.get("kv_dtype") not in KV_DTYPE_BYTES:
-        raise ModelError(f"'kv_dtype' must be one of {', '.join(KV_DTYPE_BYTES)}")
+    if data.get("kv_dtype") not in KV_DTYPES:
+        raise ModelError(f"'kv_dtype' must be one of {', '.join(KV_DTYPES)}")
     for key in ("name", "source"):
         if not isinstance(data.get(key), str):
             raise ModelError(f"'{key}' must be a string")
@@ -190,7 +196,7 @@ def resolve_model(spec: str, relative_to: str | os.PathLike[str] | None = None) 
     if isinstance(spec, ModelShape):
         return spec
     spec = os.fspath(spec)
-    key = _normalise(spec)
+    key = model_key(spec)
     if key in PRESETS:
         return PRESETS[key]
     candidates = [Path(spec)]
@@ -289,7 +295,7 @@ def shape_from_config(config: dict, name: str, source: str,
     max_context = number("max_position_embeddings", MAX_POSITIONS, 32768)
     if kv_dtype is None:
         dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
-        kv_dtype = dtype if dtype in ("float16", "bfloat16") else "bfloat16"
+        kv_dtype = dtype if dtype in HALF_DTYPES else "bfloat16"
     name = printable(name if len(name) <= MAX_NAME else name[:MAX_NAME - 1] + "…")
     sliding = _sliding_layers(config, layers, path)
     window = number("sliding_window", MAX_POSITIONS) if sliding else 0

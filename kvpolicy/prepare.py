@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
-from kvpolicy.compiler.artifact import (MODEL_FIELDS, SHAPE_FIELDS, CompiledPolicy, check_model,
-                                        compile_policy, is_artifact, load)
+from kvpolicy.compiler.artifact import (MODEL_FIELDS, SHAPE_FIELDS, ArtifactError, CompiledPolicy,
+                                        check_model, compile_policy, compiled_for, is_artifact,
+                                        load, model_mismatches, verify)
+from kvpolicy.files import cache_root
 from kvpolicy.kernels.cpu import CpuKernelError
-from kvpolicy.lang.ir import Policy, policy_to_json
+from kvpolicy.lang.ir import Policy, policy_from_json, policy_to_json
 from kvpolicy.lang.lower import load_policy
 from kvpolicy.models import ModelShape
-from kvpolicy.plan.pages import PageFormat, page_format, policy_notes
+from kvpolicy.plan.pages import PageFormat, UnsupportedConfiguration, page_format, policy_notes
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
 FALLBACK = ("kvpolicy: {reason}\nkvpolicy: the store's PyTorch path attends instead (slower; "
@@ -86,12 +86,6 @@ def resolve(policy, shape: ModelShape, fields: tuple[str, ...] = MODEL_FIELDS
     return load_policy(policy), None
 
 
-def cache_root() -> Path:
-    """Where kvpolicy keeps what it builds for itself (converted models, compiled policies,
-    CPU kernels): $KVPOLICY_CACHE, else ~/.cache/kvpolicy."""
-    return Path(os.environ.get("KVPOLICY_CACHE") or Path.home() / ".cache" / "kvpolicy")
-
-
 def compile_to_cache(policy: Policy, shape: ModelShape) -> CompiledPolicy:
     """The policy compiled for this model into $KVPOLICY_CACHE/build (reused when unchanged)."""
     key = hashlib.sha256(json.dumps([policy_to_json(policy), shape.to_json()],
@@ -99,6 +93,12 @@ def compile_to_cache(policy: Policy, shape: ModelShape) -> CompiledPolicy:
     directory = cache_root() / "build" / f"{policy.name}-{key}"
     compile_policy(policy, shape, directory)
     return load(directory)
+
+
+def compile_to(policy: Policy, shape: ModelShape, directory) -> None:
+    """The policy compiled for this model into `directory`: the artifact an engine in another
+    process is pointed at (eval's served vLLM runs)."""
+    compile_policy(policy, shape, directory)
 
 
 @dataclass(frozen=True)
@@ -167,3 +167,53 @@ def bind_paged(compiled: CompiledPolicy, layer: int, backend: str):
     from kvpolicy.kernels.bound import cpu_kernels_for, kernels_for
     return kernels_for(compiled, layer) if backend == "triton" else cpu_kernels_for(compiled,
                                                                                     layer)
+
+
+@dataclass(frozen=True)
+class OpenedArtifact:
+    """An artifact as a serving engine's process opens it: verified once, its manifest's policy,
+    model and page plans read (nothing planned again), its kernels imported when they are to
+    attend (`compiled`, None otherwise)."""
+
+    directory: str
+    manifest: dict
+    policy: Policy
+    model: ModelShape
+    compiled: CompiledPolicy | None
+
+    def mismatches(self, model: ModelShape) -> list[str]:
+        """Every way `model`'s shape differs from the one the artifact was compiled for (its
+        layers, heads and head size: `MODEL_FIELDS`; pages depend on the dtype only in their
+        16-bit regions)."""
+        return model_mismatches(self.model, model, fields=MODEL_FIELDS)
+
+    def pages(self, block_size: int, dtype_bytes: int) -> PageFormat:
+        """The page plan the manifest records for `block_size` (`PageFormat.from_json`;
+        `dtype_bytes`: the engine's 16-bit page, the baseline). A block size it records none for
+        is refused (UnsupportedConfiguration) with page_format's reasons (e.g. not a multiple of
+        a format's unit), or with the sizes it records."""
+        recorded = self.manifest.get("pages", {})
+        if str(block_size) in recorded:
+            try:
+                return PageFormat.from_json(recorded[str(block_size)], dtype_bytes=dtype_bytes)
+            except ValueError as exc:
+                raise UnsupportedConfiguration([f"the artifact's page plan for block size "
+                                                f"{block_size}: {exc}"]) from None
+        page_format(self.policy, self.model, block_size)  # raises with the reasons, if any
+        sizes = ", ".join(sorted(recorded, key=int)) or "none"
+        raise UnsupportedConfiguration([
+            f"block size {block_size}: the artifact records page plans for block sizes {sizes} "
+            "(every size of kvpolicy.plan.pages.BLOCK_SIZES its formats allow); use one of them"])
+
+
+def open_artifact(directory: str, with_kernels: bool) -> OpenedArtifact:
+    """Opens an artifact for a serving engine (vLLM's settings): verified once — and with
+    `with_kernels` its kernels imported (`load`) — else UnsupportedConfiguration with the
+    reasons (`verify`'s)."""
+    try:
+        compiled = load(directory) if with_kernels else None
+        manifest = compiled.manifest if compiled is not None else verify(directory)
+    except ArtifactError as exc:
+        raise UnsupportedConfiguration([str(exc)]) from None
+    return OpenedArtifact(directory, manifest, policy_from_json(manifest["policy"]["ir"]),
+                          compiled_for(manifest), compiled)

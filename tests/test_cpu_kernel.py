@@ -10,8 +10,6 @@ conversion is checked on all 65,536 bit patterns."""
 from __future__ import annotations
 
 import ctypes
-import dataclasses
-import functools
 
 import pytest
 import torch

@@ -14,7 +14,9 @@ from kvpolicy import load_policy
 from kvpolicy.eval import tasks as T
 from kvpolicy.eval.ablation import matched_ablation
 from kvpolicy.eval.report import relative_interval, render_report, summarize
-from kvpolicy.eval.runner import EvalConfig, EvalPolicy, baseline_policy, load_lines, run
+from kvpolicy.eval.lines import load_lines
+from kvpolicy.eval.prompts import EvalPolicy, baseline_policy
+from kvpolicy.eval.runner import EvalConfig, run
 from kvpolicy.engines.hf import load_model
 from kvpolicy.models import resolve_model
 

@@ -14,7 +14,7 @@ from transformers import DynamicCache
 from conftest import POLICIES
 from kvpolicy import load_policy, make_plan
 from kvpolicy.eval.haystack import needle_sample
-from kvpolicy.eval.runner import starting_ids
+from kvpolicy.eval.prompts import starting_ids
 from kvpolicy.engines.hf import PolicyCache, attend_through, generate, load_model
 from kvpolicy.engines.hf.cache import model_shape
 from kvpolicy.lang.ir import Policy

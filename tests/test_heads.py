@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, run_cli
 from kvpolicy import heads as head_file
 from kvpolicy.diagnostics import PolicyError
-from kvpolicy.eval.runner import EvalPolicy
+from kvpolicy.eval.prompts import EvalPolicy
 from kvpolicy.lang.ir import policy_from_json, policy_to_json
 from kvpolicy.lang.lower import check_file
 from kvpolicy.models import PRESETS, ModelShape

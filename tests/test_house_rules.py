@@ -12,7 +12,7 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "kvpolicy"
 FRONT_END = ("kvpolicy.lang", "kvpolicy.plan", "kvpolicy.format", "kvpolicy.models",
-             "kvpolicy.diagnostics", "kvpolicy.files", "kvpolicy.heads")
+             "kvpolicy.diagnostics", "kvpolicy.files", "kvpolicy.heads", "kvpolicy.dtypes")
 HEAVY = ("torch", "triton", "transformers", "vllm", "numpy")
 ENGINES = ("kvpolicy.engines.hf", "kvpolicy.engines.vllm")
 
@@ -134,3 +134,108 @@ def test_the_store_is_engine_independent():
     frameworks."""
     assert PACKAGE_GRAPH.get("kvpolicy.store.paged")
     assert violations(("kvpolicy.store",), ENGINES + ("transformers", "vllm")) == []
+
+
+# ---- the back half: kernels ← store ← prepare ← engines ← eval ← tune ← cli -------------------
+
+# The stages in order, lowest first: a module imports only from its own stage or those below.
+STAGES = (
+    ("front end", FRONT_END + ("kvpolicy._version", "kvpolicy._resources")),
+    ("compiler", ("kvpolicy.compiler",)),
+    ("kernels", ("kvpolicy.kernels",)),
+    ("store", ("kvpolicy.store",)),
+    ("prepare", ("kvpolicy.prepare",)),
+    ("engines", ENGINES + ("kvpolicy.engines",)),
+    ("eval", ("kvpolicy.eval",)),
+    ("tune", ("kvpolicy.tune",)),
+    ("cli", ("kvpolicy.cli", "kvpolicy.__main__")),
+)
+
+
+def stage_of(name: str) -> int | None:
+    found = [(len(prefix), index) for index, (_, prefixes) in enumerate(STAGES)
+             for prefix in prefixes if name == prefix or name.startswith(prefix + ".")]
+    return max(found)[1] if found else None
+
+
+def module_edges() -> dict[str, set[str]]:
+    """Module → the package modules it imports (`from package import module` is an edge to the
+    module, not to the package's face)."""
+    modules = set(PACKAGE_GRAPH)
+    edges = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source, targets = module_name(path), set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in
+                         modules else node.module for alias in node.names]
+            for name in names:
+                while name and name not in modules:
+                    name = name.rpartition(".")[0]
+                if name and name != "kvpolicy" and name != source:
+                    targets.add(name)
+        edges[source] = targets
+    return edges
+
+
+def test_every_stage_imports_only_from_itself_and_below():
+    assert stage_of("kvpolicy.store.paged.step") == 3 and stage_of("kvpolicy.plan.pages") == 0
+    unplaced = [m for m in PACKAGE_GRAPH if m != "kvpolicy" and stage_of(m) is None]
+    assert unplaced == []
+    bad = [f"{source} ({STAGES[stage_of(source)][0]}) imports {target} "
+           f"({STAGES[stage_of(target)][0]})"
+           for source, targets in module_edges().items() if source != "kvpolicy"
+           for target in targets if stage_of(target) > stage_of(source)]
+    assert bad == []
+
+
+def test_no_import_circle():
+    """Nothing climbs back up: no module imports, directly or not, a module that imports it."""
+    edges = module_edges()
+    circles = []
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(edges.get(module, ())):
+            if state.get(target) == 1:
+                circles.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, path + [target])
+        state[module] = 2
+
+    for module in sorted(edges):
+        if module not in state:
+            visit(module, [module])
+    assert circles == []
+
+
+def test_kernels_import_no_store_engine_or_framework():
+    assert violations(("kvpolicy.kernels",), ("kvpolicy.store", "kvpolicy.prepare") + ENGINES +
+                      ("kvpolicy.eval", "kvpolicy.tune", "kvpolicy.cli", "transformers",
+                       "vllm")) == []
+
+
+def test_engines_never_compile_nor_read_policies():
+    """Engines run what `kvpolicy.prepare` hands them: they never import the compiler or the
+    language's reader (a policy's text, an artifact's files and the choice of kernels are
+    prepare's)."""
+    assert violations(ENGINES, ("kvpolicy.compiler", "kvpolicy.lang.lower",
+                                "kvpolicy.lang.parser")) == []
+
+
+def test_one_prepare():
+    """Outside the compiler's own room, compiling a policy and loading an artifact happen in
+    `kvpolicy.prepare` (and in `kvpolicy compile`, whose job it is, and the package face's
+    `kvpolicy.load`)."""
+    allowed = {"kvpolicy.prepare", "kvpolicy", "kvpolicy.cli.policies"}
+    bad = [f"{source} imports {target} (line {line})"
+           for source, edges in PACKAGE_GRAPH.items()
+           if source not in allowed and not within(source, ("kvpolicy.compiler",))
+           for target, line in edges
+           if target in ("kvpolicy.compiler.artifact.compile_policy",
+                         "kvpolicy.compiler.artifact.load")]
+    assert bad == []

@@ -15,7 +15,7 @@ import torch
 from conftest import run_cli
 from kvpolicy.diagnostics import Source
 from kvpolicy.engines.hf import reconstruct
-from kvpolicy.eval.runner import record_prefill
+from kvpolicy.eval.whole import record_prefill
 from kvpolicy.lang.ir import Policy, Score
 from kvpolicy.lang.lower import check_source
 from kvpolicy.models import PRESETS

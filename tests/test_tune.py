@@ -210,7 +210,9 @@ def test_the_proxy_is_the_models_own_likelihood_of_the_answer(smol):
     """Through the baseline's (uncompressed) cache, answer_nll equals the cross-entropy of the
     answer tokens in one ordinary forward over context, question and answer."""
     import torch
-    from kvpolicy.eval.runner import answer_nll, baseline_policy, record_prefill
+    from kvpolicy.eval.prompts import baseline_policy
+    from kvpolicy.eval.whole import record_prefill
+    from kvpolicy.tune.proxy import answer_nll
     from kvpolicy.tune.config import TuneConfig
     from kvpolicy.tune.search import calibration_prompts
     model, tokenizer = smol

@@ -31,6 +31,7 @@ from kvpolicy.cli.policies import cmd_check, cmd_compile, cmd_fmt, cmd_models, c
 from kvpolicy.cli.running import QUICK, cmd_eval, cmd_run
 from kvpolicy.cli import tuning
 from kvpolicy.diagnostics import PolicyError, printable
+from kvpolicy.dtypes import KV_DTYPES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also run the uncompressed cache on the same prompt, to tell the "
                      "policy's misses from the model's")
     run.add_argument("--max-new-tokens", type=int, default=64)
-    run.add_argument("--cache-dtype", choices=("bfloat16", "float16", "float32"),
+    run.add_argument("--cache-dtype", choices=KV_DTYPES,
                      default="bfloat16", help="dtype of the full-precision regions")
     run.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                      help="attention over the compressed cache (auto: triton on a GPU)")
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--question-aware", action="store_true",
                           help="compress context and question together (default: the question "
                           "arrives after compression)")
-    evaluate.add_argument("--cache-dtype", choices=("bfloat16", "float16", "float32"),
+    evaluate.add_argument("--cache-dtype", choices=KV_DTYPES,
                           default="bfloat16")
     evaluate.add_argument("--engine", choices=("hf", "paged", "vllm"), default="hf",
                           help="hf: the whole-prompt runtime in transformers (default); paged: "

@@ -32,6 +32,18 @@ class Reporter:
         self.errors += 1
         print(printable(f"kvpolicy: error: {message}", lines=True), file=sys.stderr)
 
+    def failed(self, problems: Sequence[str]) -> bool:
+        """Reports each problem; whether there were any."""
+        for problem in problems:
+            self.fail(problem)
+        return bool(problems)
+
+    def needs_extras(self, command: str, exc: ImportError) -> int:
+        """EXIT_ERROR, after saying that `kvpolicy command` needs the evaluation extras."""
+        self.fail(f"kvpolicy {command} needs the evaluation extras ({exc}); "
+                  "pip install 'kvpolicy[eval]'")
+        return EXIT_ERROR
+
     def summary(self, what: str) -> str:
         def count(n: int, word: str) -> str:
             return f"{n} {word}{'' if n == 1 else 's'}"

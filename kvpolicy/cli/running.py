@@ -12,6 +12,7 @@ from pathlib import Path
 from kvpolicy.cli.common import (EXIT_ERROR, EXIT_OK, Reporter, loaded_model, parse_context,
                                  unwritable_directory)
 from kvpolicy.diagnostics import PolicyError, printable
+from kvpolicy.models import DEFAULT_MODEL
 
 
 MAX_PROMPT_BYTES = 16 * 1024 * 1024  # --prompt-file: far beyond any model's context
@@ -92,18 +93,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         from kvpolicy.engines.hf import ModelLoadError, generate, load_model
         from kvpolicy.engines.hf.model import model_directory
     except ImportError as exc:
-        reporter.fail(f"kvpolicy run needs the evaluation extras ({exc}); "
-                      "pip install 'kvpolicy[eval]'")
-        return EXIT_ERROR
-    from kvpolicy.compiler.artifact import ArtifactError, check_manifest_model, load
+        return reporter.needs_extras("run", exc)
+    from kvpolicy.compiler.artifact import ArtifactError, check_manifest_model
     from kvpolicy.models import ModelError, load_config
-    from kvpolicy.prepare import compiled_fields
+    from kvpolicy.prepare import compiled_fields, resolve
     fields = compiled_fields(args.backend, _cuda())
-    name = args.model or "smollm2-135m (embedded default)"
+    name = args.model or f"{DEFAULT_MODEL} (embedded default)"
     try:  # the model's shape first: cheap, and enough to refuse what cannot run on it
         directory = model_directory(args.model)
         shape = replace(load_config(directory / "config.json"),
-                        name=args.model or "smollm2-135m", kv_dtype=args.cache_dtype)
+                        name=args.model or DEFAULT_MODEL, kv_dtype=args.cache_dtype)
         if artifact is not None:
             check_manifest_model(artifact, manifest, shape, fields)
     except (ModelLoadError, ModelError, ArtifactError) as exc:
@@ -128,15 +127,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(directory)
         run_shape = replace(_shape_of(model, args.cache_dtype), name=shape.name)
         if artifact is not None:
-            compiled = load(artifact, model=run_shape, fields=fields)
+            _, compiled = resolve(artifact, run_shape, fields)
         needle = None
         if args.needle is not None:
             needle = needle_sample(tokenizer, args.needle, _depth(args), seed=0)
             prompt = needle.context + "\n" + needle.question
     except ImportError as exc:
-        reporter.fail(f"kvpolicy run needs the evaluation extras ({exc}); "
-                      "pip install 'kvpolicy[eval]'")
-        return EXIT_ERROR
+        return reporter.needs_extras("run", exc)
     except (ModelLoadError, DataMissing, ArtifactError) as exc:
         reporter.fail(str(exc))
         return EXIT_ERROR
@@ -247,14 +244,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import hashlib
     reporter = Reporter()
     try:
-        from kvpolicy.eval.runner import (EvalConfig, EvalPolicy, baseline_policy, fit_problems,
-                                          run)
+        from kvpolicy.eval.prompts import EvalPolicy, baseline_policy
+        from kvpolicy.eval.runner import EvalConfig, fit_problems, run
         from kvpolicy.eval.tasks import TASKS
         from kvpolicy.engines.hf import ModelLoadError
     except ImportError as exc:
-        reporter.fail(f"kvpolicy eval needs the evaluation extras ({exc}); "
-                      "pip install 'kvpolicy[eval]'")
-        return EXIT_ERROR
+        return reporter.needs_extras("eval", exc)
     if args.tasks is not None and not args.tasks.strip():
         reporter.fail("--tasks is empty; tasks: " + ", ".join(TASKS))
         return EXIT_ERROR
@@ -304,7 +299,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except (ModelLoadError, ModelError) as exc:
         reporter.fail(str(exc))
         return EXIT_ERROR
-    shape = replace(shape, name=args.model or "smollm2-135m", kv_dtype=args.cache_dtype)
+    shape = replace(shape, name=args.model or DEFAULT_MODEL, kv_dtype=args.cache_dtype)
     beyond = [c for c in contexts if c > shape.max_context]
     if beyond:
         reporter.fail(f"--contexts {','.join(map(str, beyond))}: beyond the model's context of "

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from kvpolicy.cli.common import (EXIT_ERROR, EXIT_OK, Reporter, loaded_model,
                                  unwritable_directory)
+from kvpolicy.dtypes import KV_DTYPES
+from kvpolicy.models import DEFAULT_MODEL
 from kvpolicy.tune.config import CALIBRATION_SEED, DEFAULT_TASKS, TuneConfig
 
 MAX_TARGET = 64.0  # 2-bit keys and values with nearly everything evicted stay below this
@@ -49,7 +51,7 @@ def add_parser(commands) -> None:
                       help="candidates that generate after the proxy rung (default 6)")
     tune.add_argument("--servable", action="store_true",
                       help="only policies the paged engines (vLLM) can run")
-    tune.add_argument("--cache-dtype", choices=("bfloat16", "float16", "float32"),
+    tune.add_argument("--cache-dtype", choices=KV_DTYPES,
                       default="bfloat16")
     tune.add_argument("--out", metavar="DIR", help="output directory (default: "
                       "results/tune-<model>-r<R>)")
@@ -102,9 +104,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         problem = unwritable_directory(out.parent if str(out.parent) else Path("."))
         if problem:
             problems.append(problem)
-    if problems:
-        for problem in problems:
-            reporter.fail(problem)
+    if reporter.failed(problems):
         return EXIT_ERROR
     directory = _calibration_model(args, reporter)
     if directory is None:
@@ -112,17 +112,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     try:
         from kvpolicy.tune.calibrate import CalibrateConfig, calibrate
     except ImportError as exc:
-        reporter.fail(f"kvpolicy calibrate needs the evaluation extras ({exc}); "
-                      "pip install 'kvpolicy[eval]'")
-        return EXIT_ERROR
+        return reporter.needs_extras("calibrate", exc)
+    config = CalibrateConfig(out=out, tasks=tuple(tasks), samples=args.samples, seed=args.seed,
+                             context=args.context, keep=args.keep,
+                             model=args.model or DEFAULT_MODEL,
+                             command=shlex.join(["kvpolicy", *sys.argv[1:]]))
     loaded = loaded_model(directory, reporter)
     if loaded is None:
         return EXIT_ERROR
     model, tokenizer = loaded
-    config = CalibrateConfig(out=out, tasks=tuple(tasks), samples=args.samples, seed=args.seed,
-                             context=args.context, keep=args.keep,
-                             model=args.model or "smollm2-135m",
-                             command=shlex.join(["kvpolicy", *sys.argv[1:]]))
     print(f"kvpolicy calibrate: {args.samples} samples x {len(tasks)} tasks at ~{args.context} "
           f"tokens (seed {args.seed}) -> {out}", file=sys.stderr)
     result = calibrate(config, model, tokenizer, progress=not args.no_progress)
@@ -153,14 +151,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.min_prompt is not None and not 0 <= args.min_prompt <= args.context:
         problems.append(f"--min-prompt {args.min_prompt}: between 0 and --context "
                         f"({args.context})")
-    if problems:
-        for problem in problems:
-            reporter.fail(problem)
+    if reporter.failed(problems):
         return EXIT_ERROR
     directory = _calibration_model(args, reporter)
     if directory is None:
         return EXIT_ERROR
-    model_name = args.model or "smollm2-135m"
+    model_name = args.model or DEFAULT_MODEL
     out = Path(args.out) if args.out else Path("results") / (
         f"tune-{Path(model_name).name}-r{args.target_ratio:g}")
     problem = unwritable_directory(out)
@@ -179,19 +175,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
     try:
         from kvpolicy.tune.search import NoCandidates, tune
     except ImportError as exc:
-        reporter.fail(f"kvpolicy tune needs the evaluation extras ({exc}); "
-                      "pip install 'kvpolicy[eval]'")
-        return EXIT_ERROR
-    loaded = loaded_model(directory, reporter)
-    if loaded is None:
-        return EXIT_ERROR
-    model, tokenizer = loaded
+        return reporter.needs_extras("tune", exc)
     config = TuneConfig(target=args.target_ratio, out=out, context=args.context,
                         min_prompt=args.min_prompt, tasks=tuple(tasks), samples=args.samples,
                         seed=args.seed,
                         space=args.space, finalists=args.finalists,
                         servable_only=args.servable, cache_dtype=args.cache_dtype,
                         model=args.model, command=shlex.join(["kvpolicy", *sys.argv[1:]]))
+    loaded = loaded_model(directory, reporter)
+    if loaded is None:
+        return EXIT_ERROR
+    model, tokenizer = loaded
     print(f"kvpolicy tune: target {args.target_ratio:g}x, {args.samples} calibration samples x "
           f"{len(tasks)} tasks at ~{args.context} tokens (seed {config.seed}) -> {out} "
           "(rerun the same command to resume)", file=sys.stderr)

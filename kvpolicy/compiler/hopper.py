@@ -15,6 +15,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvpolicy.dtypes import short_name
+
 HOPPER = ("cuda", 90, 32)
 
 # Argument types of each generated kernel, by name: "kv" is the model's 16-bit dtype.
@@ -174,7 +176,7 @@ def check_artifact(directory: str | os.PathLike[str]) -> HopperReport:
     from kvpolicy.compiler.artifact import load
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     compiled = load(directory)
-    kv_dtype = {"bfloat16": "bf16", "float16": "fp16"}[compiled.model.kv_dtype]
+    kv_dtype = short_name(compiled.model.kv_dtype)
     usages = []
     for kernel in compiled.manifest["kernels"]:
         module = compiled.kernels[kernel["uri"]]
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         except ArtifactError as exc:
             print(exc, file=sys.stderr)
             return 1
-        kv_dtype = {"bfloat16": "bf16", "float16": "fp16"}[compiled.model.kv_dtype]
+        kv_dtype = short_name(compiled.model.kv_dtype)
         for kernel in compiled.manifest["kernels"]:
             if (kernel["uri"], kv_dtype) in seen:
                 continue

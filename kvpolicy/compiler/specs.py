@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from math import ceil
 
 from kvpolicy import format as storage
+from kvpolicy.dtypes import DTYPE_CODES, HALF_DTYPES, short_name
 from kvpolicy.lang.ir import QuantFormat
 from kvpolicy.plan.pages import paged_refusals
 from kvpolicy.plan.planner import Plan
 
-KV_CODES = {"float16": 0, "bfloat16": 1}
-SCALE_CODES = {"fp16": 0, "bf16": 1, "fp32": 2}
-_SHORT_DTYPE = {"float16": "fp16", "bfloat16": "bf16"}
+KV_CODES = {name: DTYPE_CODES[name] for name in HALF_DTYPES}  # what the Triton kernels read
+SCALE_CODES = {short_name(name): code for name, code in DTYPE_CODES.items()}
 
 
 def _next_pow2(n: int) -> int:
@@ -79,7 +79,7 @@ class BlockSpec:
 
 
 def _head(head_dim: int, kv_dtype: str) -> str:
-    return f"hd{head_dim}_{_SHORT_DTYPE[kv_dtype]}"
+    return f"hd{head_dim}_{short_name(kv_dtype)}"
 
 
 @dataclass(frozen=True)

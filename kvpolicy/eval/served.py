@@ -26,14 +26,16 @@ from pathlib import Path
 
 import torch
 
+from kvpolicy.eval.lines import append_line, load_lines, resume_lines
+from kvpolicy.eval.prompts import BASELINE, hardware, line_key, split_prompt
 from kvpolicy.eval.tasks import make_samples, score
+from kvpolicy.models import DEFAULT_MODEL
 
 SCORED = "generation tasks"
 
 
 def _prompts(config, tokenizer):
     """[(context, task, index, sample, prompt ids)] for every sample of the run."""
-    from kvpolicy.eval.runner import split_prompt
     work = []
     for context in config.contexts:
         for task in config.tasks:
@@ -54,7 +56,6 @@ def _answer(tokenizer, sample, token_ids: list[int]) -> tuple[str, list[int]]:
 
 @torch.no_grad()
 def _paged_outputs(model, tokenizer, entry, work, config, shape, emit) -> None:
-    from kvpolicy.eval.runner import BASELINE
     from kvpolicy.engines.hf.generation import generate
     from kvpolicy.plan.planner import make_plan
     for context, task, index, sample, ids in work:
@@ -80,11 +81,10 @@ def _paged_outputs(model, tokenizer, entry, work, config, shape, emit) -> None:
 
 
 def _vllm_outputs(tokenizer, entry, work, config, shape, model_dir, emit) -> None:
-    from kvpolicy.compiler.artifact import compile_policy
-    from kvpolicy.eval.runner import BASELINE
     from kvpolicy.engines.vllm import offline
     from kvpolicy.plan.pages import page_format
     from kvpolicy.plan.planner import make_plan
+    from kvpolicy.prepare import compile_to
     prompts = [ids for *_, ids in work]
     most = max(len(ids) for ids in prompts)
     steps = max(sample.max_new_tokens for _, _, _, sample, _ in work)
@@ -92,7 +92,7 @@ def _vllm_outputs(tokenizer, entry, work, config, shape, model_dir, emit) -> Non
         artifact = None
         if entry.name != BASELINE:
             artifact = Path(folder) / "artifact"
-            compile_policy(entry.policy, shape, artifact)
+            compile_to(entry.policy, shape, artifact)
         started = time.perf_counter()
         run = offline.generate(
             prompts, model_dir, artifact, max_tokens=steps, dtype="float32",
@@ -127,7 +127,6 @@ def _line(config, tokenizer, entry, sample, context, task, index, tokens, measur
 
 def run_served(config, model, tokenizer, shape, progress: bool = True) -> Path:
     from kvpolicy.eval.report import write_outputs
-    from kvpolicy.eval.runner import hardware, line_key, load_lines
     from kvpolicy.engines.hf.model import model_directory
     if "ppl" in config.tasks:
         raise ValueError(f"--engine {config.engine} scores {SCORED} only, not ppl")
@@ -135,17 +134,14 @@ def run_served(config, model, tokenizer, shape, progress: bool = True) -> Path:
     (config.out / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
     path = config.out / "samples.jsonl"
     settings = {"engine": config.engine, "block_size": config.block_size, "seed": config.seed}
-    lines = [line for line in load_lines(path)  # what an earlier run of these settings made
-             if all(line.get(k) == v for k, v in settings.items())]
-    with open(path, "w", encoding="utf-8") as handle:  # drops a half-written last line
-        handle.writelines(json.dumps(line) + "\n" for line in lines)
+    lines = resume_lines(path,  # what an earlier run of these settings made, whole lines only
+                         lambda line: all(line.get(k) == v for k, v in settings.items()))
     done = {line_key(line) for line in lines}
     work = _prompts(config, tokenizer)
     wanted = set()
 
     def emit(line: dict) -> None:
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line) + "\n")
+        append_line(path, line)
 
     for entry in config.policies:
         keys = [(entry.sha256, task, context, index) for context, task, index, *_ in work]
@@ -163,5 +159,5 @@ def run_served(config, model, tokenizer, shape, progress: bool = True) -> Path:
                           str(model_directory(config.model)), emit)
     lines = [line for line in load_lines(path) if line_key(line) in wanted]
     write_outputs(config, lines, shape, hardware(config.engine),
-                  model_name=config.model or "smollm2-135m")
+                  model_name=config.model or DEFAULT_MODEL)
     return config.out

@@ -4,7 +4,8 @@ of the reductions of attention mass over a KV group's query heads (`REDUCE`)."""
 
 from __future__ import annotations
 
-import torch
+from kvpolicy.dtypes import DTYPE_CODES, KV_DTYPES
+from kvpolicy.kernels.reference import torch_dtype
 
-SOURCE_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+SOURCE_DTYPES = {torch_dtype(name): DTYPE_CODES[name] for name in KV_DTYPES}
 MASS_REDUCE = {"sum": 0, "mean": 1, "max": 2}

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
+from kvpolicy.files import cache_root
 from kvpolicy.kernels.contract import MASS_REDUCE, SOURCE_DTYPES
+from kvpolicy.kernels.reference import HALF_TORCH_DTYPES
 # -march=native: the machine that compiles is the one that runs (the cache key holds the host).
 # Decode: the reassociation flags let the channel sums vectorize (attention is within fp32
 # rounding of the PyTorch path, not bit-equal to it). Pack: strict IEEE arithmetic, no
@@ -43,8 +45,7 @@ def compiler() -> str | None:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("KVPOLICY_CACHE") or Path.home() / ".cache" / "kvpolicy"
-    return Path(root) / "cpu"
+    return cache_root() / "cpu"
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,7 +96,7 @@ def paged_decode(lib: ctypes.CDLL, q: torch.Tensor, new_key: torch.Tensor,
     kv_heads = new_key.shape[1]
     block_size = staging.shape[2]
     assert pages.dtype == torch.uint8 and pages.stride(-1) == 1 and staging.stride(-1) == 1
-    assert staging.dtype in (torch.float16, torch.bfloat16) and not pages.is_cuda
+    assert staging.dtype in HALF_TORCH_DTYPES and not pages.is_cuda
     q = q.float().contiguous()
     new_key = new_key.float().contiguous()
     new_value = new_value.float().contiguous()

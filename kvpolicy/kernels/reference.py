@@ -22,16 +22,30 @@ import math
 
 import torch
 
+from kvpolicy.dtypes import DTYPE_BYTES, HALF_DTYPES, LONG_NAMES
 from kvpolicy.format import PLANES, BlockLayout
 from kvpolicy.lang.ir import QuantFormat
 
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
-                 "float32": torch.float32, "int32": torch.int32, "uint8": torch.uint8}
-_SCALE_STORAGE = {"fp16": torch.float16, "bf16": torch.int16, "fp32": torch.float32}
+_TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPE_BYTES}
 
 
 def torch_dtype(name: str) -> torch.dtype:
+    """A dtype name of `kvpolicy.dtypes` → torch's dtype."""
     return _TORCH_DTYPES[name]
+
+
+HALF_TORCH_DTYPES = tuple(torch_dtype(name) for name in HALF_DTYPES)
+
+
+def storage_dtype(name: str) -> torch.dtype:
+    """How a section of dtype `name` is held here: bfloat16 as its bit pattern (int16, rounded
+    on integers by `round_to_bf16_bits`), any other as itself."""
+    return torch.int16 if name == "bfloat16" else torch_dtype(name)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch's dtype → its name in `kvpolicy.dtypes` (torch.bfloat16 → "bfloat16")."""
+    return str(dtype).removeprefix("torch.")
 
 
 # ---- rounding to the scale dtype ----------------------------------------------------------
@@ -51,7 +65,7 @@ def store_scale(x: torch.Tensor, scale_dtype: str) -> torch.Tensor:
     """fp32 values → their stored form (fp16, bf16 bits as int16, or fp32)."""
     if scale_dtype == "bf16":
         return round_to_bf16_bits(x)
-    return x.to(_SCALE_STORAGE[scale_dtype])
+    return x.to(storage_dtype(LONG_NAMES[scale_dtype]))
 
 
 def load_scale(stored: torch.Tensor, scale_dtype: str) -> torch.Tensor:
@@ -174,8 +188,7 @@ def unpack_codes(words: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
 def _section_view(blocks: torch.Tensor, layout: BlockLayout, name: str) -> torch.Tensor:
     section = layout.section(name)
     raw = blocks[:, section.offset:section.offset + section.nbytes].contiguous()
-    dtype = torch.int16 if section.dtype == "bfloat16" else torch_dtype(section.dtype)
-    return raw.view(dtype).reshape(blocks.shape[0], *section.shape)
+    return raw.view(storage_dtype(section.dtype)).reshape(blocks.shape[0], *section.shape)
 
 
 def pack_blocks(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor | None,

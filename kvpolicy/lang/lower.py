@@ -286,12 +286,11 @@ class _Statements:
             if layer is None or ratio is None:
                 ok = False
                 continue
-            if layer in seen:
-                self.d.error(f"layer {_show_layer(anchor.layer)} has two anchors", anchor.span,
-                             note("first anchor for this layer", seen[layer].span))
+            if not _first_time(self.d, seen, layer, anchor,
+                               f"layer {_show_layer(anchor.layer)} has two anchors",
+                               "first anchor for this layer"):
                 ok = False
                 continue
-            seen[layer] = anchor
             anchors.append(ir.Anchor(layer, ratio, anchor.span))
         if ok:
             self._set("anchors", tuple(anchors), stmt.span)
@@ -359,12 +358,9 @@ class _Statements:
                              + vocab.non_ascii_note(name), arg.name.span)
                 ok = False
                 continue
-            if name in seen:
-                self.d.error(f"argument '{name}' is given twice", arg.span,
-                             note("first given here", seen[name].span))
+            if not _first_time(self.d, seen, name, arg, f"argument '{name}' is given twice"):
                 ok = False
                 continue
-            seen[name] = arg
             if name in TOKEN_ARGS:
                 least, most, example = TOKEN_ARGS[name]
                 if arg.number is None or arg.word is not None:
@@ -493,14 +489,10 @@ def _quant_format(d: Diagnostics, stmt: ast.KeysStmt | ast.ValuesStmt, base: ir.
     seen: dict[type, ast.QuantOption] = {}
     for option in stmt.options:
         kind = type(option)
-        if kind in seen:
-            earlier = seen[kind]
-            what = "symmetric/asymmetric" if kind is ast.SymmetryOption else _option_name(option)
-            d.error(f"{role}: '{what}' is given twice", option.span,
-                    note("first given here", earlier.span))
+        what = "symmetric/asymmetric" if kind is ast.SymmetryOption else _option_name(option)
+        if not _first_time(d, seen, kind, option, f"{role}: '{what}' is given twice"):
             ok = False
             continue
-        seen[kind] = option
         if isinstance(option, ast.GroupOption):
             group = numbers.whole(option.size, "group", MIN_GROUP, MAX_GROUP)
             if group is not None and group & (group - 1):
@@ -635,6 +627,17 @@ class _Words:
                      f"{vocab.one_of(vocab.WIDTHS)}){vocab.non_ascii_note(word.text)}",
                      word.span)
         return None
+
+
+def _first_time(d: Diagnostics, seen: dict, key, node, twice: str,
+                first: str = "first given here") -> bool:
+    """True, recording `node` under `key`, the first time `key` is seen; after that an error at
+    `node` (`twice`) that points at the first, and False."""
+    if key in seen:
+        d.error(twice, node.span, note(first, seen[key].span))
+        return False
+    seen[key] = node
+    return True
 
 
 def _show_layer(ref: ast.LayerRef) -> str:

@@ -6,12 +6,14 @@ import difflib
 import unicodedata
 from typing import Iterable
 
+from kvpolicy.dtypes import LONG_NAMES
+
 # Bit-width words: the number of bits per stored value; 16 is the model's own 16-bit dtype.
 WIDTHS = {"int2": 2, "int3": 3, "int4": 4, "int8": 8, "fp16": 16}
 WIDTH_ALIASES = {"int16": "fp16", "bf16": "fp16", "float16": "fp16", "half": "fp16",
                  "fp8": "int8", "int1": "int2", "int5": "int4", "int6": "int8", "int7": "int8"}
 AXES = ("channel", "token")
-SCALE_DTYPES = {"fp16": 2, "bf16": 2, "fp32": 4}
+SCALE_DTYPES = tuple(LONG_NAMES)  # fp16, bf16, fp32
 INTERPOLATIONS = ("linear", "step", "pyramid", "uniform")
 # score method → the arguments it takes
 SCORE_METHODS: dict[str, tuple[str, ...]] = {

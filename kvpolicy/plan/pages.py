@@ -17,8 +17,9 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from kvpolicy.format import DTYPE_BYTES, BlockLayout, block_layout, block_tokens
-from kvpolicy.lang.ir import Policy, QuantFormat
+from kvpolicy.dtypes import DTYPE_BYTES
+from kvpolicy.format import BlockLayout, block_layout, block_tokens
+from kvpolicy.lang.ir import Policy, QuantFormat, Score
 from kvpolicy.models import ModelShape
 from kvpolicy.plan.planner import (block_layouts, block_retain_ratios, guarded_tokens,
                                    head_units, layer_formats)
@@ -42,7 +43,8 @@ def sealed(block_index: int, seq_len: int, block_size: int, window: int,
 
 
 class UnsupportedConfiguration(ValueError):
-    """The policy, model or engine settings cannot run in the vLLM backend; lists every reason."""
+    """The policy, model or engine settings cannot run in a paged engine (vLLM's backend, the
+    Hugging Face paged cache); lists every reason."""
 
     def __init__(self, reasons: list[str]):
         self.reasons = list(reasons)
@@ -126,12 +128,15 @@ class PageFormat:
     head_dim: int
     dtype_bytes: int  # the engine's dtype (vLLM's own 16-bit page, the baseline)
     layers: tuple[LayerPage, ...]  # per model layer (with head_pages: its widest head's page)
-    score: str = "snapkv"  # the policy's importance: snapkv (attention mass), keynorm, recent
-    pool: str = "max"  # snapkv's pooling along the block, and its kernel
-    pool_kernel: int = 7
-    observe: int = 32  # snapkv: the last queries of each step whose attention counts
+    # the policy's importance (defaults: the language's, `Score`): snapkv (attention mass),
+    # keynorm, recent; snapkv's pooling along the block and its kernel; the last queries of each
+    # step whose attention counts; how a KV head's query heads' attention mass is reduced
+    score: str = Score.method
+    pool: str = Score.pool
+    pool_kernel: int = Score.pool_kernel
+    observe: int = Score.observe
     staging_dtype: str = "bfloat16"  # the full-precision window's dtype: the cache dtype
-    gqa: str = "mean"  # how a KV head's query heads' attention mass is reduced
+    gqa: str = Score.gqa
     # `adapt heads`: per layer, each KV head's page (empty: every head has the layer's page)
     head_pages: tuple[tuple[LayerPage, ...], ...] = ()
     # one worker of a parallel engine (`for_worker`): the layers its pipeline stage holds, as

@@ -6,6 +6,7 @@ The JSON schema is documented in docs/plan-schema.md; bump `SCHEMA` when a field
 from __future__ import annotations
 
 from kvpolicy.diagnostics import printable
+from kvpolicy.dtypes import short_name
 from kvpolicy.format import BlockLayout
 from kvpolicy.lang.ir import QuantFormat
 from kvpolicy.plan.pages import paged_refusals
@@ -26,10 +27,6 @@ def format_label(fmt: QuantFormat) -> str:
     symmetry = " sym" if fmt.symmetric else ""
     scale = "" if fmt.scale_dtype == "fp16" else f" {fmt.scale_dtype}"
     return f"int{fmt.bits} g{fmt.group}/{axis}{symmetry}{scale}"
-
-
-def _short(dtype: str) -> str:
-    return {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
 
 
 def _guard_label(layer: LayerPlan) -> str:
@@ -70,7 +67,7 @@ def render_table(plan: Plan) -> str:
         "Memory at this context (computed exactly from the storage format, docs/format.md; "
         "not measured):",
         f"{'':<22}{'bytes/token':>12}  {'MiB':>10}  {'ratio':>7}  {'savings':>8}",
-        f"{'baseline (' + _short(plan.model.kv_dtype) + ')':<22}"
+        f"{'baseline (' + short_name(plan.model.kv_dtype) + ')':<22}"
         f"{plan.baseline_bytes / context:>12,.1f}  "
         f"{plan.baseline_bytes / MIB:>10,.1f}  {'1.00x':>7}  {'-':>8}",
         f"{policy.name[:21]:<22}{plan.compressed_bytes / context:>12,.1f}  "

@@ -21,10 +21,14 @@ import torch
 
 from kvpolicy.engines.hf import reconstruct
 from kvpolicy.engines.hf.cache import model_shape
-from kvpolicy.eval.runner import progress_bar, record_prefill, split_prompt
+from kvpolicy.eval.progress import progress_bar
+from kvpolicy.eval.prompts import split_prompt
 from kvpolicy.eval.tasks import make_samples
+from kvpolicy.eval.whole import record_prefill
 from kvpolicy.heads import write_weights
 from kvpolicy.kernels import reference as R
+from kvpolicy.lang.ir import Score
+from kvpolicy.models import DEFAULT_MODEL
 from kvpolicy.store.select import above_threshold
 from kvpolicy.tune.config import CALIBRATION_CHUNK
 
@@ -39,11 +43,11 @@ class CalibrateConfig:
     keep: float = 0.5  # share of middle tokens the threshold keeps
     sinks: int = 4
     window: int = 64
-    pool: str = "max"
-    pool_kernel: int = 7
-    gqa: str = "mean"
+    pool: str = Score.pool  # the language's defaults for `score reconstruct`
+    pool_kernel: int = Score.pool_kernel
+    gqa: str = Score.gqa
     chunk: int = CALIBRATION_CHUNK
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     command: str = ""
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvpolicy.models import DEFAULT_MODEL
+
 CALIBRATION_SEED = 1000
 DEFAULT_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "squad")
 CALIBRATION_CHUNK = 512  # the re-reading passes' chunk from which head weights are measured
@@ -39,5 +41,5 @@ class TuneConfig:
                 "tasks": list(self.tasks),
                 "samples_per_task": self.samples, "seed": self.seed, "space": self.space,
                 "finalists": self.finalists, "servable_only": self.servable_only,
-                "cache_dtype": self.cache_dtype, "model": self.model or "smollm2-135m",
+                "cache_dtype": self.cache_dtype, "model": self.model or DEFAULT_MODEL,
                 "command": self.command, **self.extra}

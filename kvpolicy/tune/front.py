@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from kvpolicy.models import DEFAULT_MODEL
+
 if TYPE_CHECKING:
-    from kvpolicy.eval.runner import EvalPolicy
+    from kvpolicy.eval.prompts import EvalPolicy
     from kvpolicy.tune.config import TuneConfig
     from kvpolicy.tune.space import Candidate
 
@@ -90,7 +92,7 @@ def best_policy_text(best: dict, rows: list[dict], config: "TuneConfig") -> str:
              if baseline["accuracy"] else "")
     header = [
         f"Chosen by kvpolicy tune at target ratio {config.target:g} for "
-        f"{config.model or 'smollm2-135m'}, on calibration samples only:",
+        f"{config.model or DEFAULT_MODEL}, on calibration samples only:",
         f"{config.samples} per task of {', '.join(config.tasks)}, ~{config.context} tokens, "
         f"seed {config.seed}, question-agnostic.",
         f"Measured there: ratio {best['ratio']:.2f}x (lowest {best['min_ratio']:.2f}x), "

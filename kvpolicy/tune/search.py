@@ -33,14 +33,18 @@ from dataclasses import dataclass, replace
 import torch
 
 from kvpolicy.engines.hf import reconstruct
-from kvpolicy.eval.runner import (EvalPolicy, answer_nll, baseline_policy, load_lines,
-                                  progress_bar, record_prefill, run_policy, split_prompt)
+from kvpolicy.eval.lines import append_line, resume_lines
+from kvpolicy.eval.progress import progress_bar
+from kvpolicy.eval.prompts import EvalPolicy, baseline_policy, split_prompt
 from kvpolicy.eval.tasks import make_samples
+from kvpolicy.eval.whole import record_prefill, run_policy
+from kvpolicy.models import DEFAULT_MODEL
 from kvpolicy.models import shape_from_config
 from kvpolicy.tune.calibrate import (CalibrateConfig, governed_layers, prompt_shares,
                                      write_head_weights)
 from kvpolicy.tune.config import TuneConfig
 from kvpolicy.tune.front import ACCURACY, HEADS, PROXY, RECORDS, means, write_front
+from kvpolicy.tune.proxy import answer_nll
 from kvpolicy.tune.space import (Candidate, candidates, checked_lengths, heads_file_name,
                                  heads_keeps, record_needs)
 
@@ -92,7 +96,7 @@ class NoCandidates(Exception):
 def tune(config: TuneConfig, model, tokenizer, progress: bool = True) -> dict:
     """Runs (or resumes) the search; writes config.json, lines.jsonl, the head-weights files,
     front.json, front.png and best.kvp under `config.out`; returns front.json's content."""
-    shape = shape_from_config(model.config.to_dict(), name=config.model or "smollm2-135m",
+    shape = shape_from_config(model.config.to_dict(), name=config.model or DEFAULT_MODEL,
                               source="transformers", kv_dtype=config.cache_dtype)
     prompts = calibration_prompts(tokenizer, config)
     lengths = sorted({int(p.context_ids.shape[1]) for p in prompts})
@@ -100,17 +104,14 @@ def tune(config: TuneConfig, model, tokenizer, progress: bool = True) -> dict:
     keeps = heads_keeps(config.space)
     config.out.mkdir(parents=True, exist_ok=True)
     lines_path = config.out / "lines.jsonl"
-    every = load_lines(lines_path)
-    with open(lines_path, "w", encoding="utf-8") as handle:  # drop a half-written last line
-        handle.writelines(json.dumps(line) + "\n" for line in every)
+    every = resume_lines(lines_path)  # drops a half-written last line
     keys = {p.key for p in prompts}  # a resumed run may have measured more samples before
     lines = [line for line in every if (line["task"], line["sample"]) in keys]
     done = {_line_key(line) for line in lines if line["stage"] != RECORDS}
 
     def write(line: dict) -> None:
         lines.append(line)  # and to the file, as it is made
-        with open(lines_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line) + "\n")
+        append_line(lines_path, line)
 
     observe, chunks = record_needs(config.space)
     records: dict[tuple, tuple] = {}  # kept between the stages: the prefill is the cost
@@ -193,7 +194,7 @@ def head_weights(config: TuneConfig, shape, prompts: list[Prompt], keeps: dict[s
     governed = governed_layers(shape)
     settings = CalibrateConfig(out=config.out, tasks=config.tasks, samples=config.samples,
                                seed=config.seed, context=config.context,
-                               model=config.model or "smollm2-135m", command=config.command)
+                               model=config.model or DEFAULT_MODEL, command=config.command)
     bar = progress_bar(len(prompts), sum(1 for key in done if key[0] == HEADS), progress,
                        "kvpolicy tune: head weights")
     for prompt in prompts:

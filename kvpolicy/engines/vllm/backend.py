@@ -31,11 +31,13 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
+from kvpolicy.dtypes import KV_DTYPES
 from kvpolicy.engines.vllm.settings import (Settings, WorkerShare, load_settings,
                                             reserve_staging)
-from kvpolicy.plan.pages import UnsupportedConfiguration
 from kvpolicy.kernels.bound import StoreKernels
 from kvpolicy.kernels.cpu import CpuKernelError
+from kvpolicy.kernels.reference import torch_dtype
+from kvpolicy.plan.pages import UnsupportedConfiguration
 from kvpolicy.prepare import FALLBACK
 from kvpolicy.store import paged
 from kvpolicy.store.paged.staging import StagingTable
@@ -100,8 +102,7 @@ def rank_report() -> dict:
 class KVPolicyBackend(AttentionBackend):
     accept_output_buffer: bool = True
     forward_includes_kv_cache_update: bool = False
-    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16,
-                                                     torch.float32]
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch_dtype(name) for name in KV_DTYPES]
     supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
 
     @staticmethod

@@ -11,21 +11,18 @@ import math
 import os
 from dataclasses import dataclass
 
-from kvpolicy.compiler.artifact import (MODEL_FIELDS, ArtifactError, CompiledPolicy, compiled_for,
-                                       load, model_mismatches, verify)
-from kvpolicy.format import DTYPE_BYTES
+from kvpolicy.dtypes import DTYPE_BYTES, HALF_DTYPES
 from kvpolicy.kernels.bound import StoreKernels
-from kvpolicy.lang.ir import Policy, policy_from_json
+from kvpolicy.kernels.reference import dtype_name
+from kvpolicy.lang.ir import Policy
 from kvpolicy.models import ModelError, ModelShape, shape_from_config
-from kvpolicy.plan.pages import PageFormat, UnsupportedConfiguration, page_format, policy_notes
-from kvpolicy.prepare import backend_for, bind_paged
+from kvpolicy.plan.pages import PageFormat, UnsupportedConfiguration, policy_notes
+from kvpolicy.prepare import CompiledPolicy, backend_for, bind_paged, open_artifact
 
 ARTIFACT_ENV = "KVPOLICY_ARTIFACT"
 STAGING_ENV = "KVPOLICY_STAGING_BLOCKS"
 KERNELS_ENV = "KVPOLICY_KERNELS"  # "compiled" (the default) or "torch": see Settings.kernels
 KERNEL_CHOICES = ("compiled", "torch")
-_DTYPE_NAMES = {"torch.float16": "float16", "torch.bfloat16": "bfloat16",
-                "torch.float32": "float32"}
 
 
 
@@ -160,28 +157,20 @@ def load_settings(artifact: str, vllm_config, worker: WorkerShare | None = None)
                                         "built by `kvpolicy compile POLICY --model M -o DIR`"])
     reasons: list[str] = []
     model_config = vllm_config.model_config
-    dtype = _DTYPE_NAMES.get(str(model_config.dtype), str(model_config.dtype))
+    dtype = dtype_name(model_config.dtype)
     try:
         engine_model = shape_from_config(model_config.hf_config.to_dict(), model_config.model,
                                          "the engine's model", kv_dtype=dtype
-                                         if dtype in ("float16", "bfloat16") else None)
+                                         if dtype in HALF_DTYPES else None)
     except ModelError as exc:
         raise UnsupportedConfiguration([str(exc)]) from None
     choice = os.environ.get(KERNELS_ENV) or "compiled"
-    compiled = None
-    try:  # verified once per process; the kernels imported only when they are to attend
-        if choice == "compiled":
-            compiled = load(artifact)
-            manifest = compiled.manifest
-        else:
-            manifest = verify(artifact)
-    except ArtifactError as exc:
-        raise UnsupportedConfiguration([str(exc)]) from None
-    model = compiled_for(manifest)
+    # verified once per process; the kernels imported only when they are to attend
+    opened = open_artifact(artifact, with_kernels=choice == "compiled")
+    model, policy = opened.model, opened.policy
     # the dtype is compared below: only 16-bit regions depend on it in pages
-    reasons += [f"artifact {artifact} was {mismatch}" for mismatch in model_mismatches(
-        model, engine_model, fields=MODEL_FIELDS)]
-    policy = policy_from_json(manifest["policy"]["ir"])
+    reasons += [f"artifact {artifact} was {mismatch}" for mismatch in opened.mismatches(
+        engine_model)]
     cache = vllm_config.cache_config
     if cache.enable_prefix_caching:
         reasons.append("prefix caching is on: a shared block would be sealed by one request "
@@ -191,8 +180,7 @@ def load_settings(artifact: str, vllm_config, worker: WorkerShare | None = None)
         reasons.append("speculative decoding is not supported")
     fmt = None
     try:
-        fmt = recorded_pages(manifest, policy, model, cache.block_size,
-                             dtype_bytes=DTYPE_BYTES.get(dtype, 2))
+        fmt = opened.pages(cache.block_size, dtype_bytes=DTYPE_BYTES.get(dtype, 2))
     except UnsupportedConfiguration as exc:
         reasons += exc.reasons
     if worker is None:
@@ -218,7 +206,7 @@ def load_settings(artifact: str, vllm_config, worker: WorkerShare | None = None)
                         page_format=fmt, staging_blocks=staging,
                         kv_bytes=getattr(cache, "kv_cache_memory_bytes", None),
                         kernel_choice=choice, worker=worker, model_kv_heads=model_kv_heads,
-                        compiled=compiled)
+                        compiled=opened.compiled)
     if settings.kv_bytes and settings.pool_bytes <= 0:
         raise UnsupportedConfiguration([
             f"full-precision staging ({staging} blocks for {scheduler.max_num_seqs} sequences "
@@ -228,26 +216,6 @@ def load_settings(artifact: str, vllm_config, worker: WorkerShare | None = None)
             f"(each {fmt.block_size} tokens of a step stage one block: "
             f"{fmt.staging_bytes(1):,} bytes) or --max-num-seqs"])
     return settings
-
-
-def recorded_pages(manifest: dict, policy: Policy, model: ModelShape, block_size: int,
-                   dtype_bytes: int) -> PageFormat:
-    """The page plan the artifact's manifest records for `block_size` (`PageFormat.from_json`;
-    `dtype_bytes`: the engine's 16-bit page, the baseline). A block size it records none for is
-    refused with page_format's reasons (e.g. not a multiple of a format's unit), or with the
-    sizes it records."""
-    recorded = manifest.get("pages", {}).get(str(block_size))
-    if recorded is not None:
-        try:
-            return PageFormat.from_json(recorded, dtype_bytes=dtype_bytes)
-        except ValueError as exc:
-            raise UnsupportedConfiguration([f"the artifact's page plan for block size "
-                                            f"{block_size}: {exc}"]) from None
-    page_format(policy, model, block_size)  # raises with the reasons, when there are any
-    sizes = ", ".join(sorted(manifest.get("pages", {}), key=int)) or "none"
-    raise UnsupportedConfiguration([
-        f"block size {block_size}: the artifact records page plans for block sizes {sizes} "
-        "(every size of kvpolicy.plan.pages.BLOCK_SIZES its formats allow); use one of them"])
 
 
 def reserve_staging(settings: Settings, cache_config) -> None:

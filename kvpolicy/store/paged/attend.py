@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from kvpolicy.kernels.reference import HALF_TORCH_DTYPES
 from kvpolicy.store.paged.read import Past
 
 QUERY_CHUNK = 512  # queries per softmax when attention mass is recorded (bounds its memory)
@@ -16,7 +17,7 @@ def chunk_dtype(query: torch.Tensor, record: bool) -> torch.dtype | None:
     """The dtype a chunk of queries [m, Hq, D] attends in when it is a prompt chunk (m > 1) with
     no attention mass to record and the engine computes in 16 bits: the engine's (as vLLM's own
     attention does); None when the rule does not apply (`attend`)."""
-    sixteen = query.dtype in (torch.float16, torch.bfloat16)
+    sixteen = query.dtype in HALF_TORCH_DTYPES
     return query.dtype if sixteen and query.shape[0] > 1 and not record else None
 
 
@@ -42,7 +43,7 @@ def attend(query: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tens
     group = q_heads // kv_heads
     p = past_keys.shape[1]
     device = query.device
-    all_staged = mass_reduce is None and query.dtype in (torch.float16, torch.bfloat16) and \
+    all_staged = mass_reduce is None and query.dtype in HALF_TORCH_DTYPES and \
         new_keys.dtype == past_keys.dtype == query.dtype  # e.g. a token over a staged-only past
     causal = None if p == 0 or m == 1 else \
         torch.arange(p + m, device=device)[None, :] <= (p + torch.arange(m, device=device))[:, None]

@@ -20,7 +20,6 @@ def new_staging(fmt: PageFormat, slots: int, heads: int, device=None):
     return tokens, mass
 
 
-
 def _layer_run(pages: torch.Tensor, fmt: PageFormat, layer: int) -> torch.Tensor:
     """`layer`'s pages of every block in vLLM's cache, [num_blocks, layer_run bytes] (a view:
     writes land in the cache). `pages` is the layer's own view [num_blocks, H, 1, page_bytes] of
