@@ -593,6 +593,11 @@ def test_settings_load_the_seed_policy_and_say_where_pages_differ(tmp_path):
     assert s.staging_blocks == 4 * (1 + 2048 // 256 + 2) + 1  # sinks' block, window, open block
     text = s.describe()
     assert f"{fmt.capacity_ratio:.2f}x" in text and "keep 32/" in text
+    # what one request holds, at the standard lengths within the model's, as `plan` prints it
+    assert "kvpolicy: Served by paged engines (vLLM, kvpolicy's paged store), blocks of 256" in text
+    for context in (2048, 4096, 8192):
+        served = fmt.baseline_bytes(context) / fmt.held_bytes(context)
+        assert f"{context:>9,}" in text and f"{served:>7.2f}x" in text
     for words in ("note: retention in pages", "note: cluster evicted k 20",
                   "note: keep sinks 4", "note: adapt"):
         assert words in text, text

@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tokens in the prompt (default: the model's maximum)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON "
                       "(schema: docs/plan-schema.md)")
+    plan.add_argument("--block-size", type=int, metavar="N",
+                      help="also what one request holds served by the paged engines (vLLM, "
+                      "the paged store) with blocks of N tokens, at the context and at "
+                      "2k/4k/8k/32k")
     plan.set_defaults(run=cmd_plan)
 
     compile_ = commands.add_parser("compile", help="generate the policy's Triton kernels")

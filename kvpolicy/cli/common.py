@@ -13,6 +13,7 @@ from kvpolicy.diagnostics import Diagnostic, PolicyError, printable
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERNAL = 0, 1, 70
 MAX_TOKENS = 2**31 - 1  # kvpolicy.lang.ir.MAX_TOKENS, without importing the front end
+MAX_BLOCK_SIZE = 4096  # tokens per block of a paged engine, as --block-size takes it
 
 
 class Reporter:

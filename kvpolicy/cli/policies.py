@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from kvpolicy.cli.common import (EXIT_ERROR, EXIT_OK, Reporter, model_for, plan_or_report,
-                                 policy_and_model, write_atomically)
+from kvpolicy.cli.common import (EXIT_ERROR, EXIT_OK, MAX_BLOCK_SIZE, Reporter, model_for,
+                                 plan_or_report, policy_and_model, write_atomically)
 from kvpolicy.diagnostics import PolicyError, printable
 from kvpolicy.files import reason, shown_path
 
@@ -73,7 +73,11 @@ def cmd_fmt(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from kvpolicy.plan.report import render_table, to_json
+    from kvpolicy.plan.served import served_contexts, served_view
     reporter = Reporter()
+    if args.block_size is not None and not 1 <= args.block_size <= MAX_BLOCK_SIZE:
+        reporter.fail(f"--block-size {args.block_size}: between 1 and {MAX_BLOCK_SIZE:,} tokens")
+        return EXIT_ERROR
     chosen = policy_and_model(args, reporter)
     if chosen is None:
         return EXIT_ERROR
@@ -84,11 +88,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = plan_or_report(policy, model, args.context, reporter)
     if plan is None:
         return EXIT_ERROR
+    served = None
+    if args.block_size is not None:
+        served = served_view(policy, model, args.block_size,
+                             served_contexts(plan.context, model.max_context))
     if args.json:
-        json.dump(to_json(plan), sys.stdout, indent=2)
+        record = to_json(plan)
+        if served is not None:
+            record["served"] = served.to_json()
+        json.dump(record, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print(render_table(plan))
+        if served is not None:
+            print("\n" + "\n".join(served.lines()))
     return EXIT_OK
 
 

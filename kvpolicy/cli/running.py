@@ -9,8 +9,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from kvpolicy.cli.common import (EXIT_ERROR, EXIT_OK, Reporter, loaded_model, parse_context,
-                                 unwritable_directory)
+from kvpolicy.cli.common import (EXIT_ERROR, EXIT_OK, MAX_BLOCK_SIZE, Reporter, loaded_model,
+                                 parse_context, unwritable_directory)
 from kvpolicy.diagnostics import PolicyError, printable
 from kvpolicy.models import DEFAULT_MODEL
 
@@ -268,8 +268,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.ablation:
             reporter.fail("--ablation runs on --engine hf only")
             return EXIT_ERROR
-        if args.block_size < 1 or args.block_size > 4096:
-            reporter.fail(f"--block-size {args.block_size}: between 1 and 4,096 tokens")
+        if not 1 <= args.block_size <= MAX_BLOCK_SIZE:
+            reporter.fail(f"--block-size {args.block_size}: between 1 and {MAX_BLOCK_SIZE:,} "
+                          "tokens")
             return EXIT_ERROR
         if args.engine == "vllm":
             try:

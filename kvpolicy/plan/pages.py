@@ -16,13 +16,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from kvpolicy.dtypes import DTYPE_BYTES
 from kvpolicy.format import BlockLayout, block_layout, block_tokens
 from kvpolicy.lang.ir import Policy, QuantFormat, Score
 from kvpolicy.models import ModelShape
 from kvpolicy.plan.planner import (block_layouts, block_retain_ratios, guarded_tokens,
-                                   head_units, layer_formats)
+                                   head_units, layer_formats, ranges)
 
 PAGE_ALIGN = 16  # bytes: every section of a format block is 16-byte aligned, and so every page
 
@@ -40,6 +41,14 @@ def sealed(block_index: int, seq_len: int, block_size: int, window: int,
     last token has left the full-precision window (`blocks_left_window`); the blocks holding the
     policy's sinks (the first `sink_blocks`) never are: they stay staged at full precision."""
     return sink_blocks <= block_index < blocks_left_window(seq_len, block_size, window)
+
+
+class HeldBytes(NamedTuple):
+    """One request's bytes in a paged engine, by where they are."""
+
+    pool: int  # pool pages of every block, sealed or staged
+    window_staging: int  # full-precision staging of the blocks not sealed yet (window, open)
+    sinks_staging: int  # full-precision staging of the sinks' blocks, for the request's life
 
 
 class UnsupportedConfiguration(ValueError):
@@ -295,15 +304,28 @@ class PageFormat:
         return sealed(block_index, seq_len, self.block_size, self.window, self.sink_blocks)
 
     def held_bytes(self, seq_len: int) -> int:
-        """Exact bytes one sequence of `seq_len` tokens holds in a paged store: a pool block per
+        """Exact bytes one sequence of `seq_len` tokens holds in a paged store (the sum of
+        `request_bytes`)."""
+        return sum(self.request_bytes(seq_len))
+
+    def request_bytes(self, seq_len: int) -> HeldBytes:
+        """What one sequence of `seq_len` tokens holds in a paged store, exactly: a pool block per
         `block_size` tokens (every layer's pages of it, sealed or not: that is what the pool
-        allocates) and, for each block not yet sealed, a staging slot per layer — full-precision
-        keys and values in the staging dtype and fp32 attention mass when snapkv importance is
-        in use."""
+        allocates) and, for each block not yet sealed — the sinks' blocks, the window's and the
+        open one — a staging slot per layer: full-precision keys and values in the staging
+        dtype and fp32 attention mass when snapkv importance is in use."""
         blocks = -(-seq_len // self.block_size)
-        staged = sum(1 for j in range(blocks) if not self.sealed(j, seq_len))
-        return (blocks * len(self.held) * self.kv_heads * self.page_bytes
-                + self.staging_bytes(staged))
+        sinks = min(self.sink_blocks, blocks)
+        staged = sum(1 for j in range(sinks, blocks) if not self.sealed(j, seq_len))
+        return HeldBytes(pool=blocks * len(self.held) * self.kv_heads * self.page_bytes,
+                         window_staging=self.staging_bytes(staged),
+                         sinks_staging=self.staging_bytes(sinks))
+
+    def baseline_bytes(self, seq_len: int) -> int:
+        """The 16-bit cache of `seq_len` tokens in the same layers and KV heads (the whole-prompt
+        plan's baseline)."""
+        return seq_len * 2 * self.head_dim * self.dtype_bytes * len(self.held) * \
+            self.kv_heads
 
     def to_json(self) -> dict:
         by_head = {}
@@ -462,14 +484,12 @@ def page_format(policy: Policy, model: ModelShape, block_size: int,
     """The page format of `policy` on `model` with vLLM blocks of `block_size` tokens; raises
     UnsupportedConfiguration listing every reason it cannot be built."""
     reasons = paged_refusals(policy) + model_refusals(model)
-    pages, pools = [], {}
+    pages, pools, misfits = [], {}, {}
     ratios = block_retain_ratios(policy, model)
     for index, (keys, values, guard) in enumerate(layer_formats(policy, model)):
         unit = block_tokens(keys, values, model.head_dim, model.kv_dtype, positions=False)
         if block_size % unit:
-            reasons.append(f"layer {index}: block size {block_size} is not a multiple of the "
-                           f"format's {unit}-token unit (per-channel groups need whole blocks; "
-                           f"use --block-size {unit} or a multiple)")
+            misfits.setdefault(unit, []).append(index)
             continue
         selected = block_size
         if ratios[index] < 1.0:
@@ -480,6 +500,12 @@ def page_format(policy: Policy, model: ModelShape, block_size: int,
                                                   positions=False)
         pages.append(LayerPage(guard=guard_layout, body=body_layout, guard_tokens=guard_tokens,
                                body_tokens=selected - guard_tokens))
+    for unit, layers in misfits.items():
+        where = ("every layer" if len(layers) == model.num_layers else
+                 f"layer{'s' if len(layers) > 1 else ''} {ranges(layers)}")
+        reasons.append(f"{where}: block size {block_size} is not a multiple of the format's "
+                       f"{unit}-token unit (per-channel groups need whole blocks; use "
+                       f"--block-size {unit} or a multiple)")
     head_pages = ()
     if not reasons and policy.adapt is not None and policy.adapt.static and pools:
         head_pages = _head_pages(policy, model, block_size, ratios, pages, pools, reasons)

@@ -17,6 +17,7 @@ from kvpolicy.kernels.reference import dtype_name
 from kvpolicy.lang.ir import Policy
 from kvpolicy.models import ModelError, ModelShape, shape_from_config
 from kvpolicy.plan.pages import PageFormat, UnsupportedConfiguration, policy_notes
+from kvpolicy.plan.served import served_contexts, served_view
 from kvpolicy.prepare import CompiledPolicy, backend_for, bind_paged, open_artifact
 
 ARTIFACT_ENV = "KVPOLICY_ARTIFACT"
@@ -137,8 +138,10 @@ class Settings:
                      "memory)")
         if not self.worker.alone:
             text = self.worker.describe(f, self.model_kv_heads) + "\n" + text
-        return "\n".join([text, self.kernels_line()]
-                         + [f"kvpolicy: note: {n}" for n in self.notes])
+        served = served_view(self.policy, self.compiled_for, f.block_size,
+                             served_contexts(None, self.compiled_for.max_context), fmt=f)
+        return "\n".join([text, *(f"kvpolicy: {line}" for line in served.lines()),
+                          self.kernels_line()] + [f"kvpolicy: note: {n}" for n in self.notes])
 
 
 def staging_blocks_for(fmt: PageFormat, max_num_seqs: int, max_batched_tokens: int) -> int:
