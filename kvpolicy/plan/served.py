@@ -16,10 +16,10 @@ from kvpolicy.lang.ir import Policy
 from kvpolicy.models import ModelShape
 from kvpolicy.plan.pages import PageFormat, UnsupportedConfiguration, page_format
 from kvpolicy.plan.planner import make_plan
+from kvpolicy.plan.report import MIB
 
 SERVED_CONTEXTS = (2048, 4096, 8192, 32768)  # the lengths every served view shows (≤ the model's)
 ENGINES = "paged engines (vLLM, kvpolicy's paged store)"
-MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
