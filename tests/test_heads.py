@@ -238,10 +238,12 @@ def test_pages_split_each_pools_block_units_by_the_weights(tmp_path):
     assert fmt.to_json()["selected_tokens_per_block_by_head"] == counts
 
 
-def test_a_rank_holding_some_heads_is_refused(tmp_path):
+def test_a_rank_reads_only_its_share_of_the_heads_pages(tmp_path):
     fmt = page_format(checked(write_policy(tmp_path)), SMOL, 128)
-    with pytest.raises(UnsupportedConfiguration, match="tensor-parallel-size 1"):
-        fmt.head_groups(0, 1)
+    with pytest.raises(UnsupportedConfiguration, match="was not taken for its tensor-parallel"):
+        fmt.head_groups(0, 1)  # the one-process pages, read by a worker of one head
+    share = fmt.for_worker(3, [(0, SMOL.num_layers)], 0, 2)
+    assert [g.page for g in share.head_groups(0, 1)] == [fmt.pages_of(0)[2]]
     kivi = page_format(check_file(ROOT / "policies" / "kivi.kvp").policy, SMOL, 32)
     assert kivi.layer_offset(2, 1) * 3 == kivi.layer_offset(2, 3)  # uniform pages split
 
@@ -259,9 +261,10 @@ def test_an_artifact_of_it_loads_with_its_page_plans(tmp_path):
         for layer in range(SMOL.num_layers)]
 
 
-def test_vllm_settings_load_it_and_refuse_tensor_parallel_ranks(tmp_path):
+def test_vllm_settings_load_it_one_process_and_per_tensor_parallel_rank(tmp_path):
     """vLLM's start-up (no engine needed): the artifact loads with per-head pages; a worker that
-    would hold some of the heads (tensor parallelism) is refused before any step."""
+    holds some of the heads (tensor parallelism) holds its heads' pages, at the page size of
+    the rank whose heads keep the most."""
     from types import SimpleNamespace
 
     from kvpolicy.compiler.artifact import compile_policy
@@ -274,8 +277,11 @@ def test_vllm_settings_load_it_and_refuse_tensor_parallel_ranks(tmp_path):
     text = settings.describe()
     assert "tokens per layer and KV head" in text and "note: adapt heads" in text
     config.parallel_config = SimpleNamespace(tensor_parallel_size=3)
-    with pytest.raises(UnsupportedConfiguration, match="holds 1 of them"):
-        load_settings(str(tmp_path / "art"), config)
+    rank = load_settings(str(tmp_path / "art"), config).page_format  # rank 0 of 3
+    assert rank.kv_heads == 1 and rank.head_pages == tuple(
+        heads[:1] for heads in settings.page_format.head_pages)
+    assert rank.page_bytes == max(settings.page_format._share(3, r, (0, SMOL.num_layers))
+                                  .page_bytes for r in range(3))
 
 
 KEYNORM_GUARDS = """policy p {

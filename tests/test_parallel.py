@@ -82,12 +82,56 @@ def test_a_stage_seals_its_layers_into_its_own_cache(write_policy, stage):
     assert cache[[0, 2, 4]].count_nonzero() == 0
 
 
+def test_a_rank_holds_its_own_heads_pages_padded_to_the_largest_ranks():
+    """adapt heads under tensor parallelism: each rank's share is its KV heads' own pages, at
+    the page size of the rank whose heads keep the most (the others pad)."""
+    fmt = pages.page_format(load_policy(POLICIES / "heads_8x_keep30.kvp"), SMOL, 64)
+    shares = [fmt.for_worker(3, [(0, 30)], 0, rank) for rank in range(3)]
+    means = [share._share(3, rank, (0, 30)).page_bytes for rank, share in enumerate(shares)]
+    assert len(set(means)) > 1  # the calibration gives the heads different budgets
+    for rank, share in enumerate(shares):
+        assert share.kv_heads == 1 and share.page_bytes == max(means)
+        assert [share.pages_of(layer) for layer in range(30)] == \
+            [fmt.pages_of(layer)[rank:rank + 1] for layer in range(30)]
+        own = sum(page.nbytes for layer in range(30) for page in share.pages_of(layer))
+        assert share.padding_bytes == 30 * share.page_bytes - own
+    # what the ranks hold together is the one-process page, padded: never less
+    assert sum(share.held_bytes(4096) for share in shares) >= fmt.held_bytes(4096)
+
+
+def test_each_rank_seals_its_heads_as_the_one_process_store_does():
+    """Per-head pages sealed by each rank's share of the format, over its head's staging, are
+    bit-identical to the same head's pages sealed by the one-process format."""
+    fmt = pages.page_format(load_policy(POLICIES / "heads_8x_keep30.kvp"), SMOL, 64)
+    torch.manual_seed(0)
+    staging = {layer: torch.randn(2, 3, 64, 2, 64) for layer in range(30)}
+    blocks, slots = torch.tensor([3, 1]), torch.tensor([0, 1])
+    _, whole = stage_cache(fmt, 5)
+    for layer in range(30):
+        paged.seal_blocks(whole[layer], staging[layer], blocks, slots, fmt, layer)
+    for rank in range(3):
+        share = fmt.for_worker(3, [(0, 30)], 0, rank)
+        _, views = stage_cache(share, 5)
+        for layer in range(30):
+            paged.seal_blocks(views[layer], staging[layer][:, rank:rank + 1], blocks, slots,
+                              share, layer)
+            mine = share.head_groups(layer, 1)[0]
+            theirs = next(g for g in fmt.head_groups(layer, 3) if rank in range(g.first,
+                                                                              g.first + g.count))
+            got = paged.group_pages(views[layer], share, mine)[blocks, 0]
+            want = paged.group_pages(whole[layer], fmt, theirs)[blocks, rank - theirs.first]
+            assert torch.equal(got, want), (rank, layer)
+
+
 def test_splits_that_cannot_hold_the_pages_are_refused(write_policy):
     kivi = pages.page_format(load_policy(POLICIES / "kivi.kvp"), SMOL, 32)
     with pytest.raises(pages.UnsupportedConfiguration, match="3 KV heads do not split over 2"):
         kivi.for_worker(2, [(0, 30)], 0)
     with pytest.raises(pages.UnsupportedConfiguration, match="do not cover"):
         kivi.for_worker(1, [(0, 14), (15, 30)], 0)
+    heads = pages.page_format(load_policy(POLICIES / "heads_8x_keep30.kvp"), SMOL, 64)
+    with pytest.raises(pages.UnsupportedConfiguration, match="was not taken for its tensor"):
+        heads.head_groups(0, 1)  # the one-process format read by a one-head worker
 
 
 def test_start_up_says_what_each_worker_holds(tmp_path):

@@ -70,9 +70,16 @@ def tiny(tmp_path_factory):
 def artifacts(tiny, tmp_path_factory):
     folder = tmp_path_factory.mktemp("parallel")
     (folder / "evicting.kvp").write_text(EVICTING)
+    # the same with a budget per KV head: heads 0-1 (rank 0's under TP=2) keep less than 2-3
+    head_file.write_weights(folder / "heads.json", [[1.0, 2.0, 3.0, 4.0]] * LAYERS,
+                            {"name": "tiny", "num_layers": LAYERS, "num_kv_heads": KV_HEADS},
+                            {"statistic": "test"})
+    (folder / "heads.kvp").write_text(EVICTING.replace(
+        "policy evicting {", 'policy heads {\n    adapt heads "heads.json"'))
     shape = resolve_model(str(tiny[0]))
     out = {}
-    for name, source in (("kivi", POLICIES / "kivi.kvp"), ("evicting", folder / "evicting.kvp")):
+    for name, source in (("kivi", POLICIES / "kivi.kvp"), ("evicting", folder / "evicting.kvp"),
+                         ("heads", folder / "heads.kvp")):
         out[name] = folder / name
         compile_policy(load_policy(source), shape, out[name])
     return out
@@ -146,22 +153,17 @@ def test_each_rank_holds_the_page_plans_share_of_tokens(engine, tiny, artifacts,
                 if r["pp_rank"] == stage] == [expected] * tensor
 
 
-def test_a_split_the_pages_cannot_take_is_refused_at_start_up(tiny, tmp_path):
-    """Per-head pages (adapt heads) under tensor parallelism: every worker refuses before any
-    step, with the reason."""
-    model, prompts = tiny
-    head_file.write_weights(tmp_path / "heads.json", [[1.0, 2.0, 3.0, 4.0]] * LAYERS,
-                            {"name": "tiny", "num_layers": LAYERS, "num_kv_heads": KV_HEADS},
-                            {"statistic": "test"})
-    (tmp_path / "heads.kvp").write_text(EVICTING.replace("policy evicting {", 'policy heads {\n'
-                                                         '    adapt heads "heads.json"'))
-    compile_policy(load_policy(tmp_path / "heads.kvp"), resolve_model(str(model)),
-                   tmp_path / "heads")
-    with pytest.raises(offline.EngineFailed) as failed:
-        offline.generate(prompts[:1], model, tmp_path / "heads", max_tokens=2, dtype="float32",
-                         block_size=BLOCK, kv_cache_memory_bytes=KV_BYTES,
-                         tensor_parallel_size=2)
-    assert len(failed.value.reasons) == 1, failed.value.stderr[-3000:]
-    assert "a worker of --tensor-parallel-size 2 holds 2 of them: per-head pages are not split " \
-           "across ranks" in failed.value.reasons[0]
-    assert "kvpolicy refused: adapt heads gives each" in str(failed.value)
+def test_per_head_pages_split_over_tensor_parallel_ranks(engine, tiny, artifacts):
+    """adapt heads at TP=2: each rank holds its two KV heads' own pages (rank 0's keep less and
+    pad to rank 1's page size, as vLLM gives every rank one page size), seals and attends over
+    them, and the greedy tokens equal the one-process engine's."""
+    alone, parallel = engine("heads"), engine("heads", 2, 1)
+    assert parallel.token_ids == alone.token_ids
+    assert parallel.sealed_blocks == alone.sealed_blocks and min(alone.sealed_blocks) > 0
+    fmt = plan(tiny, artifacts, "heads")
+    assert len({page.selected for page in fmt.pages_of(0)}) > 1  # heads keep different counts
+    ranks = sorted(parallel.ranks, key=lambda r: r["tp_rank"])
+    shares = [fmt.for_worker(2, [(0, LAYERS)], 0, rank) for rank in range(2)]
+    assert [(r["kv_heads"], r["page_bytes"], r["padding_bytes"]) for r in ranks] == \
+        [(2, share.page_bytes, share.padding_bytes) for share in shares]
+    assert ranks[0]["padding_bytes"] > ranks[1]["padding_bytes"]

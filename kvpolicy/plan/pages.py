@@ -175,23 +175,21 @@ class PageFormat:
         return range(*self.held_layers) if self.held_layers else range(len(self.layers))
 
     def for_worker(self, tensor_parallel: int, stages: list[tuple[int, int]],
-                   stage: int) -> PageFormat:
+                   stage: int, tensor_rank: int = 0) -> PageFormat:
         """The pages one worker of a parallel engine holds: under tensor parallelism
-        (`tensor_parallel` ranks) its share of the KV heads — kv_heads / ranks of them, or one
-        when vLLM replicates heads over more ranks than there are — and under pipeline
-        parallelism (`stages`: each stage's layers as (first, end)) the layers of its `stage`.
-        vLLM gives every layer of every stage the same page size, so the page is the largest
-        stage's mean (`pool_page_bytes`); a stage holding smaller pages leaves the difference as
-        padding. Raises UnsupportedConfiguration when the pages cannot be split that way."""
+        (`tensor_parallel` ranks) the KV heads of its `tensor_rank` — kv_heads / ranks
+        consecutive heads, or one when vLLM replicates heads over more ranks than there are
+        (`rank_heads`) — and under pipeline parallelism (`stages`: each stage's layers as
+        (first, end)) the layers of its `stage`. vLLM gives every layer of every worker the same
+        page size (one block table for all), so the page is the largest worker's mean
+        (`pool_page_bytes`): a worker holding smaller pages — a stage of lighter layers, or a
+        rank whose heads `adapt heads` gives fewer tokens — leaves the difference as padding
+        (`padding_bytes`). Raises UnsupportedConfiguration when the pages cannot be split that
+        way."""
         reasons = []
-        heads = max(1, self.kv_heads // tensor_parallel)
-        if tensor_parallel > 1 and self.head_pages:
-            reasons.append(
-                f"adapt heads gives each of the model's {self.kv_heads} KV heads its own page, "
-                f"and a worker of --tensor-parallel-size {tensor_parallel} holds {heads} of "
-                "them: per-head pages are not split across ranks (vLLM gives every rank the "
-                "same page size); serve it with --tensor-parallel-size 1 (pipeline parallelism "
-                "splits layers, not heads, and is fine)")
+        if not (0 <= tensor_rank < tensor_parallel and 0 <= stage < len(stages)):
+            reasons.append(f"no worker at tensor-parallel rank {tensor_rank} of "
+                           f"{tensor_parallel} and pipeline stage {stage} of {len(stages)}")
         if self.kv_heads % tensor_parallel and tensor_parallel % self.kv_heads:
             reasons.append(f"the model's {self.kv_heads} KV heads do not split over "
                            f"{tensor_parallel} tensor-parallel ranks")
@@ -201,10 +199,30 @@ class PageFormat:
                            f"{len(self.layers)} layers once each, in order")
         if reasons:
             raise UnsupportedConfiguration(reasons)
-        shares = [dataclasses.replace(self, kv_heads=heads, held_layers=tuple(layers),
-                                      pool_page_bytes=None) for layers in stages]
-        pool = max(share.page_bytes for share in shares)
-        return dataclasses.replace(shares[stage], pool_page_bytes=pool)
+        shares = {(rank, index): self._share(tensor_parallel, rank, layers)
+                  for rank in range(tensor_parallel) for index, layers in enumerate(stages)}
+        pool = max(share.page_bytes for share in shares.values())
+        return dataclasses.replace(shares[tensor_rank, stage], pool_page_bytes=pool)
+
+    def rank_heads(self, tensor_parallel: int, tensor_rank: int) -> range:
+        """The model's KV heads that tensor-parallel rank `tensor_rank` of `tensor_parallel`
+        holds (vLLM's split: consecutive heads; each head replicated over tensor_parallel /
+        kv_heads ranks when there are more ranks than heads)."""
+        if tensor_parallel <= self.kv_heads:
+            per_rank = self.kv_heads // tensor_parallel
+            return range(tensor_rank * per_rank, (tensor_rank + 1) * per_rank)
+        first = tensor_rank * self.kv_heads // tensor_parallel
+        return range(first, first + 1)
+
+    def _share(self, tensor_parallel: int, tensor_rank: int,
+               layers: tuple[int, int]) -> PageFormat:
+        """One worker's heads and layers at its own page size (`for_worker` pads them)."""
+        heads = self.rank_heads(tensor_parallel, tensor_rank)
+        head_pages = tuple(row[heads.start:heads.stop] for row in self.head_pages)
+        widest = tuple(max(row, key=lambda page: page.selected) for row in head_pages)
+        return dataclasses.replace(self, kv_heads=len(heads), held_layers=tuple(layers),
+                                   pool_page_bytes=None, head_pages=head_pages,
+                                   layers=widest or self.layers)
 
     def pages_of(self, layer: int) -> tuple[LayerPage, ...]:
         """Each KV head's page in `layer`."""
@@ -219,12 +237,13 @@ class PageFormat:
 
     def check_rank_heads(self, heads: int) -> None:
         """Raises UnsupportedConfiguration when a worker holding `heads` of the model's KV heads
-        (tensor parallelism) cannot hold its share of the pages: per-head pages do not split."""
+        (tensor parallelism) cannot read these pages: per-head pages are laid out for the
+        heads they were planned for (a worker's share: `for_worker`)."""
         if self.head_pages and heads != self.kv_heads:
             raise UnsupportedConfiguration([
-                f"adapt heads gives each of the model's {self.kv_heads} KV heads its own page, "
-                f"and this worker holds {heads} of them (tensor parallelism): per-head pages "
-                "are not split across ranks; serve it with --tensor-parallel-size 1"])
+                f"adapt heads gives each of these pages' {self.kv_heads} KV heads its own page, "
+                f"and this worker holds {heads} KV heads: its share of the pages was not taken "
+                "for its tensor-parallel rank (PageFormat.for_worker)"])
 
     def head_groups(self, layer: int, heads: int) -> tuple[HeadGroup, ...]:
         """`layer`'s KV heads (`heads`: those this rank holds) in runs of equal pages, in head

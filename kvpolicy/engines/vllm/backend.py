@@ -94,6 +94,7 @@ def rank_report() -> dict:
     return {"tp_rank": w.tensor_rank, "tp_size": w.tensor_size, "pp_rank": w.pipeline_rank,
             "pp_size": max(1, len(w.stages)), "kv_heads": f.kv_heads,
             "layers": [f.held.start, f.held.stop], "page_bytes": f.page_bytes,
+            "padding_bytes": f.padding_bytes,
             "baseline_page_bytes": f.baseline_page_bytes, "staging_bytes": s.staging_bytes,
             "pool_bytes": s.pool_bytes, "whole_process_ratio": s.whole_process_ratio(),
             "sealed_blocks": dict(SEALED_BLOCKS), "staging_moves": dict(STAGING_MOVES)}

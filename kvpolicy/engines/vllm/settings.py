@@ -194,7 +194,7 @@ def load_settings(artifact: str, vllm_config, worker: WorkerShare | None = None)
         try:  # this worker's heads and layers
             fmt = fmt.for_worker(worker.tensor_size,
                                  list(worker.stages) or [(0, len(fmt.layers))],
-                                 worker.pipeline_rank)
+                                 worker.pipeline_rank, worker.tensor_rank)
         except UnsupportedConfiguration as exc:
             reasons += exc.reasons
     if reasons:
