@@ -43,6 +43,23 @@ def sealed(block_index: int, seq_len: int, block_size: int, window: int,
     return sink_blocks <= block_index < blocks_left_window(seq_len, block_size, window)
 
 
+def rank_heads(kv_heads: int, tensor_parallel: int, tensor_rank: int) -> range:
+    """The model's KV heads (of `kv_heads`) that tensor-parallel rank `tensor_rank` of
+    `tensor_parallel` holds — vLLM's split: consecutive heads, each head replicated over
+    tensor_parallel / kv_heads ranks when there are more ranks than heads."""
+    if tensor_parallel <= kv_heads:
+        per_rank = kv_heads // tensor_parallel
+        return range(tensor_rank * per_rank, (tensor_rank + 1) * per_rank)
+    first = tensor_rank * kv_heads // tensor_parallel
+    return range(first, first + 1)
+
+
+def widest_pages(head_pages: tuple[tuple[LayerPage, ...], ...]) -> tuple[LayerPage, ...]:
+    """Per layer, the page of its KV head that keeps the most tokens (`PageFormat.layers` under
+    `adapt heads`)."""
+    return tuple(max(heads, key=lambda page: page.selected) for heads in head_pages)
+
+
 class HeldBytes(NamedTuple):
     """One request's bytes in a paged engine, by where they are."""
 
@@ -204,25 +221,14 @@ class PageFormat:
         pool = max(share.page_bytes for share in shares.values())
         return dataclasses.replace(shares[tensor_rank, stage], pool_page_bytes=pool)
 
-    def rank_heads(self, tensor_parallel: int, tensor_rank: int) -> range:
-        """The model's KV heads that tensor-parallel rank `tensor_rank` of `tensor_parallel`
-        holds (vLLM's split: consecutive heads; each head replicated over tensor_parallel /
-        kv_heads ranks when there are more ranks than heads)."""
-        if tensor_parallel <= self.kv_heads:
-            per_rank = self.kv_heads // tensor_parallel
-            return range(tensor_rank * per_rank, (tensor_rank + 1) * per_rank)
-        first = tensor_rank * self.kv_heads // tensor_parallel
-        return range(first, first + 1)
-
     def _share(self, tensor_parallel: int, tensor_rank: int,
                layers: tuple[int, int]) -> PageFormat:
         """One worker's heads and layers at its own page size (`for_worker` pads them)."""
-        heads = self.rank_heads(tensor_parallel, tensor_rank)
+        heads = rank_heads(self.kv_heads, tensor_parallel, tensor_rank)
         head_pages = tuple(row[heads.start:heads.stop] for row in self.head_pages)
-        widest = tuple(max(row, key=lambda page: page.selected) for row in head_pages)
         return dataclasses.replace(self, kv_heads=len(heads), held_layers=tuple(layers),
                                    pool_page_bytes=None, head_pages=head_pages,
-                                   layers=widest or self.layers)
+                                   layers=widest_pages(head_pages) or self.layers)
 
     def pages_of(self, layer: int) -> tuple[LayerPage, ...]:
         """Each KV head's page in `layer`."""
@@ -528,7 +534,7 @@ def page_format(policy: Policy, model: ModelShape, block_size: int,
     head_pages = ()
     if not reasons and policy.adapt is not None and policy.adapt.static and pools:
         head_pages = _head_pages(policy, model, block_size, ratios, pages, pools, reasons)
-        pages = [max(heads, key=lambda page: page.selected) for heads in head_pages]
+        pages = list(widest_pages(head_pages))
     if reasons:
         raise UnsupportedConfiguration(sorted(set(reasons), key=reasons.index))
     score = policy.score

@@ -16,7 +16,7 @@ from kvpolicy.kernels.bound import StoreKernels
 from kvpolicy.kernels.reference import dtype_name
 from kvpolicy.lang.ir import Policy
 from kvpolicy.models import ModelError, ModelShape, shape_from_config
-from kvpolicy.plan.pages import PageFormat, UnsupportedConfiguration, policy_notes
+from kvpolicy.plan.pages import PageFormat, UnsupportedConfiguration, policy_notes, rank_heads
 from kvpolicy.plan.served import served_contexts, served_view
 from kvpolicy.prepare import CompiledPolicy, backend_for, bind_paged, open_artifact
 
@@ -44,12 +44,9 @@ class WorkerShare:
 
     def describe(self, fmt: PageFormat, model_kv_heads: int) -> str:
         """What this worker holds, for its start-up lines."""
-        if model_kv_heads >= self.tensor_size:
-            first = self.tensor_rank * fmt.kv_heads
-        else:  # vLLM replicates each KV head over tensor_size / kv_heads ranks
-            first = self.tensor_rank * model_kv_heads // self.tensor_size
-        heads = f"KV head {first}" if fmt.kv_heads == 1 else \
-            f"KV heads {first}-{first + fmt.kv_heads - 1}"
+        held = rank_heads(model_kv_heads, self.tensor_size, self.tensor_rank)
+        heads = f"KV head {held.start}" if len(held) == 1 else \
+            f"KV heads {held.start}-{held.stop - 1}"
         layers = fmt.held
         return (f"kvpolicy: worker {self.tensor_rank}/{self.tensor_size} (tensor-parallel) of "
                 f"stage {self.pipeline_rank}/{max(1, len(self.stages))} (pipeline): "
