@@ -3,7 +3,9 @@ store) against the 16-bit cache, beside the whole-prompt plan — for every ship
 paged engines run, on SmolLM2-135M at 4,096 tokens, and the seed's three on Qwen2.5-7B at 32,768.
 
 Exact, from the page plan (`kvpolicy plan FILE --block-size N --json`, its `served` rows: the
-accounting the engine tests hold vLLM's measured capacity to); nothing is estimated.
+accounting the engine tests hold vLLM's measured capacity to); nothing is estimated. Beside it,
+the stream plan's (kvpolicy.plan.streams, the design the store is to follow: not served yet),
+for sequences up to the context.
 
     python bench/served_capacity.py     # writes bench/results/served_capacity.json, prints the table
 """
@@ -22,8 +24,10 @@ from kvpolicy.models import resolve_model  # noqa: E402
 from kvpolicy.plan.pages import paged_refusals  # noqa: E402
 from kvpolicy.plan.planner import make_plan  # noqa: E402
 from kvpolicy.plan.served import served_view  # noqa: E402
+from kvpolicy.plan.streams import stream_plan  # noqa: E402
 
 BLOCKS = (16, 32, 64, 128, 256)
+STREAM_BLOCKS = (16, 32, 64)
 SEED = ("conservative", "aggressive", "extreme")
 
 
@@ -43,22 +47,29 @@ def main() -> None:
         for block in BLOCKS:
             view = served_view(policy, model, block, [context])
             served[block] = None if view.refused else view.rows[0].ratio
+        plan = make_plan(policy, model, context)
+        streams = {block: plan.baseline_bytes
+                   / stream_plan(policy, model, block, context).held_bytes(context)
+                   for block in STREAM_BLOCKS}
         rows.append({"policy": name, "model": model_name, "context": context,
-                     "plan_ratio": make_plan(policy, model, context).compression_ratio,
-                     "served_ratio_by_block": served})
+                     "plan_ratio": plan.compression_ratio, "served_ratio_by_block": served,
+                     "stream_plan_ratio_by_block": streams})
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     out = ROOT / "bench" / "results" / "served_capacity.json"
     out.write_text(json.dumps({"commit": commit, "what": "one request's bytes served against "
-                               "the 16-bit cache (exact, the page plan's), beside the plan",
+                               "the 16-bit cache (exact, the page plan's), beside the plan; "
+                               "and the stream plan's (the design to come, not served yet)",
                                "command": "python bench/served_capacity.py",
                                "rows": rows}, indent=2) + "\n")
     print("| policy | model | context | `kvpolicy plan` | "
-          + " | ".join(f"block {b}" for b in BLOCKS) + " |")
-    print("|---|---|---|---|" + "---|" * len(BLOCKS))
+          + " | ".join(f"block {b}" for b in BLOCKS) + " | "
+          + " | ".join(f"stream plan, block {b}" for b in STREAM_BLOCKS) + " |")
+    print("|---|---|---|---|" + "---|" * (len(BLOCKS) + len(STREAM_BLOCKS)))
     for row in rows:
         cells = ["refused" if r is None else f"{r:.2f}x"
                  for r in row["served_ratio_by_block"].values()]
+        cells += [f"{r:.2f}x" for r in row["stream_plan_ratio_by_block"].values()]
         print(f"| {row['policy']} | {row['model']} | {row['context']:,} | "
               f"{row['plan_ratio']:.2f}x | " + " | ".join(cells) + " |")
 

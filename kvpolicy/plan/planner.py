@@ -32,7 +32,7 @@ from kvpolicy.lang.ir import (LAST, MAX_TOKENS, Depth, Guard, LayerRef, LayerSel
                               QuantFormat)
 from kvpolicy.models import ModelShape
 from kvpolicy import format as storage
-from kvpolicy.plan.schedule import layer_shape, retain_schedule
+from kvpolicy.plan.schedule import Schedule, layer_shape, retain_schedule
 
 
 @dataclass(frozen=True)
@@ -157,16 +157,13 @@ def make_plan(policy: Policy, model: ModelShape, context: int) -> Plan:
     if context > model.max_context:
         d.warning(f"context {context} is beyond {model.name}'s maximum of {model.max_context} "
                   "tokens", None)
-    num_layers = model.num_layers
     anchors = _resolve_anchors(d, policy, model)
     formats = _layer_formats(d, policy, model)
     d.raise_if_errors()
 
     sinks = min(policy.sinks, context)
     window = min(policy.window, context - sinks)
-    floor = (sinks + window) / context
-    shape = layer_shape(anchors, num_layers, policy.interpolate)
-    schedule = retain_schedule(shape, policy.retain, [floor] * num_layers)
+    schedule = _schedule(policy, model, context, anchors)
     _budget_warnings(d, policy, model, context, sinks + window, schedule)
 
     layers = []
@@ -190,6 +187,30 @@ def make_plan(policy: Policy, model: ModelShape, context: int) -> Plan:
                   f"{'each keeps' if many else 'it keeps'} only its most recent token (16-bit)",
                   policy.retain_span)
     return Plan(policy, model, context, tuple(layers), _attributed(d.warnings, policy))
+
+
+def _schedule(policy: Policy, model: ModelShape, context: int, anchors) -> Schedule:
+    """The per-layer retain ratios at `context`: the anchors' shape rescaled to the global ratio,
+    no layer below its sinks and window."""
+    sinks = min(policy.sinks, context)
+    floor = (sinks + min(policy.window, context - sinks)) / context
+    shape = layer_shape(anchors, model.num_layers, policy.interpolate)
+    return retain_schedule(shape, policy.retain, [floor] * model.num_layers)
+
+
+def middle_budgets(policy: Policy, model: ModelShape, context: int) -> tuple[float, ...]:
+    """Per layer, the middle tokens (neither sinks nor window) the plan wants to keep at
+    `context`, before whole format units: ratio x context - sinks - window, within [0, middle].
+    What `make_plan` rounds to units, and what the paged store's streams keep as a sequence
+    grows (`plan.streams`)."""
+    d = Diagnostics()
+    anchors = _resolve_anchors(d, policy, model)
+    d.raise_if_errors()
+    sinks = min(policy.sinks, context)
+    window = min(policy.window, context - sinks)
+    middle = context - sinks - window
+    return tuple(min(max(ratio * context - sinks - window, 0.0), float(middle))
+                 for ratio in _schedule(policy, model, context, anchors).ratios)
 
 
 def _head_budgets(d: Diagnostics, policy: Policy, model: ModelShape, context: int,
@@ -284,6 +305,31 @@ def largest_remainder(total: int, weights: list[float], caps: list[int]) -> list
     return result
 
 
+def proportional_split(total: float, weights: list[float], caps: list[float]) -> list[float]:
+    """`largest_remainder` without whole units: `total` split in proportion to weights, none
+    above its cap (water filling: a cell at its cap leaves the split, the rest share what is
+    left). Every open cell's weight 0: equal shares."""
+    total = min(total, sum(caps))
+    result = [0.0] * len(caps)
+    open_cells = [i for i, cap in enumerate(caps) if cap > 0]
+    while open_cells:
+        left = total - sum(result)
+        share = [weights[i] for i in open_cells]
+        if sum(share) <= 0:
+            share = [1.0] * len(open_cells)
+        norm = sum(share)
+        ideal = {i: left * w / norm for i, w in zip(open_cells, share)}
+        capped = [i for i in open_cells if result[i] + ideal[i] >= caps[i]]
+        if not capped:
+            for i in open_cells:
+                result[i] += ideal[i]
+            break
+        for i in capped:
+            result[i] = caps[i]
+        open_cells = [i for i in open_cells if i not in capped]
+    return result
+
+
 def _attributed(warnings, policy: Policy) -> tuple[Diagnostic, ...]:
     """A warning located in a parent file says which policy was being planned."""
     out = []
@@ -343,20 +389,21 @@ def block_retain_ratios(policy: Policy, model: ModelShape) -> tuple[float, ...]:
 
 
 def block_layouts(policy: Policy, model: ModelShape, keys: QuantFormat, values: QuantFormat,
-                  guard: Guard | None, positions: bool | None = None,
+                  guard: Guard | None, positions: bool | None = None, tokens: int | None = None,
                   ) -> tuple[storage.BlockLayout, storage.BlockLayout]:
     """The guard and body block layouts of a layer stored as (keys, values, guard). Blocks carry
-    positions when the policy needs them, unless `positions` says otherwise."""
+    positions when the policy needs them, unless `positions` says otherwise; `tokens`: blocks of
+    that many tokens (a multiple of the format's unit) instead of the unit."""
     positions = needs_positions(policy) if positions is None else positions
-    return format_layouts(keys, values, guard, model.head_dim, model.kv_dtype, positions)
+    return format_layouts(keys, values, guard, model.head_dim, model.kv_dtype, positions, tokens)
 
 
 def format_layouts(keys: QuantFormat, values: QuantFormat, guard: Guard | None, head_dim: int,
-                   kv_dtype: str, positions: bool
+                   kv_dtype: str, positions: bool, tokens: int | None = None,
                    ) -> tuple[storage.BlockLayout, storage.BlockLayout]:
     """(guard, body) block layouts of (keys, values, guard): guards use the body's groups and
-    block size at the guard's bits."""
-    tokens = storage.block_tokens(keys, values, head_dim, kv_dtype, positions)
+    block size at the guard's bits (blocks of `tokens`, default the format's unit)."""
+    tokens = tokens or storage.block_tokens(keys, values, head_dim, kv_dtype, positions)
     body = storage.block_layout(keys, values, head_dim, kv_dtype, positions, tokens)
     bits = guard.bits if guard is not None and guard.fraction > 0 else None
     guard_layout = storage.block_layout(keys.with_bits(bits) if bits else keys,
