@@ -1,0 +1,119 @@
+"""One request's compressed cache laid out by the stream plan (`plan.streams`), in PyTorch: the
+reference the paged store's engines are to follow (docs/architecture.md, "Next").
+
+Its micro-pages are really packed (the format's `kernels.reference.pack_blocks`) into a pool of
+uint8 blocks at the plan's addresses (the request's i-th block is `pool[blocks[i]]`, as a vLLM
+block table gives them); pending tokens and the sinks are kept at full precision in rows of their
+own. Sealing goes event by event — one event per block that leaves the window — so a request
+that seals many blocks in one step (a prompt) holds the same bytes as one that seals them one at
+a time (decode): each event's kept tokens are chosen from that block's middle tokens by the one
+selection rule (`store.select`: the most important, ties to the earlier; the guards the most
+important of those)."""
+
+from __future__ import annotations
+
+import torch
+
+from kvpolicy.kernels import reference as R
+from kvpolicy.plan.streams import StreamPlan
+from kvpolicy.store.select import rank
+
+
+class StreamRequest:
+    """pool: [num_blocks, plan.block_bytes] uint8, shared with other requests; blocks: this
+    request's block indices in the pool, in order (at least the blocks it holds at the length it
+    reaches)."""
+
+    def __init__(self, plan: StreamPlan, pool: torch.Tensor, blocks: list[int]):
+        if pool.dtype != torch.uint8 or pool.dim() != 2 or pool.shape[1] != plan.block_bytes:
+            raise ValueError(f"the pool must be uint8 [blocks, {plan.block_bytes}], not "
+                             f"{pool.dtype} {list(pool.shape)}")
+        self.plan = plan
+        self.pool = pool
+        self.blocks = list(blocks)
+        self.events = 0  # blocks sealed so far
+        self.packed = [0] * len(plan.streams)  # micro-pages packed, per stream
+        dtype = R.torch_dtype(plan.staging_dtype)
+        empty = torch.zeros(0, 2, plan.head_dim, dtype=dtype)
+        self.pending = [empty] * len(plan.streams)  # [n, 2, D] each: keys, values
+        self.sinks: dict[tuple[int, int], torch.Tensor] = {}  # (layer, head) → [n, 2, D]
+        self._index = {(s.layer, s.head, s.kind): i for i, s in enumerate(plan.streams)}
+
+    def seal(self, tokens: list[torch.Tensor], importance: list[torch.Tensor]) -> None:
+        """Seals the blocks that left the window since the last call, in order. tokens: per
+        layer, the sealed blocks' tokens [H, m * block_size, 2, D] (m: the blocks sealed now,
+        the first of them block `self.events`); importance: per layer [H, m * block_size],
+        higher kept first."""
+        bs = self.plan.block_size
+        count = tokens[0].shape[1] // bs
+        for step in range(count):
+            event = self.events + 1
+            first = (event - 1) * bs  # the block's first position in the sequence
+            for layer in range(self.plan.layers):
+                block = tokens[layer][:, step * bs:(step + 1) * bs]
+                scores = importance[layer][:, step * bs:(step + 1) * bs]
+                self._seal_block(layer, event, first, block, scores)
+            self.events = event
+
+    def _seal_block(self, layer: int, event: int, first: int, block: torch.Tensor,
+                    scores: torch.Tensor) -> None:
+        plan = self.plan
+        sinks = max(0, min(plan.sinks - first, block.shape[1]))  # the block's sink tokens
+        for head in range(plan.kv_heads):
+            if sinks:
+                kept = self.sinks.get((layer, head), block[head, :0])
+                self.sinks[layer, head] = torch.cat([kept, block[head, :sinks]])
+            guard = self._index.get((layer, head, "guard"))
+            body = self._index[layer, head, "body"]
+            grow = {i: plan.kept[event][i] - plan.kept[event - 1][i]
+                    for i in (guard, body) if i is not None}
+            order = rank(scores[head, sinks:])[:sum(grow.values())] + sinks
+            if guard is not None:  # the most important of the kept are the guards
+                self._append(guard, block[head, order[:grow[guard]].sort().values])
+                order = order[grow[guard]:]
+            self._append(body, block[head, order.sort().values])
+
+    def _append(self, index: int, tokens: torch.Tensor) -> None:
+        """Adds kept tokens to a stream's pending, then packs every micro-page they fill at the
+        plan's address."""
+        stream = self.plan.streams[index]
+        pending = torch.cat([self.pending[index], tokens.to(self.pending[index].dtype)])
+        while pending.shape[0] >= stream.tokens:
+            full, pending = pending[:stream.tokens], pending[stream.tokens:]
+            row, offset = self.plan.addresses[index][self.packed[index]]
+            packed = R.pack_blocks(full[:, 0], full[:, 1], None, stream.layout)
+            self.pool[self.blocks[row], offset:offset + stream.nbytes] = packed[0]
+            self.packed[index] += 1
+        self.pending[index] = pending
+
+    def kept(self, index: int) -> int:
+        """Tokens stream `index` keeps: packed and pending."""
+        stream = self.plan.streams[index]
+        return self.packed[index] * stream.tokens + self.pending[index].shape[0]
+
+    def micro_pages(self, layer: int, head: int, kind: str) -> torch.Tensor:
+        """A stream's packed micro-pages, [count, nbytes] uint8, read from the pool."""
+        index = self._index[layer, head, kind]
+        stream = self.plan.streams[index]
+        rows = [self.pool[self.blocks[row], offset:offset + stream.nbytes]
+                for row, offset in self.plan.addresses[index][:self.packed[index]]]
+        return torch.stack(rows) if rows else torch.zeros(0, stream.nbytes, dtype=torch.uint8)
+
+    def past(self, layer: int, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What one KV head of one layer holds of the sealed past, as attention reads it:
+        (keys, values) fp32 [n, D] — the sinks, then guard and body micro-pages dequantized, then
+        the pending tokens (attention over the past does not depend on order)."""
+        parts = [self.sinks.get((layer, head), torch.zeros(0, 2, self.plan.head_dim)).float()]
+        for kind in ("guard", "body"):
+            index = self._index.get((layer, head, kind))
+            if index is None:
+                continue
+            stream = self.plan.streams[index]
+            pages = self.micro_pages(layer, head, kind)
+            if pages.shape[0]:
+                keys, values, _ = R.unpack_blocks(pages, stream.layout,
+                                                  pages.shape[0] * stream.tokens)
+                parts.append(torch.stack([keys, values], 1))
+            parts.append(self.pending[index].float())
+        past = torch.cat(parts)
+        return past[:, 0], past[:, 1]
