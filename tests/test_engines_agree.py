@@ -34,6 +34,9 @@ SHIPPED = sorted(p.stem for p in POLICIES.glob("*.kvp"))
 BLOCK = 128  # a multiple of every format unit; extreme's unit (64) keeps 64 of 128: it evicts
 STEPS = 12
 PAST_WINDOW = ((650, 0.3), (800, 0.6), (930, 0.85))  # tokens beyond the window, needle depth
+# a 2,048-token window (the seed's policies) makes each prompt ~3k tokens, three times the cost
+# of the others': they run the shortest and the longest (two lengths, batched together)
+LONG_WINDOW = 2048
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +49,8 @@ def needle_prompts(tokenizer, window: int) -> list[list[int]]:
     from kvpolicy.engines.hf.generation import encode
     out = []
     for i, (tokens, depth) in enumerate(PAST_WINDOW):
+        if window >= LONG_WINDOW and i == 1:
+            continue
         needle = needle_sample(tokenizer, window + tokens, depth, seed=i)
         out.append(encode(tokenizer, needle.context + "\n" + needle.question)[0].tolist())
     return out
@@ -85,6 +90,6 @@ def test_vllm_and_the_hf_runtime_keep_and_decode_the_same(name, smol, tmp_path):
         assert hf.cache.seen == held
         sealed = [a + b for a, b in zip(sealed, hf.cache.sealed_blocks)]
     assert served.sealed_blocks == sealed
-    assert min(sealed) >= 3 * 3  # every prompt sealed blocks in every layer
+    assert min(sealed) >= 3 * len(prompts)  # every prompt sealed blocks in every layer
     if policy.evicts:
         assert evicting  # and sealed blocks dropped tokens
