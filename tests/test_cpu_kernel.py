@@ -25,6 +25,7 @@ from kvpolicy.plan.pages import PAGE_ALIGN, paged_refusals
 from kvpolicy.plan.planner import make_plan
 from kvpolicy.kernels import cpu
 from kvpolicy.kernels import reference as R
+from kvpolicy.kernels.contract import PagedTables
 
 pytestmark = pytest.mark.skipif(cpu.compiler() is None, reason="no C compiler")
 
@@ -162,12 +163,15 @@ def test_cpu_kernel_matches_the_reference_on_pages(case, reduce):
     new_k = torch.randn(batch, heads, d, generator=g).to(staging.dtype)
     new_v = torch.randn(batch, heads, d, generator=g).to(staging.dtype)
     scale = d ** -0.5
-    out, mass = cpu.paged_decode(
-        library, q, new_k, new_v, pages, table([r[0] for r in rows]),
-        torch.tensor([len(r[0]) for r in rows]), torch.tensor([r[1] for r in rows]),
-        guard_tokens, body_tokens, staging, table([[s for s, _ in r[2]] for r in rows]),
-        table([[n for _, n in r[2]] for r in rows]), torch.tensor([len(r[2]) for r in rows]),
-        scale, mass_reduce=reduce)
+    guard_bytes = guard_tokens // spec.guard.layout().tokens * spec.guard.layout().nbytes \
+        if spec.guard else 0
+    tables = PagedTables.pages(
+        table([r[0] for r in rows]), torch.tensor([len(r[0]) for r in rows]),
+        torch.tensor([r[1] for r in rows]), guard_tokens, body_tokens, guard_bytes,
+        table([[s for s, _ in r[2]] for r in rows]), table([[n for _, n in r[2]] for r in rows]),
+        torch.tensor([len(r[2]) for r in rows]))
+    out, mass = cpu.paged_decode(library, q, new_k, new_v, pages, tables, staging, scale,
+                                 mass_reduce=reduce)
     want_out, want_mass = expected(spec, q, new_k.float(), new_v.float(), tokens, staging, rows,
                                    scale, guard_tokens, body_tokens)
     for r in range(batch):
@@ -176,6 +180,70 @@ def test_cpu_kernel_matches_the_reference_on_pages(case, reduce):
             assert mass is None
             continue
         torch.testing.assert_close(mass[r].double(), want_mass[r][reduce], atol=1e-6, rtol=1e-4)
+
+
+def per_head_expected(spec, q, new_k, new_v, tokens, staging, heads_rows, scale, guard_tokens,
+                      body_tokens):
+    """One request whose KV heads read tables of their own: heads_rows[h] = (guard pages, body
+    pages, body tokens of the last body page, staged (slot, n)); a guard page's guards are its
+    first guard_tokens tokens, a body page's body the ones after them. → out [Hq, D] float64."""
+    group, d = spec.gqa_group, spec.head_dim
+    out = torch.empty(len(heads_rows) * group, d, dtype=torch.float64)
+    for h, (guard_row, body_row, tail, staged) in enumerate(heads_rows):
+        keys, values = [], []
+        for block in guard_row:
+            k, v = tokens[block, h]
+            keys.append(k[:guard_tokens])
+            values.append(v[:guard_tokens])
+        for n, block in enumerate(body_row):
+            k, v = tokens[block, h]
+            last = tail if n == len(body_row) - 1 else body_tokens
+            keys.append(k[guard_tokens:guard_tokens + last])
+            values.append(v[guard_tokens:guard_tokens + last])
+        for slot, count in staged:
+            keys.append(staging[slot, h, :count, 0].float())
+            values.append(staging[slot, h, :count, 1].float())
+        keys = torch.cat(keys + [new_k[0, h][None]]).double()
+        values = torch.cat(values + [new_v[0, h][None]]).double()
+        weights = torch.softmax(q[0, h * group:(h + 1) * group].double() @ keys.T * scale, -1)
+        out[h * group:(h + 1) * group] = weights @ values
+    return out
+
+
+@pytest.mark.parametrize("case", ["kivi", "int8-guards-int4-body", "16-bit-keys-mha"])
+def test_each_kv_head_reads_its_own_tables(case):
+    """Tables [b, H, width] (the stream plan's micro-pages: each KV head's own): every head
+    attends its own guard pages, body pages (a tail of its own) and staged runs, and a head's
+    guard pages are not its body pages."""
+    spec = spec_for(*CASES[case])
+    library = cpu.build(render_cpu(spec))
+    guard_blocks = 1 if spec.guard else 0
+    pages, tokens, staging, guard_tokens, body_tokens = paged_scene(spec, guard_blocks, 2, seed=5)
+    guard = spec.guard.layout() if spec.guard else None
+    guard_bytes = guard.nbytes * guard_blocks if guard else 0
+    heads_rows = [([2, 5] if guard else [], [4, 0, 6], body_tokens - 16, [(2, 32), (5, 17)]),
+                  ([] if not guard else [1], [3], body_tokens, [])]
+    g = torch.Generator().manual_seed(11)
+    heads, d = pages.shape[1], spec.head_dim
+    q = torch.randn(1, heads * spec.gqa_group, d, generator=g) * 2
+    new_k = torch.randn(1, heads, d, generator=g).to(staging.dtype)
+    new_v = torch.randn(1, heads, d, generator=g).to(staging.dtype)
+
+    def per_head(column):
+        return table([r[column] for r in heads_rows])[None]
+
+    tables = PagedTables(
+        guard_table=per_head(0), guard_count=torch.tensor([[len(r[0]) for r in heads_rows]]),
+        body_table=per_head(1), body_count=torch.tensor([[len(r[1]) for r in heads_rows]]),
+        body_tail=torch.tensor([[r[2] for r in heads_rows]]), body_offset=guard_bytes,
+        guard_tokens=guard_tokens, body_tokens=body_tokens,
+        stage_table=table([[s for s, _ in r[3]] for r in heads_rows], 2)[None],
+        stage_len=table([[n for _, n in r[3]] for r in heads_rows], 2)[None],
+        staged_count=torch.tensor([[len(r[3]) for r in heads_rows]]))
+    out, _ = cpu.paged_decode(library, q, new_k, new_v, pages, tables, staging, d ** -0.5)
+    want = per_head_expected(spec, q, new_k.float(), new_v.float(), tokens, staging, heads_rows,
+                             d ** -0.5, guard_tokens, body_tokens)
+    torch.testing.assert_close(out[0].double(), want, atol=2e-5, rtol=1e-4)
 
 
 LAYOUTS = sorted({(case, role) for case, (_, _, _, guard, _) in CASES.items()
@@ -215,9 +283,10 @@ def test_dropping_a_page_from_the_table_changes_the_output():
     pages, tokens, staging, _, body_tokens = paged_scene(spec, 0, 2)
     q = torch.randn(1, 6, 64) * 2
     new = torch.randn(1, 2, 64).to(staging.dtype)
-    outs = [cpu.paged_decode(library, q, new, new, pages, table([row]), torch.tensor([len(row)]),
-                             torch.tensor([body_tokens]), 0, body_tokens, staging,
-                             table([[]], 1), table([[]], 1), torch.tensor([0]), 0.125)[0]
+    outs = [cpu.paged_decode(library, q, new, new, pages, PagedTables.pages(
+                table([row]), torch.tensor([len(row)]), torch.tensor([body_tokens]), 0,
+                body_tokens, 0, table([[]], 1), table([[]], 1), torch.tensor([0])), staging,
+                0.125)[0]
             for row in ([1, 2, 3], [1, 3])]
     assert (outs[0] - outs[1]).abs().max() > 1e-2
 

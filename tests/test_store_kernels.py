@@ -23,6 +23,8 @@ from kvpolicy.plan import pages
 from kvpolicy.plan.planner import make_plan
 from kvpolicy.kernels import cpu, launch
 from kvpolicy.kernels import bound
+from kvpolicy.kernels import reference as R
+from kvpolicy.kernels.contract import PagedTables
 from test_vllm_paged import RETAINING, SMOL, FakeEngine
 
 
@@ -72,11 +74,11 @@ def test_paged_decode_mass_is_each_staged_tokens_softmax_weight(tmp_path, reduce
     def table(i):
         return torch.tensor([[row[j][i] if j < len(row) else 0 for j in range(2)]
                              for row in staged], dtype=torch.int32)
-    out, mass = decode(
-        q, new_k, new_v, torch.zeros(1, heads, 1536, dtype=torch.uint8),
-        torch.zeros(2, 0, dtype=torch.int32), torch.zeros(2, dtype=torch.int32),
-        torch.zeros(2, dtype=torch.int32), 0, 32, staging, table(0), table(1),
-        torch.tensor([2, 1], dtype=torch.int32), 0.125, mass_reduce=reduce)
+    none = torch.zeros(2, dtype=torch.int32)
+    tables = PagedTables.pages(torch.zeros(2, 0, dtype=torch.int32), none, none, 0, 32, 0,
+                               table(0), table(1), torch.tensor([2, 1], dtype=torch.int32))
+    out, mass = decode(q, new_k, new_v, torch.zeros(1, heads, 1536, dtype=torch.uint8), tables,
+                       staging, 0.125, mass_reduce=reduce)
     for r, row in enumerate(staged):
         keys = torch.cat([staging[slot, :, :n, 0].float() for slot, n in row]
                          + [new_k[r][:, None]], 1)  # [H, n, D]
@@ -89,6 +91,50 @@ def test_paged_decode_mass_is_each_staged_tokens_softmax_weight(tmp_path, reduce
         want_mass = {"mean": weights.mean(1), "max": weights.amax(1), "sum": weights.sum(1)}[reduce]
         columns = [k * bs + t for k, (_, n) in enumerate(row) for t in range(n)] + [2 * bs]
         torch.testing.assert_close(mass[r][:, columns], want_mass, atol=2e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tables_of_each_kv_head_read_what_that_heads_own_launch_reads(tmp_path, kind):
+    """Tables [b, H, width] (each KV head's own micro-pages and staged runs, the stream plan's
+    layout): head h of one launch attends exactly what a launch with head h's row shared by
+    every head attends."""
+    policy = load_policy(POLICIES / "kivi.kvp")
+    decode = store_kernels(policy, tmp_path, kind=kind).decode
+    body = make_plan(policy, SMOL, 4096).layers[0].page_layouts[1]
+    torch.manual_seed(4)
+    heads, d, group, blocks = 3, 64, 3, 6
+    pages = torch.zeros(blocks, heads, body.nbytes, dtype=torch.uint8)
+    for block in range(blocks):
+        for h in range(heads):
+            keys, values = torch.randn(2, body.tokens, d).to(torch.bfloat16)
+            pages[block, h] = R.pack_blocks(keys, values, None, body)[0]
+    staging = torch.randn(4, heads, 32, 2, d).to(torch.bfloat16)
+    rows = [([4, 1], body.tokens, [(0, 32), (2, 7)]), ([5], 16, []), ([], 0, [(3, 30)])]
+    q = torch.randn(1, heads * group, d)
+    new_k, new_v = torch.randn(1, heads, d), torch.randn(1, heads, d)
+
+    def tables(per_head: list) -> PagedTables:
+        """[1, len(per_head), ...]: one request, a row per KV head; one row: [1, ...], shared."""
+        def table(values):
+            return torch.tensor([v + [0] * (2 - len(v)) for v in values], dtype=torch.int32)
+
+        def count(values):
+            return torch.tensor(values, dtype=torch.int32)
+        shape = (lambda t: t[None]) if len(per_head) > 1 else (lambda t: t)
+        return PagedTables.pages(
+            shape(table([r[0] for r in per_head])), shape(count([len(r[0]) for r in per_head])),
+            shape(count([r[1] for r in per_head])), 0, body.tokens, 0,
+            shape(table([[s for s, _ in r[2]] for r in per_head])),
+            shape(table([[n for _, n in r[2]] for r in per_head])),
+            shape(count([len(r[2]) for r in per_head])))
+    out, mass = decode(q, new_k, new_v, pages, tables(rows), staging, 0.125, mass_reduce="sum")
+    for h, row in enumerate(rows):
+        alone, alone_mass = decode(q, new_k, new_v, pages, tables([row]), staging, 0.125,
+                                   mass_reduce="sum")
+        part = slice(h * group, (h + 1) * group)
+        torch.testing.assert_close(out[0, part], alone[0, part], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mass[0, h], alone_mass[0, h], atol=1e-6, rtol=1e-5)
+    assert (out[0, :group] - alone[0, :group]).abs().max() > 1e-2  # the rows differ
 
 
 def twin(engine: FakeEngine) -> FakeEngine:

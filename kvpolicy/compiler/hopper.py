@@ -43,11 +43,15 @@ _SIGNATURES = {
         "q": "*kv", "stride_qb": "i32", "stride_qh": "i32", "sm_scale": "fp32",
         "new_key": "*kv", "new_value": "*kv", "stride_nb": "i32", "stride_nh": "i32",
         "pages": "*u8", "stride_pb": "i32", "stride_ph": "i32",
-        "page_table": "*i32", "stride_tb": "i32", "page_count": "*i32", "page_tail": "*i32",
-        "guard_tokens": "i32", "body_tokens": "i32",
+        "guard_table": "*i32", "stride_gtb": "i32", "stride_gth": "i32",
+        "guard_count": "*i32", "stride_gcb": "i32", "stride_gch": "i32",
+        "body_table": "*i32", "stride_btb": "i32", "stride_bth": "i32",
+        "body_count": "*i32", "body_tail": "*i32", "stride_bcb": "i32", "stride_bch": "i32",
+        "body_offset": "i32", "guard_tokens": "i32", "body_tokens": "i32",
         "staging": "*kv", "stride_ss": "i32", "stride_sh": "i32", "stride_st": "i32",
-        "stride_sr": "i32", "stage_table": "*i32", "stage_len": "*i32", "stride_gb": "i32",
-        "staged_count": "*i32", "block_size": "i32",
+        "stride_sr": "i32", "stage_table": "*i32", "stage_len": "*i32", "stride_sgb": "i32",
+        "stride_sgh": "i32", "staged_count": "*i32", "stride_scb": "i32", "stride_sch": "i32",
+        "block_size": "i32",
         "part_m": "*fp32", "part_l": "*fp32", "part_acc": "*fp32", "logits": "*fp32",
         "stride_lr": "i32", "kv_heads": "i32", "num_splits": "i32",
         "BLOCK_T": "constexpr", "GUARD_STEP": "constexpr", "BODY_STEP": "constexpr",
@@ -59,7 +63,10 @@ _SIGNATURES = {
                     "slots": "i32", "BLOCK_S": "constexpr", "REDUCE": "constexpr"},
 }
 # Strides that are table widths or counts, not multiples of a head: not assumed divisible by 16.
-_UNALIGNED = {"stride_tb", "stride_gb", "stride_lr"}
+_UNALIGNED = {"stride_gtb", "stride_gth", "stride_gcb", "stride_gch", "stride_btb", "stride_bth",
+              "stride_bcb", "stride_bch", "stride_sgb", "stride_sgh", "stride_scb", "stride_sch",
+              "stride_lr"}
+_ALIGNED = {"body_offset"}
 _KERNELS_BY_KIND = {"pack": ("pack_kernel",), "unpack": ("unpack_kernel",),
                     "decode": ("decode_kernel",), "paged_decode": ("paged_decode_kernel",),
                     "combine": ("combine_kernel", "mass_kernel")}
@@ -129,9 +136,10 @@ def compile_kernel(module, kernel: str, uri: str, kv_dtype: str = "bf16") -> Ker
                  for name, kind in _SIGNATURES[kernel].items()}
     constexprs = _constexprs(kernel, module)
     # What the JIT specializes at run time for torch allocations and head_dim-multiple strides:
-    # pointers and strides divisible by 16.
+    # pointers, strides and byte offsets (a page's sections are 16-byte aligned) divisible by 16.
     aligned = [i for i, (name, kind) in enumerate(signature.items())
-               if kind.startswith("*") or (name.startswith("stride") and name not in _UNALIGNED)]
+               if kind.startswith("*") or name in _ALIGNED
+               or (name.startswith("stride") and name not in _UNALIGNED)]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     source = ASTSource(fn=function, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": module.NUM_WARPS} if hasattr(module, "NUM_WARPS") else {}

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from kvpolicy.files import cache_root
-from kvpolicy.kernels.contract import MASS_REDUCE, SOURCE_DTYPES
+from kvpolicy.kernels.contract import MASS_REDUCE, SOURCE_DTYPES, PagedTables, per_head
 from kvpolicy.kernels.reference import HALF_TORCH_DTYPES
 # -march=native: the machine that compiles is the one that runs (the cache key holds the host).
 # Decode: the reassociation flags let the channel sums vectorize (attention is within fp32
@@ -85,11 +85,8 @@ def _ptr(tensor: torch.Tensor | None) -> ctypes.c_void_p:
 
 
 def paged_decode(lib: ctypes.CDLL, q: torch.Tensor, new_key: torch.Tensor,
-                 new_value: torch.Tensor, pages: torch.Tensor, page_table: torch.Tensor,
-                 page_count: torch.Tensor, page_tail: torch.Tensor, guard_tokens: int,
-                 body_tokens: int, staging: torch.Tensor, stage_table: torch.Tensor,
-                 stage_len: torch.Tensor, staged_count: torch.Tensor, scale: float,
-                 mass_reduce: str | None = None):
+                 new_value: torch.Tensor, pages: torch.Tensor, tables: PagedTables,
+                 staging: torch.Tensor, scale: float, mass_reduce: str | None = None):
     """`kernels.launch.paged_decode`'s contract (same arguments, same results) on the CPU:
     → out fp32 [b, Hq, D], and with mass_reduce the attention mass [b, H, S * block_size + 1]."""
     batch, q_heads, head_dim = q.shape
@@ -100,24 +97,34 @@ def paged_decode(lib: ctypes.CDLL, q: torch.Tensor, new_key: torch.Tensor,
     q = q.float().contiguous()
     new_key = new_key.float().contiguous()
     new_value = new_value.float().contiguous()
-    int32 = {"dtype": torch.int32}
-    page_table = page_table.to(**int32).contiguous()
-    stage_table = stage_table.to(**int32).contiguous()
-    stage_len = stage_len.to(**int32).contiguous()
-    page_count = page_count.to(**int32).contiguous()
-    page_tail = page_tail.to(**int32).contiguous()
-    staged_count = staged_count.to(**int32).contiguous()
     out = torch.empty(batch, q_heads, head_dim)
-    columns = stage_table.shape[1] * block_size + 1
+    columns = tables.stage_width * block_size + 1
     mass = torch.zeros(batch, kv_heads, columns) if mass_reduce else None
     i64, i32 = ctypes.c_int64, ctypes.c_int
+
+    held = {name: per_head(getattr(tables, name), dims) for name, dims in (
+        ("guard_table", 1), ("guard_count", 0), ("body_table", 1), ("body_count", 0),
+        ("body_tail", 0), ("stage_table", 1), ("stage_len", 1), ("staged_count", 0))}
+    assert held["body_count"][1:] == held["body_tail"][1:]
+    assert held["stage_table"][1:] == held["stage_len"][1:]
+
+    def pointer(name: str):
+        return _ptr(held[name][0])
+
+    def strides(name: str):
+        return i64(held[name][1]), i64(held[name][2])
+
     lib.paged_decode(
         _ptr(q), ctypes.c_float(scale), _ptr(new_key), _ptr(new_value),
         _ptr(pages), i64(pages.stride(0)), i64(pages.stride(1)),
-        _ptr(page_table), i64(page_table.shape[1]), _ptr(page_count), _ptr(page_tail),
-        i32(guard_tokens), i32(body_tokens),
+        pointer("guard_table"), *strides("guard_table"),
+        pointer("guard_count"), *strides("guard_count"),
+        pointer("body_table"), *strides("body_table"),
+        pointer("body_count"), pointer("body_tail"), *strides("body_count"),
+        i64(tables.body_offset), i32(tables.guard_tokens), i32(tables.body_tokens),
         _ptr(staging), *(i64(s) for s in staging.stride()[:4]),
-        _ptr(stage_table), _ptr(stage_len), i64(stage_table.shape[1]), _ptr(staged_count),
+        pointer("stage_table"), pointer("stage_len"), *strides("stage_table"),
+        pointer("staged_count"), *strides("staged_count"),
         i32(block_size), _ptr(out), _ptr(mass), i64(columns),
         i32(MASS_REDUCE[mass_reduce] if mass_reduce else 0), i32(batch), i32(kv_heads))
     return out, mass

@@ -23,7 +23,7 @@ import torch
 
 from kvpolicy.format import BlockLayout
 from kvpolicy.kernels.compressed import CompressedLayer
-from kvpolicy.kernels.contract import MASS_REDUCE, SOURCE_DTYPES
+from kvpolicy.kernels.contract import MASS_REDUCE, SOURCE_DTYPES, PagedTables, per_head
 
 LOG2E = 1.4426950408889634
 
@@ -175,23 +175,18 @@ def _combine(combine_kernels: ModuleType, part_m, part_l, part_acc, num_splits: 
 
 def paged_decode(decode_kernels: ModuleType, combine_kernels: ModuleType, q: torch.Tensor,
                  new_key: torch.Tensor, new_value: torch.Tensor, pages: torch.Tensor,
-                 page_table: torch.Tensor, page_count: torch.Tensor, page_tail: torch.Tensor,
-                 guard_tokens: int, body_tokens: int, staging: torch.Tensor,
-                 stage_table: torch.Tensor, stage_len: torch.Tensor,
-                 staged_count: torch.Tensor, scale: float, num_splits: int = 4,
+                 tables: PagedTables, staging: torch.Tensor, scale: float, num_splits: int = 4,
                  mass_reduce: str | None = None, block_t: int = 32):
     """One decode step of b requests over a paged layer (`kvpolicy.store`), one new token each.
 
     q [b, Hq, D]; new_key, new_value [b, H, D] (the step's tokens, fp16/bf16/fp32); pages: the
     layer's pages [blocks, H, bytes] uint8 (`store.paged.group_pages`: one head group's; any
-    strides with unit byte stride); page_table [b, P] physical blocks each request reads from
-    its pages, page_count [b] how many, page_tail [b] body tokens of the last (every page's guard_tokens +
-    body_tokens otherwise); staging [slots, H, block_size, 2, D] in the cache dtype;
-    stage_table, stage_len [b, S]: the staging slots of each request's staged blocks and their
-    tokens, staged_count [b] how many.
+    strides with unit byte stride: page k of head h at k * stride 0 + h * stride 1); tables: what
+    each request and KV head reads of them and of staging (`contract.PagedTables`); staging
+    [slots, H, block_size, 2, D] in the cache dtype.
     → out fp32 [b, Hq, D]; with mass_reduce (sum / mean / max over a KV group's query heads) also
     the attention mass [b, H, S * block_size + 1] of each staged token (column k * block_size +
-    t: staged block k, token t) and, in the last column, of the new token."""
+    t: staged run k, token t) and, in the last column, of the new token."""
     batch, q_heads, head_dim = q.shape
     kv_heads = new_key.shape[1]
     block_size = staging.shape[2]
@@ -200,28 +195,35 @@ def paged_decode(decode_kernels: ModuleType, combine_kernels: ModuleType, q: tor
     assert q.stride(-1) == 1 and new_key.stride(-1) == 1 and new_value.stride(-1) == 1
     assert new_key.stride() == new_value.stride() and new_key.dtype in SOURCE_DTYPES
     assert pages.dtype == torch.uint8 and pages.stride(-1) == 1 and staging.stride(-1) == 1
-    assert guard_tokens % _tokens(decode_kernels, "GUARD_") == 0
-    assert body_tokens % _tokens(decode_kernels, "BODY_") == 0
+    assert tables.guard_tokens % _tokens(decode_kernels, "GUARD_") == 0
+    assert tables.body_tokens % _tokens(decode_kernels, "BODY_") == 0
     sm_scale = scale * LOG2E
     device = q.device
     rows = batch * q_heads
     part_m = _poisoned(rows, num_splits, device=device)
     part_l = _poisoned(rows, num_splits, device=device)
     part_acc = _poisoned(rows, num_splits, head_dim, device=device)
-    columns = stage_table.shape[1] * block_size + 1
+    columns = tables.stage_width * block_size + 1
     logits = torch.full((rows, columns if mass_reduce else 1), -math.inf, device=device)
-    int32 = {"dtype": torch.int32, "device": device}
+    guard_table, *guard_strides = per_head(tables.guard_table, 1, device)
+    guard_count, *guard_count_strides = per_head(tables.guard_count, 0, device)
+    body_table, *body_strides = per_head(tables.body_table, 1, device)
+    body_count, *body_count_strides = per_head(tables.body_count, 0, device)
+    body_tail, *tail_strides = per_head(tables.body_tail, 0, device)
+    stage_table, *stage_strides = per_head(tables.stage_table, 1, device)
+    stage_len, *len_strides = per_head(tables.stage_len, 1, device)
+    staged_count, *staged_strides = per_head(tables.staged_count, 0, device)
+    assert tail_strides == body_count_strides and len_strides == stage_strides
     decode_kernels.paged_decode_kernel[(num_splits, batch * kv_heads)](
         q, q.stride(0), q.stride(1), sm_scale,
         new_key, new_value, new_key.stride(0), new_key.stride(1),
         pages, pages.stride(0), pages.stride(1),
-        _or_dummy(page_table.to(**int32).contiguous()), page_table.shape[1],
-        page_count.to(**int32).contiguous(), page_tail.to(**int32).contiguous(),
-        guard_tokens, body_tokens,
+        _or_dummy(guard_table), *guard_strides, guard_count, *guard_count_strides,
+        _or_dummy(body_table), *body_strides, body_count, body_tail, *body_count_strides,
+        tables.body_offset, tables.guard_tokens, tables.body_tokens,
         staging, *staging.stride()[:4],
-        _or_dummy(stage_table.to(**int32).contiguous()),
-        _or_dummy(stage_len.to(**int32).contiguous()), stage_table.shape[1],
-        staged_count.to(**int32).contiguous(), block_size,
+        _or_dummy(stage_table), _or_dummy(stage_len), *stage_strides,
+        staged_count, *staged_strides, block_size,
         part_m, part_l, part_acc, logits, logits.shape[1], kv_heads, num_splits,
         BLOCK_T=block_t, GUARD_STEP=_step(decode_kernels, "GUARD_"),
         BODY_STEP=_step(decode_kernels, "BODY_"), NEW_DTYPE=SOURCE_DTYPES[new_key.dtype],

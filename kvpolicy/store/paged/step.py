@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpolicy.kernels.bound import StoreKernels
+from kvpolicy.kernels.contract import PagedTables
 from kvpolicy.plan.pages import HeadGroup, PageFormat
 from kvpolicy.store.paged import staging
 from kvpolicy.store.paged.attend import accumulate_mass, attend, chunk_dtype
@@ -198,11 +199,12 @@ def attend_decodes(kernels: StoreKernels, pages: torch.Tensor, staging_buffer: t
     PyTorch path's `accumulate_mass`). Every tensor is the head group's view."""
     page = group.page
     t = decode_tables(md, fmt, group, requests, sealed_by, query.device)
+    tables = PagedTables.pages(t.page_table, t.page_count, t.page_tail, page.guard_tokens,
+                               page.body_tokens, page.guard_bytes, t.stage_table, t.stage_len,
+                               t.staged_count)
     out, received = kernels.decode(
         query[t.rows].contiguous(), key[t.rows].contiguous(), value[t.rows].contiguous(),
-        pages, t.page_table, t.page_count, t.page_tail,
-        page.guard_tokens, page.body_tokens, staging_buffer, t.stage_table, t.stage_len,
-        t.staged_count, scale, mass_reduce=fmt.gqa if record else None)
+        pages, tables, staging_buffer, scale, mass_reduce=fmt.gqa if record else None)
     output[t.rows] = out.to(output.dtype)
     if record:
         bs = fmt.block_size
