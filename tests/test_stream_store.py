@@ -15,6 +15,7 @@ from kvpolicy.lang.lower import load_policy
 from kvpolicy.models import resolve_model
 from kvpolicy.plan.streams import _blocks_at, stream_plan
 from kvpolicy.store.streams import StreamRequest
+from test_store_kernels import KINDS, store_kernels
 
 SMOL = resolve_model("smollm2-135m")
 LENGTH = 700
@@ -105,7 +106,7 @@ def test_packed_bit_exact_where_the_plan_says_and_counted_as_it_counts(name, blo
         own = tokens[stream.layer][stream.head]
         for page, (row, offset) in enumerate(plan.addresses[index][:pages]):
             chosen = own[positions[page * stream.tokens:(page + 1) * stream.tokens]]
-            want = R.pack_blocks(chosen[:, 0], chosen[:, 1], None, stream.layout)[0]
+            want = R.pack_blocks(chosen[:, 0], chosen[:, 1], None, stream.layout).flatten()
             block = request.blocks[row]
             assert torch.equal(request.pool[block, offset:offset + stream.nbytes], want)
             written[block, offset:offset + stream.nbytes] = True
@@ -145,8 +146,8 @@ def test_a_heads_past_is_its_sinks_micro_pages_and_pending(policy_named):
     for kind in ("guard", "body"):
         i = index[kind]
         stream = plan.streams[i]
-        pages = request.micro_pages(layer, head, kind)
-        k, v, _ = R.unpack_blocks(pages, stream.layout, pages.shape[0] * stream.tokens)
+        pages = request.micro_pages(layer, head, kind).reshape(-1, stream.layout.nbytes)
+        k, v, _ = R.unpack_blocks(pages, stream.layout, pages.shape[0] * stream.layout.tokens)
         n = k.shape[0]
         assert torch.equal(keys[at:at + n], k) and torch.equal(values[at:at + n], v)
         pending = request.pending[i].float()
@@ -160,3 +161,34 @@ def test_a_pool_of_the_wrong_shape_is_refused(policy_named):
     plan = stream_plan(policy_named("kivi"), SMOL, 16, LENGTH)
     with pytest.raises(ValueError, match=f"uint8 \\[blocks, {plan.block_bytes}\\]"):
         StreamRequest(plan, torch.zeros(4, plan.block_bytes + 1, dtype=torch.uint8), [0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name,layer", [("kivi", 3), ("guarded", 7), ("heads_8x", 11)])
+def test_the_paged_decode_kernels_read_the_stream_store_as_it_holds_it(name, layer, kind,
+                                                                       policy_named, tmp_path):
+    """The compiled paged decode (C; Triton in its interpreter) over the stream store's pool —
+    micro-pages addressed in 16-byte units through tables per KV head, guard pages apart from
+    body pages, sinks and pending tokens as staged runs — is softmax attention over what the
+    store holds of each head (`StreamRequest.past`) and the new token."""
+    policy = policy_named(name)
+    plan = stream_plan(policy, SMOL, 16, LENGTH)
+    tokens, importance = sequence(3)
+    request = sealed_request(plan, tokens, importance, at_once=True)
+    decode = store_kernels(policy, tmp_path, layer=layer, kind=kind).decode
+    pages, tables, staging = request.decode_inputs(layer)
+    heads, group, d = SMOL.num_kv_heads, SMOL.gqa_group, SMOL.head_dim
+    generator = torch.Generator().manual_seed(5)
+    q = torch.randn(1, heads * group, d, generator=generator)
+    new_k, new_v = torch.randn(2, 1, heads, d, generator=generator)
+    out, _ = decode(q, new_k, new_v, pages, tables, staging, d ** -0.5)
+    assert tables.guard_table.shape[-1] > 0 or policy.guard is None
+    for head in range(heads):
+        keys, values = request.past(layer, head)
+        keys = torch.cat([keys, new_k[0, head][None]]).double()
+        values = torch.cat([values, new_v[0, head][None]]).double()
+        queries = q[0, head * group:(head + 1) * group].double()
+        want = torch.softmax(queries @ keys.T * d ** -0.5, -1) @ values
+        torch.testing.assert_close(out[0, head * group:(head + 1) * group].double(), want,
+                                   atol=3e-2 if kind == "triton" else 2e-5,
+                                   rtol=3e-2 if kind == "triton" else 1e-4)

@@ -180,3 +180,17 @@ def test_the_paged_engines_refusals_and_bad_sizes_are_refused():
         stream_plan(load_policy(POLICIES / "kivi.kvp"), SMOL, 0, 4096)
     with pytest.raises(ValueError, match="holds 0 to 4096"):
         planned("kivi", SMOL.name, 16, 4096).request_bytes(4097)
+
+
+def test_a_micro_page_is_whole_format_blocks_of_the_page_plans_layouts():
+    """What the paged decode kernels read: the page plan's format blocks (one-token blocks for a
+    16-bit format, gathered MICRO_TOKENS to a micro-page; quantized formats: one block of their
+    group's tokens)."""
+    from kvpolicy.plan.planner import make_plan
+    for name in ("pyramidkv", "kivi", "heads_8x"):
+        streams = planned(name, SMOL.name, 16, 4096)
+        layouts = make_plan(load_policy(POLICIES / f"{name}.kvp"), SMOL, 4096).layers
+        for stream in streams.streams:
+            assert stream.layout == layouts[stream.layer].page_layouts[1]
+            assert stream.tokens == max(stream.layout.tokens, MICRO_TOKENS)
+            assert stream.nbytes == stream.blocks * stream.layout.nbytes

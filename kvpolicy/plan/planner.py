@@ -389,21 +389,20 @@ def block_retain_ratios(policy: Policy, model: ModelShape) -> tuple[float, ...]:
 
 
 def block_layouts(policy: Policy, model: ModelShape, keys: QuantFormat, values: QuantFormat,
-                  guard: Guard | None, positions: bool | None = None, tokens: int | None = None,
+                  guard: Guard | None, positions: bool | None = None,
                   ) -> tuple[storage.BlockLayout, storage.BlockLayout]:
     """The guard and body block layouts of a layer stored as (keys, values, guard). Blocks carry
-    positions when the policy needs them, unless `positions` says otherwise; `tokens`: blocks of
-    that many tokens (a multiple of the format's unit) instead of the unit."""
+    positions when the policy needs them, unless `positions` says otherwise."""
     positions = needs_positions(policy) if positions is None else positions
-    return format_layouts(keys, values, guard, model.head_dim, model.kv_dtype, positions, tokens)
+    return format_layouts(keys, values, guard, model.head_dim, model.kv_dtype, positions)
 
 
 def format_layouts(keys: QuantFormat, values: QuantFormat, guard: Guard | None, head_dim: int,
-                   kv_dtype: str, positions: bool, tokens: int | None = None,
+                   kv_dtype: str, positions: bool
                    ) -> tuple[storage.BlockLayout, storage.BlockLayout]:
     """(guard, body) block layouts of (keys, values, guard): guards use the body's groups and
-    block size at the guard's bits (blocks of `tokens`, default the format's unit)."""
-    tokens = tokens or storage.block_tokens(keys, values, head_dim, kv_dtype, positions)
+    block size at the guard's bits."""
+    tokens = storage.block_tokens(keys, values, head_dim, kv_dtype, positions)
     body = storage.block_layout(keys, values, head_dim, kv_dtype, positions, tokens)
     bits = guard.bits if guard is not None and guard.fraction > 0 else None
     guard_layout = storage.block_layout(keys.with_bits(bits) if bits else keys,

@@ -63,12 +63,13 @@ class Stream:
     layer: int
     head: int
     kind: str  # "guard" or "body"
-    layout: BlockLayout  # its format block: one micro-page
+    layout: BlockLayout  # its format block (the page plan's, what the kernels read)
+    blocks: int = 1  # format blocks per micro-page, side by side
 
     @property
     def tokens(self) -> int:
         """Tokens a micro-page holds."""
-        return self.layout.tokens
+        return self.layout.tokens * self.blocks
 
     def micro_pages(self, kept: int) -> int:
         """Micro-pages the stream has packed with `kept` tokens."""
@@ -80,7 +81,7 @@ class Stream:
 
     @property
     def nbytes(self) -> int:
-        return self.layout.nbytes
+        return self.layout.nbytes * self.blocks
 
 
 @dataclass(frozen=True)
@@ -232,17 +233,17 @@ def _head_targets(policy: Policy, model: ModelShape, formats, seq_len: int) -> l
 
 def _streams(policy: Policy, model: ModelShape, formats):
     """Every (layer, KV head)'s streams: guards (where the layer has them), then body. A
-    micro-page is one format block, of at least MICRO_TOKENS tokens (16-bit formats need no
-    more than one token: so few would make a block table entry per token)."""
+    micro-page is whole format blocks of the page plan's layouts (what the paged decode kernels
+    read), at least MICRO_TOKENS tokens (16-bit formats have one-token blocks: so few would make
+    a table entry per token)."""
     streams = []
     for layer, (keys, values, guard) in enumerate(formats):
-        unit = block_tokens(keys, values, model.head_dim, model.kv_dtype, positions=False)
         guard_layout, body_layout = block_layouts(policy, model, keys, values, guard,
-                                                  positions=False,
-                                                  tokens=math.lcm(unit, MICRO_TOKENS))
+                                                  positions=False)
+        blocks = math.lcm(body_layout.tokens, MICRO_TOKENS) // body_layout.tokens
         kinds = (("guard", guard_layout),) if guard is not None else ()
         for head in range(model.num_kv_heads):
-            streams.extend(Stream(layer, head, kind, layout)
+            streams.extend(Stream(layer, head, kind, layout, blocks)
                            for kind, layout in (*kinds, ("body", body_layout)))
     return tuple(streams)
 

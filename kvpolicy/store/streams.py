@@ -15,8 +15,12 @@ from __future__ import annotations
 import torch
 
 from kvpolicy.kernels import reference as R
+from kvpolicy.kernels.contract import PagedTables
+from kvpolicy.plan.pages import PAGE_ALIGN
 from kvpolicy.plan.streams import StreamPlan
 from kvpolicy.store.select import rank
+
+STAGED_RUN = 16  # tokens per staging slot of the sinks and pending tokens (`decode_inputs`)
 
 
 class StreamRequest:
@@ -82,7 +86,7 @@ class StreamRequest:
             full, pending = pending[:stream.tokens], pending[stream.tokens:]
             row, offset = self.plan.addresses[index][self.packed[index]]
             packed = R.pack_blocks(full[:, 0], full[:, 1], None, stream.layout)
-            self.pool[self.blocks[row], offset:offset + stream.nbytes] = packed[0]
+            self.pool[self.blocks[row], offset:offset + stream.nbytes] = packed.flatten()
             self.packed[index] += 1
         self.pending[index] = pending
 
@@ -99,6 +103,63 @@ class StreamRequest:
                 for row, offset in self.plan.addresses[index][:self.packed[index]]]
         return torch.stack(rows) if rows else torch.zeros(0, stream.nbytes, dtype=torch.uint8)
 
+    def decode_inputs(self, layer: int) -> tuple[torch.Tensor, PagedTables, torch.Tensor]:
+        """This request's sealed past in `layer` as one paged decode launch reads it (batch 1,
+        `kernels.launch.paged_decode`): the pool as pages addressed in 16-byte units from its
+        start (a table entry is a micro-page's first unit; every KV head's at the same stride),
+        each KV head's guard and body micro-pages in tables of its own, and its sinks and
+        pending tokens (guards', then body's) as staged runs of STAGED_RUN tokens in a staging
+        buffer [slots, H, STAGED_RUN, 2, D]."""
+        plan, heads, d = self.plan, self.plan.kv_heads, self.plan.head_dim
+        if not self.pool.is_contiguous():
+            raise ValueError("decode_inputs reads a contiguous pool")
+        units = self.pool.numel() // PAGE_ALIGN
+        pages = torch.as_strided(self.pool.view(-1), (units, heads, PAGE_ALIGN), (PAGE_ALIGN, 0, 1))
+        tokens = {}
+        tables = {}
+        for kind in ("guard", "body"):
+            rows = []
+            for head in range(heads):
+                index = self._index.get((layer, head, kind))
+                if index is None:
+                    rows.append([])
+                    continue
+                tokens[kind] = self.plan.streams[index].tokens
+                rows.append([(self.blocks[row] * plan.block_bytes + offset) // PAGE_ALIGN
+                             for row, offset in plan.addresses[index][:self.packed[index]]])
+            tables[kind] = rows
+        runs = []
+        for head in range(heads):
+            parts = [self.sinks.get((layer, head), self.pending[0][:0])]
+            parts += [self.pending[self._index[layer, head, kind]] for kind in ("guard", "body")
+                      if (layer, head, kind) in self._index]
+            runs.append(torch.cat([p.to(self.pending[0].dtype) for p in parts]))
+        slots = max((-(-run.shape[0] // STAGED_RUN) for run in runs), default=0)
+        staging = torch.zeros(max(slots, 1), heads, STAGED_RUN, 2, d, dtype=self.pending[0].dtype)
+        lengths = []
+        for head, run in enumerate(runs):
+            for slot in range(-(-run.shape[0] // STAGED_RUN)):
+                chunk = run[slot * STAGED_RUN:(slot + 1) * STAGED_RUN]
+                staging[slot, head, :chunk.shape[0]] = chunk
+            lengths.append([min(STAGED_RUN, run.shape[0] - s * STAGED_RUN)
+                            for s in range(-(-run.shape[0] // STAGED_RUN))])
+
+        def table(rows: list[list[int]]) -> torch.Tensor:
+            width = max((len(row) for row in rows), default=0)
+            return torch.tensor([row + [0] * (width - len(row)) for row in rows],
+                                dtype=torch.int32).reshape(1, heads, width)
+
+        def count(rows: list[list[int]]) -> torch.Tensor:
+            return torch.tensor([[len(row) for row in rows]], dtype=torch.int32)
+        body_tokens = tokens["body"]
+        return pages, PagedTables(
+            guard_table=table(tables["guard"]), guard_count=count(tables["guard"]),
+            body_table=table(tables["body"]), body_count=count(tables["body"]),
+            body_tail=torch.full((1, heads), body_tokens, dtype=torch.int32), body_offset=0,
+            guard_tokens=tokens.get("guard", 0), body_tokens=body_tokens,
+            stage_table=table([list(range(len(row))) for row in lengths]),
+            stage_len=table(lengths), staged_count=count(lengths)), staging
+
     def past(self, layer: int, head: int) -> tuple[torch.Tensor, torch.Tensor]:
         """What one KV head of one layer holds of the sealed past, as attention reads it:
         (keys, values) fp32 [n, D] — the sinks, then guard and body micro-pages dequantized, then
@@ -111,7 +172,8 @@ class StreamRequest:
             stream = self.plan.streams[index]
             pages = self.micro_pages(layer, head, kind)
             if pages.shape[0]:
-                keys, values, _ = R.unpack_blocks(pages, stream.layout,
+                blocks = pages.reshape(-1, stream.layout.nbytes)  # the format blocks
+                keys, values, _ = R.unpack_blocks(blocks, stream.layout,
                                                   pages.shape[0] * stream.tokens)
                 parts.append(torch.stack([keys, values], 1))
             parts.append(self.pending[index].float())
