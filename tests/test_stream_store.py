@@ -13,7 +13,7 @@ from conftest import POLICIES
 from kvpolicy.kernels import reference as R
 from kvpolicy.lang.lower import load_policy
 from kvpolicy.models import resolve_model
-from kvpolicy.plan.streams import _blocks_at, stream_plan
+from kvpolicy.plan.streams import PENDING_ROWS, _blocks_at, stream_plan
 from kvpolicy.store.streams import StreamRequest
 from test_store_kernels import KINDS, store_kernels
 
@@ -183,6 +183,10 @@ def test_the_paged_decode_kernels_read_the_stream_store_as_it_holds_it(name, lay
     new_k, new_v = torch.randn(2, 1, heads, d, generator=generator)
     out, _ = decode(q, new_k, new_v, pages, tables, staging, d ** -0.5)
     assert tables.guard_table.shape[-1] > 0 or policy.guard is None
+    rows = plan.pending_rows(LENGTH)  # the staged runs are the plan's pending rows
+    for head in range(heads):
+        held = sum(r for r, s in zip(rows, plan.streams) if (s.layer, s.head) == (layer, head))
+        assert int(tables.staged_count[0, head]) * PENDING_ROWS == held
     for head in range(heads):
         keys, values = request.past(layer, head)
         keys = torch.cat([keys, new_k[0, head][None]]).double()

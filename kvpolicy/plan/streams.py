@@ -146,7 +146,7 @@ class StreamPlan:
 
     def request_bytes(self, seq_len: int) -> StreamBytes:
         """What one sequence of `seq_len` tokens holds, exactly: its vLLM blocks, a staging slot
-        per block not sealed yet, and the reservation of pending rows."""
+        per block not sealed yet, and the pending rows it holds at that length."""
         blocks = -(-seq_len // self.block_size)
         unsealed = blocks - min(blocks, self.events(seq_len))
         token = 2 * self.head_dim * self.staging_dtype_bytes

@@ -17,10 +17,8 @@ import torch
 from kvpolicy.kernels import reference as R
 from kvpolicy.kernels.contract import PagedTables
 from kvpolicy.plan.pages import PAGE_ALIGN
-from kvpolicy.plan.streams import StreamPlan
+from kvpolicy.plan.streams import PENDING_ROWS, StreamPlan
 from kvpolicy.store.select import rank
-
-STAGED_RUN = 16  # tokens per staging slot of the sinks and pending tokens (`decode_inputs`)
 
 
 class StreamRequest:
@@ -107,9 +105,9 @@ class StreamRequest:
         """This request's sealed past in `layer` as one paged decode launch reads it (batch 1,
         `kernels.launch.paged_decode`): the pool as pages addressed in 16-byte units from its
         start (a table entry is a micro-page's first unit; every KV head's at the same stride),
-        each KV head's guard and body micro-pages in tables of its own, and its sinks and
-        pending tokens (guards', then body's) as staged runs of STAGED_RUN tokens in a staging
-        buffer [slots, H, STAGED_RUN, 2, D]."""
+        each KV head's guard and body micro-pages in tables of its own, and its pending guards,
+        then its sinks and pending body tokens, as staged runs of PENDING_ROWS tokens (the
+        plan's `pending_rows`) in a staging buffer [slots, H, PENDING_ROWS, 2, D]."""
         plan, heads, d = self.plan, self.plan.kv_heads, self.plan.head_dim
         if not self.pool.is_contiguous():
             raise ValueError("decode_inputs reads a contiguous pool")
@@ -128,21 +126,22 @@ class StreamRequest:
                 rows.append([(self.blocks[row] * plan.block_bytes + offset) // PAGE_ALIGN
                              for row, offset in plan.addresses[index][:self.packed[index]]])
             tables[kind] = rows
-        runs = []
+        dtype = self.pending[0].dtype
+        chunks = []  # per head: its staged runs, each at most PENDING_ROWS tokens
         for head in range(heads):
-            parts = [self.sinks.get((layer, head), self.pending[0][:0])]
-            parts += [self.pending[self._index[layer, head, kind]] for kind in ("guard", "body")
-                      if (layer, head, kind) in self._index]
-            runs.append(torch.cat([p.to(self.pending[0].dtype) for p in parts]))
-        slots = max((-(-run.shape[0] // STAGED_RUN) for run in runs), default=0)
-        staging = torch.zeros(max(slots, 1), heads, STAGED_RUN, 2, d, dtype=self.pending[0].dtype)
-        lengths = []
-        for head, run in enumerate(runs):
-            for slot in range(-(-run.shape[0] // STAGED_RUN)):
-                chunk = run[slot * STAGED_RUN:(slot + 1) * STAGED_RUN]
+            runs = []
+            if (layer, head, "guard") in self._index:
+                runs.append(self.pending[self._index[layer, head, "guard"]])
+            runs.append(torch.cat([self.sinks.get((layer, head), self.pending[0][:0]).to(dtype),
+                                   self.pending[self._index[layer, head, "body"]]]))
+            chunks.append([run[at:at + PENDING_ROWS] for run in runs
+                           for at in range(0, run.shape[0], PENDING_ROWS)])
+        slots = max(1, max(len(row) for row in chunks))
+        staging = torch.zeros(slots, heads, PENDING_ROWS, 2, d, dtype=dtype)
+        for head, row in enumerate(chunks):
+            for slot, chunk in enumerate(row):
                 staging[slot, head, :chunk.shape[0]] = chunk
-            lengths.append([min(STAGED_RUN, run.shape[0] - s * STAGED_RUN)
-                            for s in range(-(-run.shape[0] // STAGED_RUN))])
+        lengths = [[chunk.shape[0] for chunk in row] for row in chunks]
 
         def table(rows: list[list[int]]) -> torch.Tensor:
             width = max((len(row) for row in rows), default=0)
