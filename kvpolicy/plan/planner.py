@@ -279,29 +279,12 @@ def largest_remainder(total: int, weights: list[float], caps: list[int]) -> list
     """`total` whole units split in proportion to weights, none above its cap: water filling
     (a cell at its cap leaves the split; the rest share what is left), then the largest
     remainders (ties: the earlier cell). Every cell's weight 0: equal shares."""
-    total = min(total, sum(caps))
-    result = [0] * len(caps)
-    open_cells = [i for i, cap in enumerate(caps) if cap > 0]
-    while total > sum(result) and open_cells:
-        left = total - sum(result)
-        share = [weights[i] for i in open_cells]
-        if sum(share) <= 0:
-            share = [1.0] * len(open_cells)
-        norm = sum(share)
-        ideal = {i: left * w / norm for i, w in zip(open_cells, share)}
-        capped = [i for i in open_cells if result[i] + ideal[i] >= caps[i]]
-        if capped:  # they fill up; the others share the rest next round
-            for i in capped:
-                result[i] = caps[i]
-            open_cells = [i for i in open_cells if i not in capped]
-            continue
-        for i in open_cells:
-            result[i] += math.floor(ideal[i])
-        left = total - sum(result)
-        order = sorted(open_cells, key=lambda i: (-(ideal[i] - math.floor(ideal[i])), i))
-        for i in order[:left]:
-            result[i] += 1
-        break
+    split = proportional_split(total, weights, caps)  # water filling, before whole units
+    result = [math.floor(share) for share in split]
+    left = min(total, sum(caps)) - sum(result)
+    order = sorted(range(len(caps)), key=lambda i: (-(split[i] - result[i]), i))
+    for i in order[:left]:
+        result[i] += 1
     return result
 
 
