@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from kvpolicy.lang.ir import Policy, policy_from_json, policy_to_json
 from kvpolicy.lang.lower import load_policy
 from kvpolicy.models import ModelShape
 from kvpolicy.plan.pages import PageFormat, UnsupportedConfiguration, page_format, policy_notes
+from kvpolicy.plan.streams import StreamPlan, stream_plan
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
 FALLBACK = ("kvpolicy: {reason}\nkvpolicy: the store's PyTorch path attends instead (slower; "
@@ -116,6 +118,7 @@ class Prepared:
     kernels: tuple | None = None
     pages: PageFormat | None = None
     notes: tuple[str, ...] = ()
+    streams: StreamPlan | None = None  # the stream store's plan (`prepare_streamed`)
 
     def layer_kernels(self, layer: int):
         return None if self.kernels is None else self.kernels[layer]
@@ -147,17 +150,37 @@ def prepare_paged(policy, shape: ModelShape, block_size: int, device=None,
     policy, compiled = resolve(policy, shape, artifact_fields(chosen))
     pages = page_format(policy, shape, block_size, dtype_bytes=dtype_bytes)
     notes = tuple(policy_notes(policy, block_size))
-    if chosen == "torch":
-        return Prepared(policy, shape, chosen, compiled, pages=pages, notes=notes)
-    compiled = compiled or compile_to_cache(policy, shape)
+    return _bound(Prepared(policy, shape, chosen, compiled, pages=pages, notes=notes), backend)
+
+
+def prepare_streamed(policy, shape: ModelShape, block_size: int, max_len: int, device=None,
+                     backend: str = "auto") -> Prepared:
+    """The stream store's preparation (`engines.hf.streamed.StreamPolicyCache`): the stream plan
+    for sequences up to `max_len` (refused, with every reason, before anything is compiled),
+    then the artifact's paged kernels bound per layer, as `prepare_paged` binds them (micro-pages
+    are whole format blocks of the same layouts)."""
+    chosen = backend_for(backend, device, paged=True)
+    policy, compiled = resolve(policy, shape, artifact_fields(chosen))
+    streams = stream_plan(policy, shape, block_size, max_len)
+    return _bound(Prepared(policy, shape, chosen, compiled, streams=streams), backend)
+
+
+def _bound(prepared: Prepared, requested: str) -> Prepared:
+    """`prepared` with its artifact's paged kernels bound per layer (compiled first when the
+    policy came as text); "auto" on CPU cores falls back to PyTorch, with `FALLBACK` as a
+    warning, when the C kernels cannot be built."""
+    if prepared.backend == "torch":
+        return prepared
+    compiled = prepared.compiled or compile_to_cache(prepared.policy, prepared.shape)
     try:
-        kernels = tuple(bind_paged(compiled, i, chosen) for i in range(shape.num_layers))
+        kernels = tuple(bind_paged(compiled, i, prepared.backend)
+                        for i in range(prepared.shape.num_layers))
     except CpuKernelError as exc:
-        if backend != "auto":
+        if requested != "auto":
             raise
-        warnings.warn(FALLBACK.format(reason=exc), stacklevel=2)
-        return Prepared(policy, shape, "torch", compiled, pages=pages, notes=notes)
-    return Prepared(policy, shape, chosen, compiled, kernels, pages, notes)
+        warnings.warn(FALLBACK.format(reason=exc), stacklevel=3)
+        return dataclasses.replace(prepared, backend="torch", compiled=compiled)
+    return dataclasses.replace(prepared, compiled=compiled, kernels=kernels)
 
 
 def bind_paged(compiled: CompiledPolicy, layer: int, backend: str):

@@ -49,13 +49,18 @@ def sequence(seed: int = 0):
     return tokens, importance
 
 
+def spans_of(plan, at_once: bool) -> list[tuple[int, int]]:
+    """The sealing calls: every block at once (a prompt), or one block per call (decode)."""
+    events = plan.events(LENGTH)
+    return [(0, events)] if at_once else [(e, e + 1) for e in range(events)]
+
+
 def sealed_request(plan, tokens, importance, at_once: bool) -> StreamRequest:
     blocks = -(-LENGTH // plan.block_size)
     pool = torch.zeros(blocks + 3, plan.block_bytes, dtype=torch.uint8)
     order = list(range(blocks + 3))[::-1][:blocks]  # scattered, as a block table gives them
     request = StreamRequest(plan, pool, order)
-    events = plan.events(LENGTH)
-    spans = [(0, events)] if at_once else [(e, e + 1) for e in range(events)]
+    spans = spans_of(plan, at_once)
     bs = plan.block_size
     for first, end in spans:
         request.seal([t[:, first * bs:end * bs] for t in tokens],
@@ -63,21 +68,20 @@ def sealed_request(plan, tokens, importance, at_once: bool) -> StreamRequest:
     return request
 
 
-def expected_streams(plan, tokens, importance):
-    """What each stream holds, by the rule, from scratch: per event, a head keeps the most
-    important of its block's middle tokens as the plan counts them (ties cannot happen here),
-    the most important of those as guards; a stream's tokens in the order they were kept,
-    each event's in position order."""
-    bs, events = plan.block_size, plan.events(LENGTH)
+def expected_streams(plan, tokens, importance, spans):
+    """What each stream holds, by the rule, from scratch: per sealing call (blocks [before,
+    after)), a head keeps the most important of the span's middle tokens as the plan counts
+    them (ties cannot happen here), the most important of those as guards; a stream's tokens
+    in the order they were kept, each call's in position order."""
+    bs = plan.block_size
     held = [[] for _ in plan.streams]
     index = {(s.layer, s.head, s.kind): i for i, s in enumerate(plan.streams)}
-    for event in range(1, events + 1):
-        first = max((event - 1) * bs, plan.sinks)
-        positions = range(first, event * bs)
+    for before, after in spans:
+        positions = range(max(before * bs, plan.sinks), after * bs)
         for layer in range(plan.layers):
             for head in range(plan.kv_heads):
                 guard, body = index.get((layer, head, "guard")), index[layer, head, "body"]
-                grow = {i: plan.kept[event][i] - plan.kept[event - 1][i]
+                grow = {i: plan.kept[after][i] - plan.kept[before][i]
                         for i in (guard, body) if i is not None}
                 ranked = sorted(positions, key=lambda p: -float(importance[layer][head, p]))
                 kept = ranked[:sum(grow.values())]
@@ -88,13 +92,17 @@ def expected_streams(plan, tokens, importance):
     return held
 
 
-@pytest.mark.parametrize("name,block_size", [("heads_8x", 16), ("guarded", 32), ("kivi", 16)])
+@pytest.mark.parametrize("name,block_size,at_once", [("heads_8x", 16, False),
+                                                     ("guarded", 32, False), ("kivi", 16, False),
+                                                     ("heads_8x_keep30", 16, True),
+                                                     ("guarded", 16, True)])
 def test_packed_bit_exact_where_the_plan_says_and_counted_as_it_counts(name, block_size,
-                                                                       policy_named):
+                                                                       at_once, policy_named):
+    """Sealed a block at a time (decode) or all at once (a prompt: selected together)."""
     plan = stream_plan(policy_named(name), SMOL, block_size, LENGTH)
-    tokens, importance = sequence()
-    request = sealed_request(plan, tokens, importance, at_once=False)
-    held = expected_streams(plan, tokens, importance)
+    tokens, importance = sequence(int(at_once))
+    request = sealed_request(plan, tokens, importance, at_once=at_once)
+    held = expected_streams(plan, tokens, importance, spans_of(plan, at_once))
     events = plan.events(LENGTH)
     written = torch.zeros_like(request.pool, dtype=torch.bool)
     for index, stream in enumerate(plan.streams):
@@ -118,17 +126,19 @@ def test_packed_bit_exact_where_the_plan_says_and_counted_as_it_counts(name, blo
 
 
 @pytest.mark.parametrize("name,block_size", [("heads_8x_keep30", 16), ("guarded", 16)])
-def test_sealing_many_blocks_at_once_holds_what_sealing_them_one_by_one_holds(name, block_size,
-                                                                               policy_named):
-    """A prompt seals many blocks in one step, decode one per step: the same pool bytes and the
-    same pending tokens."""
+def test_sealing_many_blocks_at_once_holds_as_many_bytes_as_one_by_one(name, block_size,
+                                                                        policy_named):
+    """A prompt seals many blocks in one step, decode one per step: which tokens differ (a span
+    is selected together), the micro-pages, pending tokens and sinks do not."""
     plan = stream_plan(policy_named(name), SMOL, block_size, LENGTH)
     tokens, importance = sequence(1)
     stepwise = sealed_request(plan, tokens, importance, at_once=False)
     at_once = sealed_request(plan, tokens, importance, at_once=True)
-    assert torch.equal(stepwise.pool, at_once.pool)
-    assert all(torch.equal(a, b) for a, b in zip(stepwise.pending, at_once.pending))
+    assert stepwise.packed == at_once.packed
+    assert [p.shape for p in stepwise.pending] == [p.shape for p in at_once.pending]
+    assert all(torch.equal(stepwise.sinks[k], at_once.sinks[k]) for k in stepwise.sinks)
     assert stepwise.sinks.keys() == at_once.sinks.keys()
+    assert not torch.equal(stepwise.pool, at_once.pool)  # the span chose other tokens
 
 
 def test_a_heads_past_is_its_sinks_micro_pages_and_pending(policy_named):
@@ -154,7 +164,7 @@ def test_a_heads_past_is_its_sinks_micro_pages_and_pending(policy_named):
         assert torch.equal(keys[at + n:at + n + pending.shape[0]], pending[:, 0])
         at += n + pending.shape[0]
         if kind == "guard":  # int8 guards stay close to what they quantize
-            assert (k - own[expected_streams(plan, tokens, importance)[i][:n], 0]).abs().max() < 0.05
+            assert (k - own[expected_streams(plan, tokens, importance, spans_of(plan, True))[i][:n], 0]).abs().max() < 0.05
 
 
 def test_a_pool_of_the_wrong_shape_is_refused(policy_named):

@@ -147,10 +147,11 @@ def test_the_bytes_by_part():
             SMOL.num_kv_heads * 16 * token  # score recent: no attention mass
         rows = streams.pending_rows(length)
         assert held.pending_staging == sum(rows) * token
+        sinks = min(policy.sinks, sealed * 16)  # the sealed sinks (before: the window's)
         for n, stream, count in zip(streams._kept_at(length), streams.streams, rows):
+            own = n % stream.tokens + (sinks if stream.kind == "body" else 0)
             assert count % PENDING_ROWS == 0
-            assert count >= n % stream.tokens + min(policy.sinks, length)
-            assert count - PENDING_ROWS < n % stream.tokens + min(policy.sinks, length)
+            assert own <= count < own + PENDING_ROWS
     assert streams.most_pending_rows() >= sum(streams.pending_rows(4096))
     snapkv = planned("snapkv", SMOL.name, 32, 4096)
     assert snapkv.needs_mass
@@ -178,6 +179,8 @@ def test_the_paged_engines_refusals_and_bad_sizes_are_refused():
     assert refused.value.reasons == paged_refusals(retrieval)
     with pytest.raises(UnsupportedConfiguration, match="must be positive"):
         stream_plan(load_policy(POLICIES / "kivi.kvp"), SMOL, 0, 4096)
+    with pytest.raises(UnsupportedConfiguration, match="multiple of 16"):
+        stream_plan(load_policy(POLICIES / "kivi.kvp"), SMOL, 24, 4096)
     with pytest.raises(ValueError, match="holds 0 to 4096"):
         planned("kivi", SMOL.name, 16, 4096).request_bytes(4097)
 

@@ -127,8 +127,9 @@ class StreamPlan:
     def pending_rows(self, seq_len: int) -> tuple[int, ...]:
         """Per stream, the token rows of staging (one KV head's full-precision keys and values
         each) it holds at `seq_len` tokens: its pending tokens, and in each head's body stream
-        the sinks before them, in whole chunks of PENDING_ROWS."""
-        sinks = min(self.sinks, seq_len)
+        the sinks before them once their block has sealed (until then they are the window's),
+        in whole chunks of PENDING_ROWS."""
+        sinks = min(self.sinks, self.events(seq_len) * self.block_size)
         return tuple(-(-(s.pending(n) + (sinks if s.kind == "body" else 0)) // PENDING_ROWS)
                      * PENDING_ROWS for n, s in zip(self._kept_at(seq_len), self.streams))
 
@@ -168,6 +169,10 @@ def stream_plan(policy: Policy, model: ModelShape, block_size: int,
     reasons = paged_refusals(policy) + model_refusals(model)
     if block_size < 1 or max_len < 1:
         reasons.append(f"block size {block_size} and length {max_len} must be positive")
+    elif block_size % PENDING_ROWS:
+        reasons.append(f"block size {block_size}: a block is staged as runs of {PENDING_ROWS} "
+                       f"tokens (what vLLM's paged attention needs too), so it is a multiple of "
+                       f"{PENDING_ROWS}")
     if reasons:
         raise UnsupportedConfiguration(reasons)
     formats = layer_formats(policy, model)

@@ -5,13 +5,33 @@ part in position order."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kvpolicy.kernels import reference as R
+from kvpolicy.lang.ir import Policy
 from kvpolicy.plan.pages import PageFormat
 
 
-def group_importance(fmt: PageFormat, tokens: torch.Tensor,
+@dataclass(frozen=True)
+class ScoreRule:
+    """How a paged engine ranks staged tokens, as `PageFormat` records it (its field names):
+    the score method, snapkv's pooling and kernel, its observed queries and GQA reduction."""
+
+    score: str
+    pool: str
+    pool_kernel: int
+    observe: int
+    gqa: str
+
+    @classmethod
+    def of(cls, policy: Policy) -> "ScoreRule":
+        s = policy.score
+        return cls(s.method, s.pool, s.pool_kernel, s.observe, s.gqa)
+
+
+def group_importance(fmt: PageFormat | ScoreRule, tokens: torch.Tensor,
                      mass: torch.Tensor | None) -> torch.Tensor:
     """Importance of the tokens of g consecutive blocks of one request, as one span, higher kept
     first: tokens [H, g * bs, 2, D] (staged keys and values), mass [H, g * bs] (snapkv: the

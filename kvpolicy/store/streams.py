@@ -4,11 +4,11 @@ reference the paged store's engines are to follow (docs/architecture.md, "Next")
 Its micro-pages are really packed (the format's `kernels.reference.pack_blocks`) into a pool of
 uint8 blocks at the plan's addresses (the request's i-th block is `pool[blocks[i]]`, as a vLLM
 block table gives them); pending tokens and the sinks are kept at full precision in rows of their
-own. Sealing goes event by event — one event per block that leaves the window — so a request
-that seals many blocks in one step (a prompt) holds the same bytes as one that seals them one at
-a time (decode): each event's kept tokens are chosen from that block's middle tokens by the one
-selection rule (`store.select`: the most important, ties to the earlier; the guards the most
-important of those)."""
+own. The blocks sealed in one call (one engine step: a prompt's many, a decode step's one) are
+selected together, as the page store selects them: each stream keeps as many more tokens as the
+plan counts between the events before and after, the most important of the span's middle tokens
+by the one selection rule (`store.select`: ties to the earlier; the guards the most important of
+those). The counts, so the bytes, are the plan's whichever blocks a step seals."""
 
 from __future__ import annotations
 
@@ -42,32 +42,29 @@ class StreamRequest:
         self._index = {(s.layer, s.head, s.kind): i for i, s in enumerate(plan.streams)}
 
     def seal(self, tokens: list[torch.Tensor], importance: list[torch.Tensor]) -> None:
-        """Seals the blocks that left the window since the last call, in order. tokens: per
+        """Seals the blocks that left the window since the last call, together. tokens: per
         layer, the sealed blocks' tokens [H, m * block_size, 2, D] (m: the blocks sealed now,
         the first of them block `self.events`); importance: per layer [H, m * block_size],
         higher kept first."""
         bs = self.plan.block_size
         count = tokens[0].shape[1] // bs
-        for step in range(count):
-            event = self.events + 1
-            first = (event - 1) * bs  # the block's first position in the sequence
-            for layer in range(self.plan.layers):
-                block = tokens[layer][:, step * bs:(step + 1) * bs]
-                scores = importance[layer][:, step * bs:(step + 1) * bs]
-                self._seal_block(layer, event, first, block, scores)
-            self.events = event
+        before, after = self.events, self.events + count
+        for layer in range(self.plan.layers):
+            self._seal_span(layer, before, after, tokens[layer], importance[layer])
+        self.events = after
 
-    def _seal_block(self, layer: int, event: int, first: int, block: torch.Tensor,
-                    scores: torch.Tensor) -> None:
+    def _seal_span(self, layer: int, before: int, after: int, block: torch.Tensor,
+                   scores: torch.Tensor) -> None:
         plan = self.plan
-        sinks = max(0, min(plan.sinks - first, block.shape[1]))  # the block's sink tokens
+        first = before * plan.block_size  # the span's first position in the sequence
+        sinks = max(0, min(plan.sinks - first, block.shape[1]))  # the span's sink tokens
         for head in range(plan.kv_heads):
             if sinks:
                 kept = self.sinks.get((layer, head), block[head, :0])
                 self.sinks[layer, head] = torch.cat([kept, block[head, :sinks]])
             guard = self._index.get((layer, head, "guard"))
             body = self._index[layer, head, "body"]
-            grow = {i: plan.kept[event][i] - plan.kept[event - 1][i]
+            grow = {i: plan.kept[after][i] - plan.kept[before][i]
                     for i in (guard, body) if i is not None}
             order = rank(scores[head, sinks:])[:sum(grow.values())] + sinks
             if guard is not None:  # the most important of the kept are the guards

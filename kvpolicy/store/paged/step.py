@@ -52,10 +52,24 @@ def step_metadata(table: staging.StagingTable, query_start: list[int], seq_lens:
                   block_rows: list[list[int]], slot_mapping: torch.Tensor) -> StepMetadata:
     """Plans the step in the staging table; slot_mapping [n]: each new token's cache slot
     (physical block * block_size + offset), as vLLM gives it."""
+    requests = step_requests(query_start, seq_lens, block_rows)
+    return metadata_from_plan(table, table.plan(requests), requests, query_start, seq_lens,
+                              block_rows, slot_mapping)
+
+
+def step_requests(query_start: list[int], seq_lens: list[int],
+                  block_rows: list[list[int]]) -> list[staging.RequestStep]:
+    """The step's requests as the staging table plans them."""
+    return [staging.RequestStep(row, end - (query_start[i + 1] - query_start[i]), end)
+            for i, (row, end) in enumerate(zip(block_rows, seq_lens))]
+
+
+def metadata_from_plan(table: staging.StagingTable, plan: staging.StepPlan,
+                       requests: list[staging.RequestStep], query_start: list[int],
+                       seq_lens: list[int], block_rows: list[list[int]],
+                       slot_mapping: torch.Tensor) -> StepMetadata:
+    """The step's metadata from the staging table's plan of it."""
     bs = table.block_size
-    requests = [staging.RequestStep(row, end - (query_start[i + 1] - query_start[i]), end)
-                for i, (row, end) in enumerate(zip(block_rows, seq_lens))]
-    plan = table.plan(requests)
     past_sealed_now = [any(table.sealed(j, r.end) and not table.sealed(j, r.start)
                            for j in range(r.start // bs)) for r in requests]
     slots = slot_mapping.to(torch.int64)
