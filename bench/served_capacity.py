@@ -2,10 +2,10 @@
 store) against the 16-bit cache, beside the whole-prompt plan — for every shipped policy the
 paged engines run, on SmolLM2-135M at 4,096 tokens, and the seed's three on Qwen2.5-7B at 32,768.
 
-Exact, from the page plan (`kvpolicy plan FILE --block-size N --json`, its `served` rows: the
-accounting the engine tests hold vLLM's measured capacity to); nothing is estimated. Beside it,
-the stream plan's (kvpolicy.plan.streams, the design the store is to follow: not served yet),
-for sequences up to the context.
+Exact, from the engines' own accounting (`kvpolicy plan FILE --block-size N [--layout L]
+--json`, its `served` rows); nothing is estimated. Two layouts: the stream layout (the stream
+plan laid out for sequences up to the context: what vLLM serves with one worker) at blocks
+16/32/64, and the page layout (the page plan: tensor and pipeline parallelism) at 16-256.
 
     python bench/served_capacity.py     # writes bench/results/served_capacity.json, prints the table
 """
@@ -45,12 +45,13 @@ def main() -> None:
         policy, model = load_policy(ROOT / "policies" / f"{name}.kvp"), resolve_model(model_name)
         served = {}
         for block in BLOCKS:
-            view = served_view(policy, model, block, [context])
+            view = served_view(policy, model, block, [context], layout="pages")
             served[block] = None if view.refused else view.rows[0].ratio
         plan = make_plan(policy, model, context)
-        streams = {block: plan.baseline_bytes
-                   / stream_plan(policy, model, block, context).held_bytes(context)
+        streams = {block: served_view(policy, model, block, [context]).rows[0].ratio
                    for block in STREAM_BLOCKS}
+        assert all(streams[block] == plan.baseline_bytes / stream_plan(
+            policy, model, block, context).held_bytes(context) for block in STREAM_BLOCKS)
         rows.append({"policy": name, "model": model_name, "context": context,
                      "plan_ratio": plan.compression_ratio, "served_ratio_by_block": served,
                      "stream_plan_ratio_by_block": streams})
@@ -58,18 +59,21 @@ def main() -> None:
                             text=True).stdout.strip()
     out = ROOT / "bench" / "results" / "served_capacity.json"
     out.write_text(json.dumps({"commit": commit, "what": "one request's bytes served against "
-                               "the 16-bit cache (exact, the page plan's), beside the plan; "
-                               "and the stream plan's (the design to come, not served yet)",
+                               "the 16-bit cache, beside the plan: in the stream layout "
+                               "(vLLM with one worker: the stream plan's, "
+                               "stream_plan_ratio_by_block) and in the page layout (tensor "
+                               "and pipeline parallelism: the page plan's, "
+                               "served_ratio_by_block)",
                                "command": "python bench/served_capacity.py",
                                "rows": rows}, indent=2) + "\n")
     print("| policy | model | context | `kvpolicy plan` | "
-          + " | ".join(f"block {b}" for b in BLOCKS) + " | "
-          + " | ".join(f"stream plan, block {b}" for b in STREAM_BLOCKS) + " |")
+          + " | ".join(f"streams, block {b}" for b in STREAM_BLOCKS) + " | "
+          + " | ".join(f"pages, block {b}" for b in BLOCKS) + " |")
     print("|---|---|---|---|" + "---|" * (len(BLOCKS) + len(STREAM_BLOCKS)))
     for row in rows:
-        cells = ["refused" if r is None else f"{r:.2f}x"
-                 for r in row["served_ratio_by_block"].values()]
-        cells += [f"{r:.2f}x" for r in row["stream_plan_ratio_by_block"].values()]
+        cells = [f"{r:.2f}x" for r in row["stream_plan_ratio_by_block"].values()]
+        cells += ["refused" if r is None else f"{r:.2f}x"
+                  for r in row["served_ratio_by_block"].values()]
         print(f"| {row['policy']} | {row['model']} | {row['context']:,} | "
               f"{row['plan_ratio']:.2f}x | " + " | ".join(cells) + " |")
 

@@ -88,6 +88,7 @@ def test_a_vllm_worker_reads_the_recorded_pages_and_verifies_once(tmp_path, monk
     monkeypatch.setattr(artifact, "_verified", counting)
     monkeypatch.setattr(prepare, "page_format", no_planning)
     monkeypatch.delenv("KVPOLICY_KERNELS", raising=False)
+    monkeypatch.setenv("KVPOLICY_LAYOUT", "pages")  # the page layout reads the manifest's pages
     settings = load_settings(str(out), engine_config(block_size=64))
     assert settings.page_format == page_format(policy, SMOL, 64, dtype_bytes=2)
     settings.kernels(0, torch.device("cpu"))

@@ -15,6 +15,7 @@ from kvpolicy.models import resolve_model
 from kvpolicy.plan.pages import UnsupportedConfiguration, page_format
 from kvpolicy.plan.planner import make_plan
 from kvpolicy.plan.served import SERVED_CONTEXTS, served_contexts, served_view
+from kvpolicy.plan.streams import stream_plan
 
 SMOL = resolve_model("smollm2-135m")
 QWEN = resolve_model("qwen2.5-7b")
@@ -27,7 +28,7 @@ CASES = [(path.stem, SMOL) for path in SHIPPED] + [(name, QWEN) for name in SEED
 def test_the_view_is_the_page_plans_bytes_beside_the_plans(name, model, block_size):
     policy = load_policy(POLICIES / f"{name}.kvp")
     contexts = served_contexts(None, model.max_context)
-    view = served_view(policy, model, block_size, contexts)
+    view = served_view(policy, model, block_size, contexts, layout="pages")
     try:
         fmt = page_format(policy, model, block_size)
     except UnsupportedConfiguration as exc:
@@ -56,13 +57,36 @@ def test_the_contexts_are_the_asked_one_and_the_standard_ones_within_the_model()
     assert served_contexts(32768, 32768) == list(SERVED_CONTEXTS)
 
 
+@pytest.mark.parametrize("name,block_size", [("heads_8x_keep30", 16), ("kivi", 32),
+                                             ("retrieval_6x", 16), ("aggressive", 64)])
+def test_the_stream_layouts_view_is_the_stream_plans_bytes(name, block_size):
+    """One worker's layout: what the stream plan, laid out for the longest context, says one
+    request holds (within 10% of the whole-prompt plan: tests/test_streams.py)."""
+    policy = load_policy(POLICIES / f"{name}.kvp")
+    contexts = [2048, 4096]
+    view = served_view(policy, SMOL, block_size, contexts)
+    assert view.layout == "streams" and view.to_json()["layout"] == "streams"
+    try:
+        streams = stream_plan(policy, SMOL, block_size, 4096)
+    except UnsupportedConfiguration as exc:
+        assert view.refused == tuple(exc.reasons) and view.rows == ()
+        return
+    for row, context in zip(view.rows, contexts):
+        held = streams.request_bytes(context)
+        assert (row.pool, row.window_staging, row.pending_staging, row.sinks_staging) == \
+            (held.pool, held.window_staging, held.pending_staging, 0)
+        assert row.held == streams.held_bytes(context)
+        assert row.baseline == make_plan(policy, SMOL, context).baseline_bytes
+    assert "pending MiB" in "\n".join(view.lines())
+
+
 def test_plan_prints_the_served_view_in_text_and_json():
     args = ("plan", "policies/aggressive.kvp", "--model", "qwen2.5-7b", "--context", "32k",
-            "--block-size", "64")
+            "--block-size", "64", "--layout", "pages")
     text = run_cli(*args)
     assert text.returncode == 0, text.stderr
-    assert "Served by paged engines (vLLM, kvpolicy's paged store), blocks of 64 tokens" in \
-        text.stdout
+    assert ("Served by paged engines (vLLM, kvpolicy's paged store), pages layout, blocks of 64 "
+            "tokens") in text.stdout
     document = json.loads(run_cli(*args, "--json").stdout)
     served = document["served"]
     fmt = page_format(load_policy(POLICIES / "aggressive.kvp"), QWEN, 64)
@@ -72,12 +96,17 @@ def test_plan_prints_the_served_view_in_text_and_json():
         assert row["held_bytes"] == fmt.held_bytes(row["context"])
         assert f"{row['ratio']:.2f}x" in text.stdout
     assert served["rows"][-1]["plan_ratio"] == document["compression_ratio"]
-    assert "served" not in json.loads(run_cli(*args[:-2], "--json").stdout)
+    assert "served" not in json.loads(run_cli(*args[:-4], "--json").stdout)
+    streams = json.loads(run_cli(*args[:-2], "--json").stdout)["served"]  # one worker's layout
+    plan = stream_plan(load_policy(POLICIES / "aggressive.kvp"), QWEN, 64, 32768)
+    assert streams["layout"] == "streams"
+    assert [row["held_bytes"] for row in streams["rows"]] == \
+        [plan.held_bytes(row["context"]) for row in streams["rows"]]
 
 
 def test_plan_says_why_a_block_size_cannot_be_served():
     result = run_cli("plan", "policies/kivi.kvp", "--model", "smollm2-135m", "--context", "4k",
-                     "--block-size", "16", "--json")
+                     "--block-size", "16", "--layout", "pages", "--json")
     assert result.returncode == 0, result.stderr
     refused = json.loads(result.stdout)["served"]["refused"]
     assert refused == ["every layer: block size 16 is not a multiple of the format's 32-token "

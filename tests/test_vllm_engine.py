@@ -28,8 +28,10 @@ from kvpolicy.engines.hf.model import default_model_dir  # noqa: E402
 from kvpolicy.plan.pages import page_format  # noqa: E402
 from kvpolicy.engines.vllm import offline  # noqa: E402
 from kvpolicy.engines.vllm.offline import EngineFailed, EngineRun  # noqa: E402
-from kvpolicy.engines.vllm.settings import Settings, staging_blocks_for  # noqa: E402
+from kvpolicy.engines.vllm.settings import (Settings, pending_chunks_for,  # noqa: E402
+                                            staging_blocks_for, window_slots_for)
 from kvpolicy.models import resolve_model  # noqa: E402
+from kvpolicy.plan.streams import stream_plan  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "vllm_offline.py"
 KV_BYTES = 256 << 20  # the plugin's staging is paid out of it; the rest is vLLM's pool
@@ -37,11 +39,22 @@ SHORT = [[504, 1477, 3886, 3213, 314], [19161, 582, 7053, 563, 260, 3370, 42]]  
 
 
 def whole_process(fmt, max_num_seqs=8, max_num_batched_tokens=2048) -> Settings:
-    """The plugin's settings for an engine run with offline's defaults: staging and the pool it
-    leaves of KV_BYTES."""
+    """The plugin's settings for an engine run with offline's defaults in the page layout:
+    staging and the pool it leaves of KV_BYTES."""
     staging = staging_blocks_for(fmt, max_num_seqs, max_num_batched_tokens)
     return Settings(artifact="", policy=None, compiled_for=None, page_format=fmt,
                     staging_blocks=staging, kv_bytes=KV_BYTES)
+
+
+def one_worker(policy, block_size, max_model_len=2048, max_num_seqs=8, dtype_bytes=2,
+               max_num_batched_tokens=None) -> Settings:
+    """The same for one worker's default, the stream layout."""
+    plan = stream_plan(policy, resolve_model("smollm2-135m"), block_size, max_model_len)
+    slots = window_slots_for(plan, max_num_seqs, max_num_batched_tokens or max_model_len)
+    return Settings(artifact="", policy=policy, compiled_for=None, page_format=None,
+                    staging_blocks=slots, kv_bytes=KV_BYTES, streams=plan,
+                    pending_chunks=pending_chunks_for(plan, max_num_seqs),
+                    dtype_bytes=dtype_bytes)
 
 
 def engine(artifact, model, prompts=SHORT, **options) -> EngineRun:
@@ -130,13 +143,18 @@ def test_a_tiny_random_llama_gives_the_hf_runtimes_greedy_tokens(tiny_llama, tmp
 
 
 def test_capacity_grows_by_the_plans_ratio(smol_dir, kivi):
+    """One worker's default, the stream layout, against vLLM's own pages in the same KV memory,
+    staging paid out of it (the page layout's: test_retention_in_pages_frees_memory_and_generates
+    and tests/test_vllm_parallel.py)."""
+    policy = load_policy(POLICIES / "kivi.kvp")
     baseline = engine(None, smol_dir, max_tokens=8)
     packed = engine(kivi, smol_dir, max_tokens=8)
-    fmt = page_format(load_policy(POLICIES / "kivi.kvp"), resolve_model("smollm2-135m"), 32)
-    expected = whole_process(fmt).whole_process_ratio()  # staging included
+    assert packed.ranks[0]["layout"] == "streams"
+    expected = one_worker(policy, 32).whole_process_ratio()  # staging included
     ratio = packed.capacity_tokens / baseline.capacity_tokens
     assert ratio == pytest.approx(expected, rel=0.05), (baseline, packed)
-    assert 1 < ratio < fmt.capacity_ratio
+    fmt = page_format(policy, resolve_model("smollm2-135m"), 32)
+    assert whole_process(fmt).whole_process_ratio() < ratio < fmt.capacity_ratio
     assert all(text.strip() for text in packed.texts)  # it generates
 
 
@@ -179,7 +197,8 @@ def test_retention_in_pages_frees_memory_and_generates(smol_dir, tmp_path, light
     compile_policy(policy, resolve_model("smollm2-135m"), artifact)
     fmt = page_format(policy, resolve_model("smollm2-135m"), 128, dtype_bytes=4)  # fp32 run
     assert {(p.guard_tokens, p.body_tokens) for p in fmt.layers} == {(32, 32)}
-    options = dict(block_size=128, dtype="float32", max_tokens=12, max_model_len=1024)
+    options = dict(block_size=128, dtype="float32", max_tokens=12, max_model_len=1024,
+                   layout="pages")
     baseline = engine(None, smol_dir, lighthouse_prompts, **options)
     kept = engine(artifact, smol_dir, lighthouse_prompts, **options)
     ratio = kept.capacity_tokens / baseline.capacity_tokens
@@ -209,8 +228,7 @@ def test_the_readme_demo_reads_back_packed_pages_by_default(kivi):
                        done.stdout)
     assert sealed and int(sealed[1]) >= 4, done.stdout
     # the capacity it prints is vLLM's, with the plugin's staging paid out of the example's
-    # default 256 MiB (one sequence, 2,048-token steps)
-    fmt = page_format(load_policy(POLICIES / "kivi.kvp"), resolve_model("smollm2-135m"), 32)
-    ratio = whole_process(fmt, max_num_seqs=1).whole_process_ratio()
+    # default 256 MiB (one sequence, 2,048-token steps; one worker: the stream layout)
+    ratio = one_worker(load_policy(POLICIES / "kivi.kvp"), 32, max_num_seqs=1).whole_process_ratio()
     assert "needle prompt: " in done.stdout and f"({ratio:.2f}x)" in done.stdout, done.stdout
 

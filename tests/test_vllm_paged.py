@@ -515,7 +515,7 @@ def engine_config(model=SMOL, dtype="torch.bfloat16", block_size=32, prefix_cach
     hf = {"num_hidden_layers": model.num_layers, "num_attention_heads": model.num_q_heads,
           "num_key_value_heads": model.num_kv_heads, "head_dim": model.head_dim}
     return SimpleNamespace(
-        model_config=SimpleNamespace(dtype=dtype, model="test-model",
+        model_config=SimpleNamespace(dtype=dtype, model="test-model", max_model_len=2048,
                                      hf_config=SimpleNamespace(to_dict=lambda: hf)),
         cache_config=SimpleNamespace(block_size=block_size, enable_prefix_caching=prefix_caching),
         scheduler_config=SimpleNamespace(max_num_seqs=4, max_num_batched_tokens=256),
@@ -529,14 +529,22 @@ def kivi_artifact(tmp_path):
     return out
 
 
-def test_settings_for_a_supported_configuration(kivi_artifact):
+@pytest.fixture
+def page_layout(monkeypatch):
+    """The page layout, which the tests below check (one worker's default is the stream
+    layout: tests/test_streamed_settings.py)."""
+    from kvpolicy.engines.vllm.settings import LAYOUT_ENV
+    monkeypatch.setenv(LAYOUT_ENV, "pages")
+
+
+def test_settings_for_a_supported_configuration(kivi_artifact, page_layout):
     s = load_settings(str(kivi_artifact), engine_config())
     assert s.policy.name == "kivi" and s.page_format.page_bytes == 1536
     assert s.staging_blocks == 4 * (4 + 2) + 8
     assert "5.33x" in s.describe()
 
 
-def test_staging_is_paid_out_of_the_kv_memory(kivi_artifact):
+def test_staging_is_paid_out_of_the_kv_memory(kivi_artifact, page_layout):
     """With the KV memory given in bytes, staging is paid out of it: vLLM's pool gets the rest
     (the engine's cache config is lowered once), start-up states the ratio to vLLM's own pages
     in the same memory, staging included, computed exactly; staging that does not fit is
@@ -585,7 +593,7 @@ def test_settings_refuse_a_tampered_artifact(kivi_artifact):
         load_settings("", engine_config())
 
 
-def test_settings_load_the_seed_policy_and_say_where_pages_differ(tmp_path):
+def test_settings_load_the_seed_policy_and_say_where_pages_differ(tmp_path, page_layout):
     out = tmp_path / "aggressive"
     compile_policy(load_policy(POLICIES / "aggressive.kvp"), SMOL, out)
     s = load_settings(str(out), engine_config(block_size=256))
@@ -594,7 +602,8 @@ def test_settings_load_the_seed_policy_and_say_where_pages_differ(tmp_path):
     text = s.describe()
     assert f"{fmt.capacity_ratio:.2f}x" in text and "keep 32/" in text
     # what one request holds, at the standard lengths within the model's, as `plan` prints it
-    assert "kvpolicy: Served by paged engines (vLLM, kvpolicy's paged store), blocks of 256" in text
+    assert ("kvpolicy: Served by paged engines (vLLM, kvpolicy's paged store), pages layout, "
+            "blocks of 256") in text
     for context in (2048, 4096, 8192):
         served = fmt.baseline_bytes(context) / fmt.held_bytes(context)
         assert f"{context:>9,}" in text and f"{served:>7.2f}x" in text

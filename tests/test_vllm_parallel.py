@@ -97,7 +97,8 @@ def plan(tiny, artifacts, policy: str):
 @pytest.fixture(scope="module")
 def engine(tiny, artifacts):
     """One engine run per (policy or None for vLLM's own attention, split), shared by the
-    tests of the module."""
+    tests of the module; all in the page layout (parallel workers hold it; one worker's default
+    is the stream layout, which the one-process runs here are not)."""
     model, prompts = tiny
 
     @functools.cache
@@ -105,7 +106,7 @@ def engine(tiny, artifacts):
         return offline.generate(prompts, model, None if policy is None else artifacts[policy],
                                 max_tokens=STEPS, dtype="float32", block_size=BLOCK,
                                 kv_cache_memory_bytes=KV_BYTES, tensor_parallel_size=tensor,
-                                pipeline_parallel_size=pipeline)
+                                pipeline_parallel_size=pipeline, layout="pages")
     return run
 
 

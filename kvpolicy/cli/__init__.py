@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also what one request holds served by the paged engines (vLLM, "
                       "the paged store) with blocks of N tokens, at the context and at "
                       "2k/4k/8k/32k")
+    plan.add_argument("--layout", choices=("streams", "pages"), default="streams",
+                      help="the paged engines' layout the served view describes: streams (one "
+                      "worker's default) or pages (tensor and pipeline parallelism)")
     plan.set_defaults(run=cmd_plan)
 
     compile_ = commands.add_parser("compile", help="generate the policy's Triton kernels")

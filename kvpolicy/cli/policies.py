@@ -91,7 +91,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     served = None
     if args.block_size is not None:
         served = served_view(policy, model, args.block_size,
-                             served_contexts(plan.context, model.max_context))
+                             served_contexts(plan.context, model.max_context),
+                             layout=args.layout)
     if args.json:
         record = to_json(plan)
         if served is not None:

@@ -165,9 +165,10 @@ def render_report(results: dict) -> str:
         "",
         "Every number below is computed from `results.json` (per-sample lines). Memory is the "
         "bytes the cache holds right after compressing the prompt, counted from its tensors"
-        + ("; for vLLM, which does not expose one request's blocks, the page plan's exact "
+        + ("; for vLLM, which does not expose one request's blocks, its layout's exact "
            "count for the same tokens (`bytes_source`)" if any(
-               line.get("bytes_source") == "page plan" for line in results["results"]) else "")
+               line.get("bytes_source") in ("page plan", "stream plan")
+               for line in results["results"]) else "")
         + "; "
         "the uncompressed baseline keeps every token in "
         f"{config['cache_dtype']}. \"Seed claimed\" columns repeat the draft's Tables 1, 5, 6 — "

@@ -74,7 +74,7 @@ def _paged_outputs(model, tokenizer, entry, work, config, shape, emit) -> None:
                                   block_size=config.block_size)
             tokens = generation.token_ids
             measured = generation.timings["measured_bytes_after_compress"]
-            planned = generation.cache.fmt.held_bytes(len(ids))
+            planned = generation.cache.held_bytes(len(ids))
         emit(_line(config, tokenizer, entry, sample, context, task, index, tokens, measured,
                    planned, baseline_bytes, len(ids), time.perf_counter() - started,
                    "measured"))
@@ -82,12 +82,13 @@ def _paged_outputs(model, tokenizer, entry, work, config, shape, emit) -> None:
 
 def _vllm_outputs(tokenizer, entry, work, config, shape, model_dir, emit) -> None:
     from kvpolicy.engines.vllm import offline
-    from kvpolicy.plan.pages import page_format
     from kvpolicy.plan.planner import make_plan
+    from kvpolicy.plan.streams import stream_plan
     from kvpolicy.prepare import compile_to
     prompts = [ids for *_, ids in work]
     most = max(len(ids) for ids in prompts)
     steps = max(sample.max_new_tokens for _, _, _, sample, _ in work)
+    max_model_len = -(-(most + steps + 1) // config.block_size) * config.block_size
     with tempfile.TemporaryDirectory(prefix="kvpolicy-eval-") as folder:
         artifact = None
         if entry.name != BASELINE:
@@ -97,17 +98,18 @@ def _vllm_outputs(tokenizer, entry, work, config, shape, model_dir, emit) -> Non
         run = offline.generate(
             prompts, model_dir, artifact, max_tokens=steps, dtype="float32",
             block_size=config.block_size,
-            max_model_len=-(-(most + steps + 1) // config.block_size) * config.block_size,
+            max_model_len=max_model_len,
             max_num_seqs=len(prompts), max_num_batched_tokens=max(sum(map(len, prompts)), most),
             kv_cache_memory_bytes=4 << 30, timeout=3600)
         seconds = (time.perf_counter() - started) / len(prompts)
-    fmt = None if artifact is None else page_format(entry.policy, shape, config.block_size,
-                                                    dtype_bytes=4)
+    # one worker: vLLM's backend holds the stream layout (engines.vllm.settings.LAYOUT_ENV)
+    streams = None if artifact is None else stream_plan(entry.policy, shape, config.block_size,
+                                                         max_model_len)
     for (context, task, index, sample, ids), tokens in zip(work, run.token_ids):
         baseline_bytes = make_plan(entry.policy, shape, len(ids)).baseline_bytes
-        held = baseline_bytes if fmt is None else fmt.held_bytes(len(ids))
+        held = baseline_bytes if streams is None else streams.held_bytes(len(ids))
         emit(_line(config, tokenizer, entry, sample, context, task, index, tokens, held, held,
-                   baseline_bytes, len(ids), seconds, "page plan"))
+                   baseline_bytes, len(ids), seconds, "stream plan"))
 
 
 def _line(config, tokenizer, entry, sample, context, task, index, tokens, measured, planned,

@@ -129,17 +129,20 @@ class StreamPlan:
         each) it holds at `seq_len` tokens: its pending tokens, and in each head's body stream
         the sinks before them once their block has sealed (until then they are the window's),
         in whole chunks of PENDING_ROWS."""
-        sinks = min(self.sinks, self.events(seq_len) * self.block_size)
+        self._kept_at(seq_len)  # (checks the length)
+        return self.pending_rows_at(self.events(seq_len))
+
+    def pending_rows_at(self, event: int) -> tuple[int, ...]:
+        """`pending_rows` once `event` blocks have sealed."""
+        sinks = min(self.sinks, event * self.block_size)
         return tuple(-(-(s.pending(n) + (sinks if s.kind == "body" else 0)) // PENDING_ROWS)
-                     * PENDING_ROWS for n, s in zip(self._kept_at(seq_len), self.streams))
+                     * PENDING_ROWS for n, s in zip(self.kept[event], self.streams))
 
-    def most_pending_rows(self) -> int:
-        """The most rows, over all streams, that `pending_rows` asks for at any length up to
-        max_len (what an engine reserves per sequence when it reserves the worst case)."""
-        return max(sum(self.pending_rows(self._length_of(e))) for e in range(len(self.kept)))
-
-    def _length_of(self, event: int) -> int:
-        return min(self.max_len, event * self.block_size + self.window)
+    def most_pending_rows(self, layer: int | None = None) -> int:
+        """The most rows, over all streams (or `layer`'s), that `pending_rows` asks for at any
+        length up to max_len (what an engine reserves per sequence: the worst case)."""
+        return max(sum(r for r, s in zip(self.pending_rows_at(e), self.streams)
+                       if layer is None or s.layer == layer) for e in range(len(self.kept)))
 
     @property
     def staging_dtype_bytes(self) -> int:
@@ -159,6 +162,26 @@ class StreamPlan:
 
     def held_bytes(self, seq_len: int) -> int:
         return sum(self.request_bytes(seq_len))
+
+
+def stream_notes(policy: Policy) -> list[str]:
+    """Where the stream layout realises the policy differently from the whole-prompt runtime
+    (printed at start-up; docs/vllm.md lists them)."""
+    notes = []
+    if policy.evicts:
+        notes.append("retention in streams: as its blocks leave the window each (layer, KV head) "
+                     "keeps the whole-prompt plan's count at the current length, chosen among "
+                     "the blocks sealed in that step (a prompt's: all together); a token "
+                     "evicted then is gone, so a head whose share grows keeps a little less "
+                     "than the plan early on")
+        if policy.score.method == "snapkv":
+            notes.append(f"importance = the attention mass a token received from the last "
+                         f"{policy.score.observe} queries of every step while it was staged "
+                         "(for a prompt prefilled in one step: SnapKV's observation window)")
+    if policy.cluster is not None and policy.evicts:
+        notes.append(f"cluster evicted k {policy.cluster.k}: no centroids in pages; evicted "
+                     "tokens are dropped")
+    return notes
 
 
 def stream_plan(policy: Policy, model: ModelShape, block_size: int,

@@ -21,7 +21,7 @@ class Generation:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    cache: PolicyCache  # or a PagedPolicyCache (`paged`)
+    cache: PolicyCache  # or a StreamPolicyCache / PagedPolicyCache (`paged`)
     # seconds: prefill, reconstruct (score reconstruct's passes), compress, decode (total)
     timings: dict = field(default_factory=dict)
 
@@ -33,16 +33,16 @@ class Generation:
 
     @property
     def plan(self):
-        """The whole-prompt runtime's Plan for the prompt; None for a paged run, whose bytes the
-        page plan gives (`cache.fmt`, `planned_bytes`)."""
+        """The whole-prompt runtime's Plan for the prompt; None for a paged run, whose bytes its
+        layout's plan gives (`cache.held_bytes`, `planned_bytes`)."""
         return None if self.paged else self.cache.plan
 
     @property
     def planned_bytes(self) -> int:
         """What the cache was planned to hold after the prompt: the Plan's compressed bytes, or
-        for a paged run the page plan's (`PageFormat.held_bytes` of the prompt)."""
+        for a paged run its layout's plan's (`held_bytes` of the prompt)."""
         if self.paged:
-            return self.cache.fmt.held_bytes(self.prompt_tokens)
+            return self.cache.held_bytes(self.prompt_tokens)
         return self.cache.plan.compressed_bytes
 
     @property
@@ -62,14 +62,21 @@ def encode(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str | torch.Tensor, policy, max_new_tokens: int = 64,
              cache_dtype: str = "bfloat16", backend: str = "auto", chat: bool = True,
-             stop_at_eos: bool = True, block_size: int | None = None) -> Generation:
+             stop_at_eos: bool = True, block_size: int | None = None, layout: str = "streams",
+             max_len: int | None = None) -> Generation:
     """Prefill in full precision, compress per the policy, decode greedily over the compressed
     cache. `prompt`: text, or token ids [1, n]. With `block_size`, the cache is kvpolicy's paged
-    store (hf/paged.py: what vLLM's backend runs, blocks of that many tokens); without, the
-    whole-prompt runtime (hf/cache.py)."""
+    engine store with blocks of that many tokens, in `layout` as vLLM's backend runs it:
+    "streams" (hf/streamed.py, laid out for `max_len` tokens, by default the prompt's and the
+    new tokens') or "pages" (hf/paged.py); without, the whole-prompt runtime (hf/cache.py)."""
     ids = prompt if isinstance(prompt, torch.Tensor) else encode(tokenizer, prompt, chat)
     ids = ids.to(next(model.parameters()).device)
-    if block_size is not None:
+    if block_size is not None and layout == "streams":
+        from kvpolicy.engines.hf.streamed import StreamPolicyCache
+        cache = StreamPolicyCache(policy, model, block_size=block_size, cache_dtype=cache_dtype,
+                                  backend=backend,
+                                  max_len=max_len or ids.shape[1] + max_new_tokens)
+    elif block_size is not None:
         from kvpolicy.engines.hf.paged import PagedPolicyCache
         cache = PagedPolicyCache(policy, model, block_size=block_size, cache_dtype=cache_dtype,
                                  backend=backend)

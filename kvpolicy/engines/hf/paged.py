@@ -163,6 +163,10 @@ class PagedPolicyCache(Cache):
 
     # ---- bytes --------------------------------------------------------------------------------
 
+    def held_bytes(self, seq_len: int) -> int:
+        """What the page plan says one sequence of `seq_len` tokens holds."""
+        return self.fmt.held_bytes(seq_len)
+
     def nbytes(self) -> dict:
         """Bytes held, from the tensors: the pool blocks the sequences use (every layer's pages
         of a block) and the staging slots in use (full-precision tokens and attention mass)."""

@@ -141,6 +141,10 @@ class StreamPolicyCache(Cache):
         routing.route_to(self.layers[layer_idx])
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    def held_bytes(self, seq_len: int) -> int:
+        """What the stream plan says one sequence of `seq_len` tokens holds."""
+        return self.plan.held_bytes(seq_len)
+
     def nbytes(self) -> dict:
         """Bytes held, from the tensors: the pool blocks the sequences use, the window slots in
         use (full-precision tokens and attention mass) and the pending chunks in use."""

@@ -3,8 +3,9 @@ and `customize_spec`, which publishes the packed page size), MetadataBuilder (on
 which staging slot holds which block, which blocks seal), Impl (per layer: write = stage the new
 tokens, forward = attention over sealed pages and staged blocks, then sealing).
 
-The compute is the store's (`kvpolicy.store.paged`, plain functions of tensors); this module only
-adapts vLLM's objects to them. Imported by vLLM through the registry path that
+The compute is the store's, plain functions of tensors: `kvpolicy.store.streamed` for the stream
+layout (one worker; the default), `kvpolicy.store.paged` for the page layout (tensor and
+pipeline parallelism; `settings.LAYOUT_ENV`); this module only adapts vLLM's objects to them. Imported by vLLM through the registry path that
 `kvpolicy.engines.vllm.register` installs, never by kvpolicy itself.
 """
 
@@ -39,8 +40,9 @@ from kvpolicy.kernels.cpu import CpuKernelError
 from kvpolicy.kernels.reference import torch_dtype
 from kvpolicy.plan.pages import UnsupportedConfiguration
 from kvpolicy.prepare import FALLBACK
-from kvpolicy.store import paged
+from kvpolicy.store import paged, streamed
 from kvpolicy.store.paged.staging import StagingTable
+from kvpolicy.store.select import ScoreRule
 
 # under vLLM's own logger, which vLLM's logging configures: the start-up report reaches the
 # server log
@@ -70,6 +72,12 @@ def settings() -> Settings:
     return loaded
 
 
+@functools.cache
+def _layer_streams() -> list[streamed.LayerStreams]:
+    """The stream layout's per-layer constants (micro-page addresses as tensors), once."""
+    return streamed.layer_streams(settings().streams)
+
+
 def _worker_share(config: VllmConfig) -> WorkerShare:
     """This process's tensor-parallel rank and pipeline stage, from vLLM's parallel state (its
     own rule for which layers a stage holds: `get_pp_indices`, VLLM_PP_LAYER_PARTITION)."""
@@ -91,11 +99,18 @@ def rank_report() -> dict:
     ranks, KV heads and layers, page and pool sizes, and the blocks it sealed per layer."""
     s = settings()
     f, w = s.page_format, s.worker
+    if f is None:  # the stream layout: one worker, every layer
+        p = s.streams
+        held = {"kv_heads": p.kv_heads, "layers": [0, p.layers], "page_bytes": p.page_bytes,
+                "padding_bytes": 0,
+                "baseline_page_bytes": s.baseline_block_bytes // (p.layers * p.kv_heads)}
+    else:
+        held = {"kv_heads": f.kv_heads, "layers": [f.held.start, f.held.stop],
+                "page_bytes": f.page_bytes, "padding_bytes": f.padding_bytes,
+                "baseline_page_bytes": f.baseline_page_bytes}
     return {"tp_rank": w.tensor_rank, "tp_size": w.tensor_size, "pp_rank": w.pipeline_rank,
-            "pp_size": max(1, len(w.stages)), "kv_heads": f.kv_heads,
-            "layers": [f.held.start, f.held.stop], "page_bytes": f.page_bytes,
-            "padding_bytes": f.padding_bytes,
-            "baseline_page_bytes": f.baseline_page_bytes, "staging_bytes": s.staging_bytes,
+            "pp_size": max(1, len(w.stages)), "layout": s.layout, **held,
+            "staging_bytes": s.staging_bytes,
             "pool_bytes": s.pool_bytes, "whole_process_ratio": s.whole_process_ratio(),
             "sealed_blocks": dict(SEALED_BLOCKS), "staging_moves": dict(STAGING_MOVES)}
 
@@ -132,9 +147,11 @@ class KVPolicyBackend(AttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        """One state per block (all its tokens), of the packed page's bytes, per KV head."""
-        fmt = settings().page_format
-        return replace(spec, dtype=torch.uint8, state_content_bytes=fmt.page_bytes,
+        """One state per block (all its tokens), of the packed page's bytes, per KV head (the
+        stream layout: a block's share per layer and KV head of the micro-pages it holds)."""
+        s = settings()
+        page = s.page_format.page_bytes if s.streams is None else s.streams.page_bytes
+        return replace(spec, dtype=torch.uint8, state_content_bytes=page,
                        tokens_per_state=spec.block_size)
 
     @staticmethod
@@ -151,8 +168,11 @@ class KVPolicyMetadataBuilder(AttentionMetadataBuilder[paged.StepMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         s = settings()
         self.block_size = kv_cache_spec.block_size
-        self.table = StagingTable(s.staging_blocks, self.block_size, s.page_format.window,
-                                  s.page_format.sink_blocks)
+        if s.streams is not None:
+            self.table = streamed.StreamTable(s.streams, s.staging_blocks, s.pending_chunks)
+        else:
+            self.table = StagingTable(s.staging_blocks, self.block_size, s.page_format.window,
+                                      s.page_format.sink_blocks)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> paged.StepMetadata:
@@ -161,10 +181,14 @@ class KVPolicyMetadataBuilder(AttentionMetadataBuilder[paged.StepMetadata]):
         seq_lens = m.seq_lens[:m.num_reqs].cpu().tolist()
         rows = [m.block_table_tensor[i, :-(-end // self.block_size)].cpu().tolist()
                 for i, end in enumerate(seq_lens)]
-        step = paged.step_metadata(self.table, query_start, seq_lens, rows,
-                                   m.slot_mapping[:m.num_actual_tokens].cpu())
-        STAGING_MOVES["spilled"] += len(step.spills)
-        STAGING_MOVES["restored"] += len(step.restores)
+        slots = m.slot_mapping[:m.num_actual_tokens].cpu()
+        if isinstance(self.table, streamed.StreamTable):
+            step = streamed.stream_step(self.table, query_start, seq_lens, rows, slots)
+            window = step.window
+        else:
+            step = window = paged.step_metadata(self.table, query_start, seq_lens, rows, slots)
+        STAGING_MOVES["spilled"] += len(window.spills)
+        STAGING_MOVES["restored"] += len(window.restores)
         return step
 
 
@@ -192,13 +216,17 @@ class KVPolicyImpl(AttentionImpl):
                            "leave it 'auto')")
         if reasons:
             raise UnsupportedConfiguration([f"the model uses {r}" for r in reasons])
-        if num_kv_heads != s.page_format.kv_heads:
+        if num_kv_heads != s.kv_heads:
             raise UnsupportedConfiguration([
                 f"this worker's attention has {num_kv_heads} KV heads and its share of the "
-                f"pages {s.page_format.kv_heads}: the parallel split is not the one planned"])
+                f"pages {s.kv_heads}: the parallel split is not the one planned"])
         self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
         self.scale = float(scale)
         self.fmt = s.page_format
+        self.streams = s.streams  # the stream layout's plan (None: the page layout)
+        self.pending_chunks = s.pending_chunks
+        self.buffers: streamed.LayerBuffers | None = None
+        self.rule = ScoreRule.of(s.policy)
         self.staging_blocks = s.staging_blocks
         self.staging: torch.Tensor | None = None
         self.device = None  # the engine's, from the first step's keys
@@ -219,6 +247,28 @@ class KVPolicyImpl(AttentionImpl):
             self.layer_index = int(match.group(1))
         return self.layer_index
 
+    def _buffers(self) -> streamed.LayerBuffers:
+        if self.buffers is None:
+            self.buffers = streamed.new_buffers(self.streams, self.staging_blocks,
+                                                self.pending_chunks, self.streams.needs_mass,
+                                                self.device)
+        return self.buffers
+
+    def _pool(self, kv_cache: torch.Tensor, layer: int) -> torch.Tensor:
+        """The whole cache as [blocks, block bytes] (every layer's micro-pages share a block's
+        bytes), from this layer's view of it (BLHNC: layer l's view starts l x H x page bytes
+        into each block)."""
+        plan = self.streams
+        run = plan.block_bytes
+        before = layer * plan.kv_heads * plan.page_bytes
+        if kv_cache.stride(0) != run or kv_cache.storage_offset() < before:
+            raise UnsupportedConfiguration([
+                f"layer {layer}'s KV cache is not laid out block-outermost (block stride "
+                f"{kv_cache.stride(0)} bytes, expected {run}): the KV cache layout must be BLHNC "
+                "(unset VLLM_KV_CACHE_LAYOUT)"])
+        return torch.as_strided(kv_cache, (kv_cache.shape[0], run), (run, 1),
+                                kv_cache.storage_offset() - before)
+
     def _staging(self) -> torch.Tensor:
         if self.staging is None:  # in the cache dtype the artifact was compiled for
             self.staging, self.mass = paged.new_staging(self.fmt, self.staging_blocks,
@@ -233,6 +283,9 @@ class KVPolicyImpl(AttentionImpl):
         if metadata is None:
             return  # profiling and warm-up runs
         self.device = key.device
+        if self.streams is not None:
+            streamed.write_layer(self._buffers(), key, value, metadata)
+            return
         paged.write_step(self._staging(), self.mass, key, value, metadata,
                          self.spilled)
 
@@ -244,13 +297,21 @@ class KVPolicyImpl(AttentionImpl):
         if attn_metadata is None:
             return output
         index = self._layer(layer)
-        SEALED_BLOCKS[index] += attn_metadata.seal_blocks.numel()
+        if self.streams is not None:
+            SEALED_BLOCKS[index] += sum(r.after - r.before for r in attn_metadata.requests)
+        else:
+            SEALED_BLOCKS[index] += attn_metadata.seal_blocks.numel()
         if not self.kernels_chosen:
             self.kernels_chosen = True
             try:
                 self.kernels = settings().kernels(index, query.device)
             except CpuKernelError as exc:
                 _warn_once(FALLBACK.format(reason=exc))
+        if self.streams is not None:
+            return streamed.attend_layer(self._pool(kv_cache, index), self._buffers(),
+                                         self.streams, self.rule, _layer_streams()[index],
+                                         query, key, value, attn_metadata, self.scale, output,
+                                         kernels=self.kernels)
         return paged.attend_step(kv_cache, self._staging(), self.mass, self.fmt, index,
                                  query, key, value, attn_metadata, self.scale, output,
                                  kernels=self.kernels)

@@ -45,6 +45,7 @@ class EngineRequest:
     compile: bool = False  # let vLLM torch.compile the model (minutes on a small CPU)
     tensor_parallel_size: int = 1  # > 1 or pipeline_parallel_size > 1: one worker process per
     pipeline_parallel_size: int = 1  # rank (vLLM's multiprocessing executor)
+    layout: str | None = None  # KVPOLICY_LAYOUT (default: streams for one worker, else pages)
 
 
 @dataclass
@@ -99,6 +100,9 @@ def generate(prompts: list[list[int]], model: str, artifact: str | None = None,
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     env.pop("KVPOLICY_ARTIFACT", None)
     env.pop("KVPOLICY_STAGING_BLOCKS", None)
+    env.pop("KVPOLICY_LAYOUT", None)
+    if request.layout is not None:
+        env["KVPOLICY_LAYOUT"] = request.layout
     if request.artifact is not None:
         env["KVPOLICY_ARTIFACT"] = request.artifact
     if request.staging_blocks is not None:

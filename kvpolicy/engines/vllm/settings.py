@@ -18,12 +18,18 @@ from kvpolicy.lang.ir import Policy
 from kvpolicy.models import ModelError, ModelShape, shape_from_config
 from kvpolicy.plan.pages import PageFormat, UnsupportedConfiguration, policy_notes, rank_heads
 from kvpolicy.plan.served import served_contexts, served_view
+from kvpolicy.plan.streams import PENDING_ROWS, StreamPlan, stream_notes, stream_plan
 from kvpolicy.prepare import CompiledPolicy, backend_for, bind_paged, open_artifact
 
 ARTIFACT_ENV = "KVPOLICY_ARTIFACT"
 STAGING_ENV = "KVPOLICY_STAGING_BLOCKS"
 KERNELS_ENV = "KVPOLICY_KERNELS"  # "compiled" (the default) or "torch": see Settings.kernels
 KERNEL_CHOICES = ("compiled", "torch")
+# "streams" (`plan.streams`: a request holds the whole-prompt plan's bytes; one worker) or
+# "pages" (`plan.pages`: a page per block; tensor and pipeline parallelism). Default: streams
+# for an engine of one worker, pages otherwise.
+LAYOUT_ENV = "KVPOLICY_LAYOUT"
+LAYOUTS = ("streams", "pages")
 
 
 
@@ -59,19 +65,53 @@ class Settings:
     artifact: str
     policy: Policy
     compiled_for: ModelShape
-    page_format: PageFormat
-    staging_blocks: int
+    page_format: PageFormat | None  # the page layout's (None with the stream layout)
+    staging_blocks: int  # full-precision block slots
     kv_bytes: int | None = None  # the engine's KV memory as given in bytes, staging included
     kernel_choice: str = "compiled"  # KVPOLICY_KERNELS
     worker: WorkerShare = WorkerShare()
     model_kv_heads: int = 0  # all the model's KV heads (page_format.kv_heads: this worker's)
+    streams: StreamPlan | None = None  # the stream layout's plan, at the engine's max_model_len
+    pending_chunks: int = 0  # the stream layout's pending chunks per layer (PENDING_ROWS rows)
+    dtype_bytes: int = 2  # the engine's 16-bit cache, the baseline
     # the artifact, verified and its kernels imported once per process (None with
     # KVPOLICY_KERNELS=torch: verified only)
     compiled: CompiledPolicy | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
+    def layout(self) -> str:
+        return "pages" if self.streams is None else "streams"
+
+    @property
+    def kv_heads(self) -> int:
+        """The KV heads this worker's attention holds."""
+        return self.page_format.kv_heads if self.streams is None else self.streams.kv_heads
+
+    @property
     def staging_bytes(self) -> int:
-        return self.page_format.staging_bytes(self.staging_blocks)
+        if self.streams is None:
+            return self.page_format.staging_bytes(self.staging_blocks)
+        s = self.streams
+        token = 2 * s.head_dim * s.staging_dtype_bytes
+        slot = s.kv_heads * s.block_size * (token + (4 if s.needs_mass else 0))
+        return s.layers * (self.staging_blocks * slot + self.pending_chunks * PENDING_ROWS * token)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one vLLM block, every layer's share (what vLLM's pool is counted in)."""
+        if self.streams is not None:
+            return self.streams.block_bytes
+        f = self.page_format
+        return len(f.held) * f.kv_heads * f.page_bytes
+
+    @property
+    def baseline_block_bytes(self) -> int:
+        """vLLM's own 16-bit block of the same layers and heads."""
+        if self.streams is not None:
+            s = self.streams
+            return s.layers * s.kv_heads * s.block_size * 2 * s.head_dim * self.dtype_bytes
+        f = self.page_format
+        return len(f.held) * f.kv_heads * f.baseline_page_bytes
 
     @property
     def pool_bytes(self) -> int | None:
@@ -83,14 +123,12 @@ class Settings:
         """Tokens the plugin holds relative to vLLM's own pages in the same KV memory, its
         staging paid out of that memory (exact from the page plan; None when the KV memory is
         not known or staging alone exceeds it)."""
-        f = self.page_format
         if not self.kv_bytes:
             return None
-        per_block = len(f.held) * f.kv_heads
-        baseline = self.kv_bytes // (per_block * f.baseline_page_bytes)
+        baseline = self.kv_bytes // self.baseline_block_bytes
         if baseline == 0 or self.pool_bytes <= 0:
             return None
-        return (self.pool_bytes // (per_block * f.page_bytes)) / baseline
+        return (self.pool_bytes // self.block_bytes) / baseline
 
     def kernels(self, layer: int, device) -> StoreKernels | None:
         """What decode steps of `layer` attend with on `device` (`prepare.bind_paged`, by the
@@ -111,9 +149,13 @@ class Settings:
     @property
     def notes(self) -> list[str]:
         """Where the pages realise the policy differently from the Hugging Face runtime."""
+        if self.streams is not None:
+            return stream_notes(self.policy)
         return policy_notes(self.policy, self.page_format.block_size)
 
     def describe(self) -> str:
+        if self.streams is not None:
+            return self._describe_streams()
         f = self.page_format
         kept = f.kept_tokens()
         text = (f"kvpolicy: policy {self.policy.name} from {self.artifact}: pages of "
@@ -139,6 +181,42 @@ class Settings:
                              served_contexts(None, self.compiled_for.max_context), fmt=f)
         return "\n".join([text, *(f"kvpolicy: {line}" for line in served.lines()),
                           self.kernels_line()] + [f"kvpolicy: note: {n}" for n in self.notes])
+
+
+    def _describe_streams(self) -> str:
+        s = self.streams
+        text = (f"kvpolicy: policy {self.policy.name} from {self.artifact}: stream layout "
+                f"(kept tokens packed into each request's own blocks at the whole-prompt plan's "
+                f"rate): blocks of {s.block_size} tokens, {s.block_bytes:,} bytes "
+                f"({s.page_bytes} per layer and KV head; 16-bit: {self.baseline_block_bytes:,}), "
+                f"laid out for sequences up to {s.max_len:,} tokens; full-precision staging: "
+                f"{self.staging_blocks} block slots and {self.pending_chunks} pending chunks of "
+                f"{PENDING_ROWS} rows per layer, {self.staging_bytes:,} bytes")
+        if self.kv_bytes:
+            ratio = self.whole_process_ratio()
+            text += (f"\nkvpolicy: staging is paid out of the {self.kv_bytes:,}-byte KV memory "
+                     f"(vLLM's pool gets {self.pool_bytes:,} bytes): "
+                     + (f"{ratio:.2f}x the tokens of vLLM's own pages in the same memory, "
+                        "staging included" if ratio is not None else "staging alone exceeds it"))
+        served = served_view(self.policy, self.compiled_for, s.block_size,
+                             served_contexts(None, min(s.max_len, self.compiled_for.max_context)),
+                             streams=s)
+        return "\n".join([text, *(f"kvpolicy: {line}" for line in served.lines()),
+                          self.kernels_line()] + [f"kvpolicy: note: {n}" for n in self.notes])
+
+
+def pending_chunks_for(plan: StreamPlan, max_num_seqs: int) -> int:
+    """Pending chunks per layer: every running request's worst case in the layer that needs
+    the most (`StreamPlan.most_pending_rows`)."""
+    most = max(plan.most_pending_rows(layer) for layer in range(plan.layers))
+    return max_num_seqs * most // PENDING_ROWS
+
+
+def window_slots_for(plan: StreamPlan, max_num_seqs: int, max_batched_tokens: int) -> int:
+    """The stream layout's block slots: every running request's window and open block, plus one
+    step's worth of prefill."""
+    per_request = math.ceil(plan.window / plan.block_size) + 2
+    return max_num_seqs * per_request + math.ceil(max_batched_tokens / plan.block_size)
 
 
 def staging_blocks_for(fmt: PageFormat, max_num_seqs: int, max_batched_tokens: int) -> int:
@@ -178,15 +256,27 @@ def load_settings(artifact: str, vllm_config, worker: WorkerShare | None = None)
                        "enable_prefix_caching=False / --no-enable-prefix-caching)")
     if getattr(vllm_config, "speculative_config", None) is not None:
         reasons.append("speculative decoding is not supported")
-    fmt = None
-    try:
-        fmt = opened.pages(cache.block_size, dtype_bytes=DTYPE_BYTES.get(dtype, 2))
-    except UnsupportedConfiguration as exc:
-        reasons += exc.reasons
     if worker is None:
         worker = WorkerShare(tensor_size=getattr(getattr(vllm_config, "parallel_config", None),
                                             "tensor_parallel_size", 1))
-    model_kv_heads = fmt.kv_heads if fmt is not None else 0
+    layout = os.environ.get(LAYOUT_ENV) or ("streams" if worker.alone else "pages")
+    fmt = streams = None
+    if layout not in LAYOUTS:
+        reasons.append(f"{LAYOUT_ENV}={layout!r}: choose one of {', '.join(LAYOUTS)}")
+    elif layout == "streams":
+        if not worker.alone:
+            reasons.append(f"{LAYOUT_ENV}=streams lays out one worker's cache: a tensor- or "
+                           f"pipeline-parallel engine runs {LAYOUT_ENV}=pages (the default)")
+        try:
+            streams = stream_plan(policy, model, cache.block_size, model_config.max_model_len)
+        except UnsupportedConfiguration as exc:
+            reasons += exc.reasons
+    else:
+        try:
+            fmt = opened.pages(cache.block_size, dtype_bytes=DTYPE_BYTES.get(dtype, 2))
+        except UnsupportedConfiguration as exc:
+            reasons += exc.reasons
+    model_kv_heads = fmt.kv_heads if fmt is not None else model.num_kv_heads
     if fmt is not None and not worker.alone:
         try:  # this worker's heads and layers
             fmt = fmt.for_worker(worker.tensor_size,
@@ -200,21 +290,31 @@ def load_settings(artifact: str, vllm_config, worker: WorkerShare | None = None)
         raise UnsupportedConfiguration([f"{KERNELS_ENV}={choice!r}: choose one of "
                                         f"{', '.join(KERNEL_CHOICES)}"])
     scheduler = vllm_config.scheduler_config
-    staging = int(os.environ.get(STAGING_ENV) or staging_blocks_for(
-        fmt, scheduler.max_num_seqs, scheduler.max_num_batched_tokens))
+    if streams is not None:
+        staging = int(os.environ.get(STAGING_ENV) or window_slots_for(
+            streams, scheduler.max_num_seqs, scheduler.max_num_batched_tokens))
+        pending = pending_chunks_for(streams, scheduler.max_num_seqs)
+        block = streams.block_size
+        one_block = streams.layers * streams.kv_heads * block * 2 * streams.head_dim * \
+            streams.staging_dtype_bytes
+    else:
+        staging = int(os.environ.get(STAGING_ENV) or staging_blocks_for(
+            fmt, scheduler.max_num_seqs, scheduler.max_num_batched_tokens))
+        pending, block, one_block = 0, fmt.block_size, fmt.staging_bytes(1)
     settings = Settings(artifact=artifact, policy=policy, compiled_for=model,
                         page_format=fmt, staging_blocks=staging,
                         kv_bytes=getattr(cache, "kv_cache_memory_bytes", None),
                         kernel_choice=choice, worker=worker, model_kv_heads=model_kv_heads,
-                        compiled=opened.compiled)
+                        compiled=opened.compiled, streams=streams, pending_chunks=pending,
+                        dtype_bytes=DTYPE_BYTES.get(dtype, 2))
     if settings.kv_bytes and settings.pool_bytes <= 0:
         raise UnsupportedConfiguration([
             f"full-precision staging ({staging} blocks for {scheduler.max_num_seqs} sequences "
             f"and {scheduler.max_num_batched_tokens:,}-token steps: {settings.staging_bytes:,} "
             f"bytes) does not fit in the {settings.kv_bytes:,}-byte KV memory it is paid out "
             "of: raise --kv-cache-memory-bytes, or lower --max-num-batched-tokens "
-            f"(each {fmt.block_size} tokens of a step stage one block: "
-            f"{fmt.staging_bytes(1):,} bytes) or --max-num-seqs"])
+            f"(each {block} tokens of a step stage one block: "
+            f"{one_block:,} bytes) or --max-num-seqs"])
     return settings
 
 

@@ -75,14 +75,8 @@ class StreamTable:
         self.released: list[list[int]] = [[] for _ in range(plan.layers)]
         self.requests: dict[int, _Held] = {}
         self.owner: dict[int, int] = {}  # block → the key of the live request holding it
-        self._rows = [tuple(r // PENDING_ROWS for r in self._pending_rows(e))
+        self._rows = [tuple(r // PENDING_ROWS for r in plan.pending_rows_at(e))
                       for e in range(len(plan.kept))]
-
-    def _pending_rows(self, event: int) -> tuple[int, ...]:
-        plan = self.plan
-        sinks = min(plan.sinks, event * plan.block_size)
-        return tuple(-(-(s.pending(n) + (sinks if s.kind == "body" else 0)) // PENDING_ROWS)
-                     * PENDING_ROWS for n, s in zip(plan.kept[event], plan.streams))
 
     def chunks_at(self, event: int) -> tuple[int, ...]:
         """Per stream, the chunks a request holds once `event` blocks have sealed."""
