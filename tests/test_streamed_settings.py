@@ -41,12 +41,11 @@ def test_one_worker_serves_the_stream_layout_and_pays_its_staging(artifacts, mon
     assert s.layout == "streams" and s.page_format is None and s.streams == plan
     # a slot per window block, the open block and one more per sequence, and a step's prompt
     assert s.staging_blocks == 4 * (math.ceil(policy.window / 16) + 2) + 256 // 16
-    worst = max(sum(r for r, st in zip(plan.pending_rows_at(e), plan.streams) if st.layer == i)
-                for e in range(len(plan.kept)) for i in range(plan.layers))
-    assert s.pending_chunks * 16 == 4 * worst  # every sequence's worst case in any layer
+    worst = max(sum(plan.pending_rows_at(e)) for e in range(len(plan.kept)))
+    assert s.pending_chunks * 16 == 4 * worst  # every sequence's worst case, all layers
     token = 2 * 64 * 2  # keys and values of one KV head, bfloat16
     slot = 3 * 16 * token  # score recent: no attention mass
-    assert s.staging_bytes == 30 * (s.staging_blocks * slot + s.pending_chunks * 16 * token)
+    assert s.staging_bytes == 30 * s.staging_blocks * slot + s.pending_chunks * 16 * token
     assert s.block_bytes == plan.block_bytes and s.baseline_block_bytes == 30 * 3 * 16 * token
     want = ((64 << 20) - s.staging_bytes) // plan.block_bytes / ((64 << 20) // (30 * 3 * 16 * token))
     assert s.whole_process_ratio() == pytest.approx(want)

@@ -48,9 +48,9 @@ class StreamLayer(RoutedLayer):
         if self.index == 0:
             owner.begin_step(key_states.shape[0], key_states.shape[2])
         if self.buffers is None:
-            self.buffers = streamed.new_buffers(owner.plan, owner.table.window.slots, 0,
-                                                owner.plan.needs_mass, key_states.device)
-        self.buffers.grow(owner.table.capacity[self.index])
+            self.buffers = streamed.new_buffers(owner.staging(key_states.device), self.index,
+                                                owner.plan.needs_mass)
+        self.buffers.staging.grow(owner.table.capacity)
         b, heads, m, d = key_states.shape
         self.step_key = key_states.transpose(1, 2).reshape(b * m, heads, d)
         self.step_value = value_states.transpose(1, 2).reshape(b * m, heads, d)
@@ -101,6 +101,7 @@ class StreamPolicyCache(Cache):
                                 device=parameter.device)
         self.rows: list[list[int]] = []
         self.table: streamed.StreamTable | None = None
+        self._staging: streamed.Staging | None = None  # every layer's, made by the first
         self.step: streamed.StreamStep | None = None
         self.seen = 0
         self.sealed_blocks = [0] * self.shape.num_layers
@@ -129,6 +130,12 @@ class StreamPolicyCache(Cache):
         sealed = sum(r.after - r.before for r in self.step.requests)
         self.sealed_blocks = [n + sealed for n in self.sealed_blocks]
 
+    def staging(self, device) -> streamed.Staging:
+        """The staging buffer every layer shares (made on the first step)."""
+        if self._staging is None:
+            self._staging = streamed.new_staging(self.plan, self.table.window.slots, 0, device)
+        return self._staging
+
     def _new_block(self) -> int:
         used = sum(len(row) for row in self.rows)
         if used == self.pool.shape[0]:
@@ -150,13 +157,11 @@ class StreamPolicyCache(Cache):
         use (full-precision tokens and attention mass) and the pending chunks in use."""
         blocks = sum(len(row) for row in self.rows)
         pool = blocks * self.pool.shape[1]
-        staging = 0
-        if self.table is not None:
+        staging = chunks = 0
+        if self.table is not None and self._staging is not None:
             slots = len(self.table.window.slot_of_block)
             chunks = self.table.chunks_in_use()
-            for layer, used in zip(self.layers, chunks):
-                if layer.buffers is not None:
-                    staging += layer.buffers.nbytes(slots, used)
+            staging = chunks * self._staging.chunk_bytes() + sum(
+                layer.buffers.window_bytes(slots) for layer in self.layers)
         return {"pool": pool, "staging": staging, "total": pool + staging,
-                "pending_rows": sum(self.table.chunks_in_use()) * PENDING_ROWS
-                if self.table is not None else 0}
+                "pending_rows": chunks * PENDING_ROWS}

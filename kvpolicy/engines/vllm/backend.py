@@ -73,6 +73,14 @@ def settings() -> Settings:
 
 
 @functools.cache
+def _shared_staging(device) -> streamed.Staging:
+    """The stream layout's staging, one buffer for every layer of this worker (its window slots
+    and the pending chunks of all layers' streams), made on the first step that writes."""
+    s = settings()
+    return streamed.new_staging(s.streams, s.staging_blocks, s.pending_chunks, device)
+
+
+@functools.cache
 def _layer_streams() -> list[streamed.LayerStreams]:
     """The stream layout's per-layer constants (micro-page addresses as tensors), once."""
     return streamed.layer_streams(settings().streams)
@@ -247,11 +255,10 @@ class KVPolicyImpl(AttentionImpl):
             self.layer_index = int(match.group(1))
         return self.layer_index
 
-    def _buffers(self) -> streamed.LayerBuffers:
+    def _buffers(self, layer) -> streamed.LayerBuffers:
         if self.buffers is None:
-            self.buffers = streamed.new_buffers(self.streams, self.staging_blocks,
-                                                self.pending_chunks, self.streams.needs_mass,
-                                                self.device)
+            self.buffers = streamed.new_buffers(_shared_staging(self.device), self._layer(layer),
+                                                self.streams.needs_mass)
         return self.buffers
 
     def _pool(self, kv_cache: torch.Tensor, layer: int) -> torch.Tensor:
@@ -284,7 +291,7 @@ class KVPolicyImpl(AttentionImpl):
             return  # profiling and warm-up runs
         self.device = key.device
         if self.streams is not None:
-            streamed.write_layer(self._buffers(), key, value, metadata)
+            streamed.write_layer(self._buffers(layer), key, value, metadata)
             return
         paged.write_step(self._staging(), self.mass, key, value, metadata,
                          self.spilled)
@@ -308,7 +315,7 @@ class KVPolicyImpl(AttentionImpl):
             except CpuKernelError as exc:
                 _warn_once(FALLBACK.format(reason=exc))
         if self.streams is not None:
-            return streamed.attend_layer(self._pool(kv_cache, index), self._buffers(),
+            return streamed.attend_layer(self._pool(kv_cache, index), self._buffers(layer),
                                          self.streams, self.rule, _layer_streams()[index],
                                          query, key, value, attn_metadata, self.scale, output,
                                          kernels=self.kernels)

@@ -72,7 +72,7 @@ class Settings:
     worker: WorkerShare = WorkerShare()
     model_kv_heads: int = 0  # all the model's KV heads (page_format.kv_heads: this worker's)
     streams: StreamPlan | None = None  # the stream layout's plan, at the engine's max_model_len
-    pending_chunks: int = 0  # the stream layout's pending chunks per layer (PENDING_ROWS rows)
+    pending_chunks: int = 0  # the stream layout's pending chunks, all layers (PENDING_ROWS rows)
     dtype_bytes: int = 2  # the engine's 16-bit cache, the baseline
     # the artifact, verified and its kernels imported once per process (None with
     # KVPOLICY_KERNELS=torch: verified only)
@@ -94,7 +94,7 @@ class Settings:
         s = self.streams
         token = 2 * s.head_dim * s.staging_dtype_bytes
         slot = s.kv_heads * s.block_size * (token + (4 if s.needs_mass else 0))
-        return s.layers * (self.staging_blocks * slot + self.pending_chunks * PENDING_ROWS * token)
+        return s.layers * self.staging_blocks * slot + self.pending_chunks * PENDING_ROWS * token
 
     @property
     def block_bytes(self) -> int:
@@ -190,8 +190,9 @@ class Settings:
                 f"rate): blocks of {s.block_size} tokens, {s.block_bytes:,} bytes "
                 f"({s.page_bytes} per layer and KV head; 16-bit: {self.baseline_block_bytes:,}), "
                 f"laid out for sequences up to {s.max_len:,} tokens; full-precision staging: "
-                f"{self.staging_blocks} block slots and {self.pending_chunks} pending chunks of "
-                f"{PENDING_ROWS} rows per layer, {self.staging_bytes:,} bytes")
+                f"{self.staging_blocks} block slots per layer and {self.pending_chunks:,} "
+                f"pending chunks of {PENDING_ROWS} rows for all layers, "
+                f"{self.staging_bytes:,} bytes")
         if self.kv_bytes:
             ratio = self.whole_process_ratio()
             text += (f"\nkvpolicy: staging is paid out of the {self.kv_bytes:,}-byte KV memory "
@@ -206,15 +207,17 @@ class Settings:
 
 
 def pending_chunks_for(plan: StreamPlan, max_num_seqs: int) -> int:
-    """Pending chunks per layer: every running request's worst case in the layer that needs
-    the most (`StreamPlan.most_pending_rows`)."""
-    most = max(plan.most_pending_rows(layer) for layer in range(plan.layers))
-    return max_num_seqs * most // PENDING_ROWS
+    """Pending chunks for all layers: every running request's worst case, all layers together
+    (`StreamPlan.most_pending_rows`: its layers do not all hold the most at the same length)."""
+    return max_num_seqs * plan.most_pending_rows() // PENDING_ROWS
 
 
 def window_slots_for(plan: StreamPlan, max_num_seqs: int, max_batched_tokens: int) -> int:
-    """The stream layout's block slots: every running request's window and open block, plus one
-    step's worth of prefill."""
+    """The stream layout's block slots per layer, enough for any step: a one-token step of a
+    request reads or writes ceil(window / block) + 1 blocks not sealed; a prompt chunk of m
+    tokens at most ceil(m / block) + 1 more (the chunk's blocks, its first partly the
+    window's); so per request its window, the open block and one more, and a step's prompt
+    tokens."""
     per_request = math.ceil(plan.window / plan.block_size) + 2
     return max_num_seqs * per_request + math.ceil(max_batched_tokens / plan.block_size)
 

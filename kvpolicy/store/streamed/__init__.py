@@ -14,9 +14,11 @@ step), `buffers` (a layer's staging), `seal` (kept tokens into pending rows and 
 `past` (a request's past, for PyTorch or the compiled kernels), `step` (one step per layer).
 """
 
-from kvpolicy.store.streamed.buffers import LayerBuffers, LayerStreams, layer_streams, new_buffers
+from kvpolicy.store.streamed.buffers import (LayerBuffers, LayerStreams, Staging, layer_streams,
+                                             new_buffers, new_staging)
 from kvpolicy.store.streamed.step import StreamStep, attend_layer, stream_step, write_layer
 from kvpolicy.store.streamed.table import StreamTable
 
-__all__ = ["LayerBuffers", "LayerStreams", "StreamStep", "StreamTable", "attend_layer",
-           "layer_streams", "new_buffers", "stream_step", "write_layer"]
+__all__ = ["LayerBuffers", "LayerStreams", "Staging", "StreamStep", "StreamTable",
+           "attend_layer", "layer_streams", "new_buffers", "new_staging", "stream_step",
+           "write_layer"]

@@ -130,7 +130,7 @@ def decode_tables(plan: StreamPlan, buffers: LayerBuffers, streams: LayerStreams
                 units[kind] = (starts // PAGE_ALIGN).tolist()
                 rows = _rows(plan, index, at.event)
                 for k, chunk in enumerate(at.chunks[index][:-(-rows // PENDING_ROWS)]):
-                    slots.append(buffers.window_chunks + chunk)
+                    slots.append(buffers.pending_chunk(chunk))
                     lengths.append(min(PENDING_ROWS, rows - k * PENDING_ROWS))
             for slot, n in _window_blocks(plan, request, at.event):
                 base = buffers.window_chunk(slot, head)

@@ -8,8 +8,9 @@ shared by every layer.
 - Each request's streams (`plan.streams.StreamPlan`) hold their pending tokens, and each body
   stream the sinks before them, in chunks of PENDING_ROWS rows, a chunk allocator per layer. A
   stream's chunk list grows or shrinks at its end as sealing changes its pending count (exactly
-  the plan's `pending_rows`); chunks a step no longer needs are freed when the next step is
-  planned, so no chunk a layer still reads in this step is handed to another request.
+  the plan's `pending_rows`), from one pool of chunks for every layer; chunks a step no longer
+  needs are freed when the next step is planned, so no chunk a layer still reads in this step is
+  handed to another request.
 - A request is known by its first block (vLLM tells a backend no request ids): scheduled from
   position 0 it is new, and whatever that block's request held is dropped; a request whose
   blocks are handed to another has ended, and its chunks are freed.
@@ -60,19 +61,18 @@ class RequestPlan:
 
 
 class StreamTable:
-    """window_slots: full-precision block slots (the window's and open blocks of every running
-    request, and a step's prompt blocks); pending_chunks: chunks per layer, or None to grow as
-    requests need them (the Hugging Face cache; vLLM reserves them up front)."""
+    """window_slots: full-precision block slots per layer (the window's and open blocks of every
+    running request, and a step's prompt blocks); pending_chunks: chunks of every layer's
+    streams, or None to grow as requests need them (the Hugging Face cache; vLLM reserves them
+    up front)."""
 
     def __init__(self, plan: StreamPlan, window_slots: int, pending_chunks: int | None = None):
         self.plan = plan
         self.window = StagingTable(window_slots, plan.block_size, plan.window)
-        self.layer_streams = [[i for i, s in enumerate(plan.streams) if s.layer == layer]
-                              for layer in range(plan.layers)]
         self.growable = pending_chunks is None
-        self.capacity = [0 if pending_chunks is None else pending_chunks] * plan.layers
-        self.free = [list(range(c - 1, -1, -1)) for c in self.capacity]
-        self.released: list[list[int]] = [[] for _ in range(plan.layers)]
+        self.capacity = pending_chunks or 0
+        self.free = list(range(self.capacity - 1, -1, -1))
+        self.released: list[int] = []
         self.requests: dict[int, _Held] = {}
         self.owner: dict[int, int] = {}  # block → the key of the live request holding it
         self._rows = [tuple(r // PENDING_ROWS for r in plan.pending_rows_at(e))
@@ -82,40 +82,34 @@ class StreamTable:
         """Per stream, the chunks a request holds once `event` blocks have sealed."""
         return self._rows[event]
 
-    def chunks_in_use(self) -> list[int]:
-        """Per layer, the chunks live requests hold now."""
-        used = [0] * self.plan.layers
-        for held in self.requests.values():
-            for index, chunks in enumerate(held.chunks):
-                used[self.plan.streams[index].layer] += len(chunks)
-        return used
+    def chunks_in_use(self) -> int:
+        """The pending chunks live requests hold now."""
+        return sum(len(chunks) for held in self.requests.values() for chunks in held.chunks)
 
     def _drop(self, key: int) -> None:
         held = self.requests.pop(key, None)
         if held is None:
             return
-        for index, chunks in enumerate(held.chunks):
-            self.released[self.plan.streams[index].layer].extend(chunks)
+        for chunks in held.chunks:
+            self.released.extend(chunks)
         for block in held.blocks:
             if self.owner.get(block) == key:
                 del self.owner[block]
 
-    def _take(self, layer: int) -> int:
-        if not self.free[layer]:
+    def _take(self) -> int:
+        if not self.free:
             if not self.growable:
-                raise StagingFull(f"layer {layer}'s {self.capacity[layer]} pending chunks are "
-                                  "all held by running requests")
-            grown = max(16, self.capacity[layer])
-            self.free[layer] = list(range(self.capacity[layer] + grown - 1,
-                                          self.capacity[layer] - 1, -1))
-            self.capacity[layer] += grown
-        return self.free[layer].pop()
+                raise StagingFull(f"all {self.capacity} pending chunks are held by running "
+                                  "requests")
+            grown = max(64, self.capacity)
+            self.free = list(range(self.capacity + grown - 1, self.capacity - 1, -1))
+            self.capacity += grown
+        return self.free.pop()
 
     def plan_step(self, requests: list[RequestStep]) -> tuple[list[RequestPlan], "object"]:
         """Plans the step: each request's RequestPlan, and the window's `staging.StepPlan`."""
-        for layer, chunks in enumerate(self.released):  # the last step has read them
-            self.free[layer].extend(chunks)
-            chunks.clear()
+        self.free.extend(self.released)  # the last step has read them
+        self.released.clear()
         plan, bs = self.plan, self.plan.block_size
         for r in requests:
             key = r.blocks[0]
@@ -147,11 +141,10 @@ class StreamTable:
                 wanted = self._rows[after]
                 for index, count in enumerate(wanted):
                     chunks = held.chunks[index]
-                    layer = plan.streams[index].layer
                     while len(chunks) < count:
-                        chunks.append(self._take(layer))
+                        chunks.append(self._take())
                     if len(chunks) > count:
-                        self.released[layer].extend(chunks[count:])
+                        self.released.extend(chunks[count:])
                         del chunks[count:]
                 held.events = after
             planned.append(RequestPlan(
