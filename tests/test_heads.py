@@ -261,10 +261,11 @@ def test_an_artifact_of_it_loads_with_its_page_plans(tmp_path):
         for layer in range(SMOL.num_layers)]
 
 
-def test_vllm_settings_load_it_one_process_and_per_tensor_parallel_rank(tmp_path):
-    """vLLM's start-up (no engine needed): the artifact loads with per-head pages; a worker that
-    holds some of the heads (tensor parallelism) holds its heads' pages, at the page size of
-    the rank whose heads keep the most."""
+def test_vllm_settings_load_it_one_process_and_per_tensor_parallel_rank(tmp_path, monkeypatch):
+    """vLLM's start-up (no engine needed), page layout: the artifact loads with per-head pages; a
+    worker that holds some of the heads (tensor parallelism) holds its heads' pages, at the page
+    size of the rank whose heads keep the most."""
+    monkeypatch.setenv("KVPOLICY_LAYOUT", "pages")
     from types import SimpleNamespace
 
     from kvpolicy.compiler.artifact import compile_policy

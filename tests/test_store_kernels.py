@@ -232,8 +232,8 @@ SNAPKV_GUARDS = """policy snapkv_guards {
 
 @pytest.mark.slow
 def test_smollm2_decodes_the_same_tokens_through_the_kernels(write_policy):
-    """SmolLM2 with a snapkv policy that evicts half of every sealed 64-token block: the paged
-    cache with the compiled kernels (decode steps in the paged decode kernel, its attention mass
+    """SmolLM2 with a snapkv policy that keeps half of what leaves its window (32-token blocks,
+    the stream layout): the paged cache with the compiled kernels (decode steps in the paged decode kernel, its attention mass
     choosing what seals, pages packed by the pack kernels) decodes the same greedy tokens as the
     PyTorch path, and so does the C kernel (backend "cpu"); all seal the same number of blocks in
     every layer."""
@@ -241,12 +241,14 @@ def test_smollm2_decodes_the_same_tokens_through_the_kernels(write_policy):
     model, tokenizer = load_model()
     policy = write_policy(SNAPKV_GUARDS)
     words = ("The lighthouse keeper logged each ship, its cargo and the hour it docked. ")
-    ids = tokenizer(words * 20, return_tensors="pt")["input_ids"][:, :221]  # block 2 seals at 224
-    runs = {backend: generate(model, tokenizer, ids, policy, max_new_tokens=4, block_size=64,
+    ids = tokenizer(words * 20, return_tensors="pt")["input_ids"][:, :125]  # block 2 seals at 128
+    runs = {backend: generate(model, tokenizer, ids, policy, max_new_tokens=4, block_size=32,
                               backend=backend, stop_at_eos=False)
             for backend in ("torch", "triton", "cpu")}
     assert all(run.cache.backend == backend for backend, run in runs.items())
     assert runs["triton"].token_ids == runs["torch"].token_ids == runs["cpu"].token_ids
-    assert all(run.cache.sealed_blocks == [2] * 30 for run in runs.values())
+    # the stream layout: blocks 0-2 have left the 32-token window of 128 tokens (125 + 3), the
+    # last of them in a decode step
+    assert all(run.cache.sealed_blocks == [3] * 30 for run in runs.values())
     assert runs["triton"].cache.nbytes() == runs["torch"].cache.nbytes() == \
         runs["cpu"].cache.nbytes()

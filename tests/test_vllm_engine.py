@@ -75,18 +75,17 @@ def kivi(tmp_path_factory):
 
 
 def test_quant_only_greedy_tokens_equal_the_hf_runtime(smol_dir, kivi, tmp_path):
-    """KIVI (2-bit, window 128) on SmolLM2 in fp32: vLLM's pages and the HF runtime's paged cache
-    (the same store) quantize the same tokens the same way, so greedy decoding agrees."""
+    """KIVI (2-bit, window 128) on SmolLM2 in fp32: vLLM's stream layout and the HF runtime's
+    stream cache (the same store) quantize the same tokens the same way, so greedy decoding
+    agrees; vLLM's blocks are the KV memory less the staging over the stream plan's block."""
     model, tokenizer = load_model()
     text = ("The lighthouse keeper wrote in his log every night: the weather, the ships that "
             "passed, and the state of the lamp. ") * 14
     prompts = [tokenizer(text)["input_ids"][:n] for n in (300, 229, 161)]
     steps = 12
     vllm_run = engine(kivi, smol_dir, prompts, dtype="float32", max_tokens=steps)
-    fmt = page_format(load_policy(POLICIES / "kivi.kvp"), resolve_model("smollm2-135m"), 32)
-    pages_per_block = 30 * 3  # layers x KV heads: the plugin's pages, not vLLM's 16-bit ones
-    pool = whole_process(fmt).pool_bytes  # KV_BYTES less the staging
-    assert vllm_run.capacity_tokens == pool // (pages_per_block * fmt.page_bytes) * 32
+    settings = one_worker(load_policy(POLICIES / "kivi.kvp"), 32, dtype_bytes=4)
+    assert vllm_run.capacity_tokens == settings.pool_bytes // settings.block_bytes * 32
     for ids, got in zip(prompts, vllm_run.token_ids):
         hf = generate(model, tokenizer, torch.tensor([ids]), policy=str(kivi),
                       max_new_tokens=steps, stop_at_eos=False, block_size=32)

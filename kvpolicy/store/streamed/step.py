@@ -101,24 +101,33 @@ def _attend_request(pool, buffers: LayerBuffers, plan: StreamPlan, rule: ScoreRu
                     request: RequestPlan, i: int, after: bool, scale: float, output,
                     record: bool) -> None:
     first, last = md.query_start[i], md.query_start[i + 1]
-    group = query.shape[1] // len(streams.heads)
+    heads = len(streams.heads)
+    group = query.shape[1] // heads
     dtype = chunk_dtype(query[first:last], record)
     at = state(request, after)
     window_mass = buffers.window_mass()
-    for head in range(len(streams.heads)):
-        past = head_past(pool, buffers, plan, streams, request, head, at, dtype,
-                         exact=not record)
-        q = slice(head * group, (head + 1) * group)
-        result = attend(query[first:last, q], past.keys[None], past.values[None],
-                        key[first:last, head:head + 1], value[first:last, head:head + 1],
-                        scale, mass_reduce=rule.gqa if record else None, observe=rule.observe)
+    pasts = [head_past(pool, buffers, plan, streams, request, head, at, dtype, exact=not record)
+             for head in range(heads)]
+    # heads whose pasts are alike (the same length and dtype: every head but under `adapt
+    # heads`) attend in one call, as the page store's head groups do
+    runs = [list(range(heads))] if len({(p.keys.shape[0], p.keys.dtype) for p in pasts}) == 1 \
+        else [[head] for head in range(heads)]
+    for run in runs:
+        q = slice(run[0] * group, (run[-1] + 1) * group)
+        kv = slice(run[0], run[-1] + 1)
+        result = attend(query[first:last, q], torch.stack([pasts[h].keys for h in run]),
+                        torch.stack([pasts[h].values for h in run]), key[first:last, kv],
+                        value[first:last, kv], scale,
+                        mass_reduce=rule.gqa if record else None, observe=rule.observe)
         if record:
             result, received = result
-            for slot, begin, count in past.window:
-                window_mass[slot, head, :count] += received[0, begin:begin + count]
-            p = past.keys.shape[0]
-            window_mass[md.token_slot[first:last], head, md.token_offset[first:last]] += \
-                received[0, p:]
+            for r, head in enumerate(run):
+                past = pasts[head]
+                for slot, begin, count in past.window:
+                    window_mass[slot, head, :count] += received[r, begin:begin + count]
+                p = past.keys.shape[0]
+                window_mass[md.token_slot[first:last], head, md.token_offset[first:last]] += \
+                    received[r, p:]
         output[first:last, q] = result.to(output.dtype)
 
 
